@@ -1,0 +1,3 @@
+from fastlb.cli import main
+
+raise SystemExit(main())

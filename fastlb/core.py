@@ -1,0 +1,57 @@
+"""The one switch between the compiled core and its pure-Python twin.
+
+``FASTLB_NO_EXTENSIONS=1`` selects the pure-Python core. Otherwise the
+compiled ``fastlb._core`` is used when it imports, and the pure core when it
+does not, unless ``FASTLB_REQUIRE_EXTENSIONS=1``, which makes a missing
+compiled module an ImportError. ``IMPL`` says which one is in use ("c" or
+"py"); the ``*_Py`` and ``*_C`` aliases stay importable for tests and
+benchmarks (``*_C`` is None when the compiled core is not built).
+"""
+import os
+
+from fastlb import _core_py
+
+_NAMES = ("RoundRobin", "ChunkedScanner", "rewrite_request_head", "rewrite_response_head")
+
+RoundRobin_Py = _core_py.RoundRobin
+ChunkedScanner_Py = _core_py.ChunkedScanner
+rewrite_request_head_Py = _core_py.rewrite_request_head
+rewrite_response_head_Py = _core_py.rewrite_response_head
+
+_c = None
+if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
+    try:
+        from fastlb import _core as _c
+    except ImportError:
+        if os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
+            raise
+        _c = None
+elif os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
+    raise ImportError("FASTLB_NO_EXTENSIONS=1 and FASTLB_REQUIRE_EXTENSIONS=1 contradict each other")
+
+if _c is not None:
+    RoundRobin_C = _c.RoundRobin
+    ChunkedScanner_C = _c.ChunkedScanner
+    rewrite_request_head_C = _c.rewrite_request_head
+    rewrite_response_head_C = _c.rewrite_response_head
+    RoundRobin = RoundRobin_C
+    ChunkedScanner = ChunkedScanner_C
+    rewrite_request_head = rewrite_request_head_C
+    rewrite_response_head = rewrite_response_head_C
+    IMPL = "c"
+else:
+    RoundRobin_C = ChunkedScanner_C = rewrite_request_head_C = rewrite_response_head_C = None
+    RoundRobin = RoundRobin_Py
+    ChunkedScanner = ChunkedScanner_Py
+    rewrite_request_head = rewrite_request_head_Py
+    rewrite_response_head = rewrite_response_head_Py
+    IMPL = "py"
+
+
+def implementation(name):
+    """Return the module-like namespace of one core: "py" or "c" (None if not built)."""
+    if name == "py":
+        return _core_py
+    if name == "c":
+        return _c
+    raise ValueError(name)
