@@ -420,12 +420,18 @@ class ChunkedScanner:
         exc = self._exc
         if state == _S_DONE:
             return start
+        if start < 0:
+            raise ValueError("start must not be negative")
         try:
             while i < n:
                 if state == _S_DATA:
                     take = min(self._size, n - i)
                     if self.decode:
-                        self.payload.append(data[i:i + take])
+                        chunk = data[i:i + take]
+                        if type(chunk) is not bytes:
+                            # bytes, never a view of (or a copy typed like) the caller's buffer
+                            chunk = bytes(chunk)
+                        self.payload.append(chunk)
                     i += take
                     self._size -= take
                     if self._size == 0:

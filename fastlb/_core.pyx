@@ -1,0 +1,1099 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled per-request core; ``_core_py.py`` is the reference it must match.
+
+Same public names, signatures, return values and exceptions (class, status
+and message) as the pure-Python twin. Heads are parsed in C over the bytes
+buffer: one validating pass records every field line (offsets, kind) in a C
+array, a second pass applies the semantics in field order (so syntax errors
+anywhere win over semantic ones, as in the twin), and the output is written
+once into a pre-sized bytes object, copying runs of untouched lines with a
+single memcpy.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdlib cimport free, malloc, realloc
+from libc.stdint cimport uint64_t
+from libc.string cimport memchr, memcmp, memcpy
+
+from fastlb import errors as _errors
+
+__all__ = [
+    "RoundRobin",
+    "ChunkedScanner",
+    "rewrite_request_head",
+    "rewrite_response_head",
+]
+
+_BadRequest = _errors.BadRequest
+_BadGateway = _errors.BadGateway
+
+# ---------------------------------------------------------------- constants
+
+cdef enum:
+    BODY_NONE = 0
+    BODY_LENGTH = 1
+    BODY_CHUNKED = 2
+    BODY_CLOSE = 3
+
+    REQ_KEEP_ALIVE = 1
+    REQ_HEAD = 2
+    REQ_IDEMPOTENT = 4
+    REQ_EXPECT_CONTINUE = 8
+    REQ_HTTP10 = 16
+
+    RESP_UPSTREAM_KEEP_ALIVE = 1
+    RESP_CLIENT_KEEP_ALIVE = 2
+    RESP_INFORMATIONAL = 4
+    RESP_DECHUNK = 8
+
+cdef unsigned long long MAX_CONTENT_LENGTH = (<unsigned long long>1) << 62
+
+# The enum above is a copy of errors.py: refuse to import if they ever drift.
+for _name, _value in (
+    ("BODY_NONE", BODY_NONE), ("BODY_LENGTH", BODY_LENGTH),
+    ("BODY_CHUNKED", BODY_CHUNKED), ("BODY_CLOSE", BODY_CLOSE),
+    ("REQ_KEEP_ALIVE", REQ_KEEP_ALIVE), ("REQ_HEAD", REQ_HEAD),
+    ("REQ_IDEMPOTENT", REQ_IDEMPOTENT), ("REQ_EXPECT_CONTINUE", REQ_EXPECT_CONTINUE),
+    ("REQ_HTTP10", REQ_HTTP10),
+    ("RESP_UPSTREAM_KEEP_ALIVE", RESP_UPSTREAM_KEEP_ALIVE),
+    ("RESP_CLIENT_KEEP_ALIVE", RESP_CLIENT_KEEP_ALIVE),
+    ("RESP_INFORMATIONAL", RESP_INFORMATIONAL), ("RESP_DECHUNK", RESP_DECHUNK),
+    ("MAX_CONTENT_LENGTH", MAX_CONTENT_LENGTH),
+):
+    if getattr(_errors, _name) != _value:
+        raise ImportError(f"fastlb._core: {_name} differs from fastlb.errors")
+del _name, _value
+
+# Header kinds: the same numbers as _core_py._H_*.
+cdef enum:
+    H_OTHER = 0
+    H_HOST = 1
+    H_CONTENT_LENGTH = 2
+    H_TRANSFER_ENCODING = 3
+    H_CONNECTION = 4
+    H_HOP = 5
+    H_XFF = 6
+    H_XF_REPLACED = 7
+    H_EXPECT = 8
+
+cdef enum:
+    STACK_FIELDS = 64     # field lines parsed without a heap allocation
+    MAX_DROP_TOKENS = 16  # Connection tokens kept in a C array; more: a Python set
+
+# ---------------------------------------------------------------- characters
+
+cdef unsigned char _tchar[256]
+cdef unsigned char _vchar[256]    # HTAB, SP, VCHAR, obs-text
+cdef unsigned char _target[256]   # visible ASCII and obs-text
+cdef signed char _hexval[256]     # -1: not a hex digit
+cdef unsigned char _lower[256]    # ASCII-only lowercase, like bytes.lower()
+
+
+cdef void _init_tables() noexcept:
+    cdef int c
+    for c in range(256):
+        _tchar[c] = 0
+        _vchar[c] = 1 if (c == 9 or (0x20 <= c < 0x7F) or c >= 0x80) else 0
+        _target[c] = 1 if ((0x21 <= c < 0x7F) or c >= 0x80) else 0
+        _hexval[c] = -1
+        _lower[c] = c + 32 if 0x41 <= c <= 0x5A else c
+    for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        _tchar[c] = 1
+    for c in range(10):
+        _hexval[0x30 + c] = c
+    for c in range(6):
+        _hexval[0x61 + c] = 10 + c
+        _hexval[0x41 + c] = 10 + c
+
+
+_init_tables()
+
+# ---------------------------------------------------------------- helpers
+
+cdef struct Field:
+    Py_ssize_t start      # start of the line (= of the name)
+    Py_ssize_t name_len
+    Py_ssize_t vs         # value, OWS stripped: [vs, ve)
+    Py_ssize_t ve
+    Py_ssize_t eol        # the CR of the line's CRLF
+    int kind
+    bint verbatim         # the line is exactly "name: value\r\n"
+    bint keep             # written to the output
+
+
+cdef struct Fields:
+    Field* f
+    Field* stack
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef struct Tok:
+    Py_ssize_t off
+    Py_ssize_t len
+
+
+cdef struct Conn:
+    bint close
+    bint keep_alive
+    int ntoks             # > MAX_DROP_TOKENS: overflowed, use a Python set
+    Tok toks[MAX_DROP_TOKENS]
+
+
+cdef inline bint _ows(unsigned char c) noexcept nogil:
+    return c == 0x20 or c == 0x09
+
+
+cdef inline bint _ieq(const unsigned char* s, const char* low, Py_ssize_t n) noexcept nogil:
+    """``s[:n].lower() == low`` for ``low`` made of lowercase letters, digits and '-'.
+
+    ``c | 0x20`` is exact here: the bytes compared were validated (no
+    controls), and only 'A'-'Z' fold onto the letters of ``low``.
+    """
+    cdef Py_ssize_t i
+    for i in range(n):
+        if (s[i] | 0x20) != <unsigned char>low[i]:
+            return False
+    return True
+
+
+cdef inline bint _ieq2(const unsigned char* a, const unsigned char* b, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if _lower[a[i]] != _lower[b[i]]:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t _find_crlf(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept nogil:
+    cdef const unsigned char* q
+    while pos < n - 1:
+        q = <const unsigned char*>memchr(p + pos, 0x0D, n - 1 - pos)
+        if q == NULL:
+            return -1
+        pos = q - p
+        if p[pos + 1] == 0x0A:
+            return pos
+        pos += 1
+    return -1
+
+
+cdef inline int _classify(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    cdef unsigned char c = s[0] | 0x20
+    if n == 2:
+        if _ieq(s, b"te", 2):
+            return H_HOP
+    elif n == 4:
+        if _ieq(s, b"host", 4):
+            return H_HOST
+    elif n == 6:
+        if _ieq(s, b"expect", 6):
+            return H_EXPECT
+    elif n == 7:
+        if c == b't':
+            if _ieq(s, b"trailer", 7):
+                return H_HOP
+        elif c == b'u':
+            if _ieq(s, b"upgrade", 7):
+                return H_HOP
+    elif n == 10:
+        if c == b'c':
+            if _ieq(s, b"connection", 10):
+                return H_CONNECTION
+        elif c == b'k':
+            if _ieq(s, b"keep-alive", 10):
+                return H_HOP
+    elif n == 14:
+        if _ieq(s, b"content-length", 14):
+            return H_CONTENT_LENGTH
+    elif n == 15:
+        if _ieq(s, b"x-forwarded-for", 15):
+            return H_XFF
+    elif n == 16:
+        if c == b'p':
+            if _ieq(s, b"proxy-connection", 16):
+                return H_HOP
+        elif c == b'x':
+            if _ieq(s, b"x-forwarded-host", 16):
+                return H_XF_REPLACED
+    elif n == 17:
+        if c == b't':
+            if _ieq(s, b"transfer-encoding", 17):
+                return H_TRANSFER_ENCODING
+        elif c == b'x':
+            if _ieq(s, b"x-forwarded-proto", 17):
+                return H_XF_REPLACED
+    return H_OTHER
+
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    #define FASTLB_CTZ_LE 1
+    #define fastlb_first_byte(m) ((Py_ssize_t)(__builtin_ctzll(m) >> 3))
+    #else
+    #define FASTLB_CTZ_LE 0
+    #define fastlb_first_byte(m) ((Py_ssize_t)0)
+    #endif
+    """
+    const bint FASTLB_CTZ_LE
+    Py_ssize_t fastlb_first_byte(uint64_t m) noexcept nogil
+
+
+cdef inline Py_ssize_t _scan_value(const unsigned char* p, Py_ssize_t q, Py_ssize_t n) noexcept nogil:
+    """Index of the first byte at or after ``q`` that is not a field-value byte.
+
+    Eight bytes at a time while no byte is below 0x20 or equal to 0x7F (exact
+    "has less than" / "has zero" bit tricks), then byte by byte with the table.
+    The caller guarantees a non-value byte (the head's final CR) before ``n``.
+    """
+    cdef uint64_t x, y, m
+    while q + 8 <= n:
+        memcpy(&x, p + q, 8)
+        y = x ^ <uint64_t>0x7F7F7F7F7F7F7F7F
+        m = (((x - <uint64_t>0x2020202020202020) & ~x) | ((y - <uint64_t>0x0101010101010101) & ~y)) \
+            & <uint64_t>0x8080808080808080
+        if m == 0:
+            q += 8
+            continue
+        if FASTLB_CTZ_LE:
+            # the lowest flagged byte is a true hit (borrows only run upwards)
+            q += fastlb_first_byte(m)
+            if p[q] != 0x09:
+                return q
+            q += 1
+            continue
+        for q in range(q, q + 8):
+            if not _vchar[p[q]]:
+                return q
+        q += 1
+    while _vchar[p[q]]:
+        q += 1
+    return q
+
+
+cdef int _grow(Fields* fb) except -1:
+    cdef Py_ssize_t cap = fb.cap * 2
+    cdef Field* f
+    if fb.f == fb.stack:
+        f = <Field*>malloc(cap * sizeof(Field))
+        if f != NULL:
+            memcpy(f, fb.stack, fb.n * sizeof(Field))
+    else:
+        f = <Field*>realloc(fb.f, cap * sizeof(Field))
+    if f == NULL:
+        raise MemoryError()
+    fb.f = f
+    fb.cap = cap
+    return 0
+
+
+cdef int _field_error(const unsigned char* p, Py_ssize_t n, Py_ssize_t pos, object exc) except -1:
+    """Raise the twin's error for a field line whose name is not a token before ':'."""
+    cdef Py_ssize_t eol = _find_crlf(p, pos, n)
+    cdef const void* colon = memchr(p + pos, 0x3A, eol - pos)
+    if colon == NULL or colon == <const void*>(p + pos):
+        raise exc("invalid header line")
+    raise exc("invalid header name")
+
+
+cdef int _parse_fields(const unsigned char* p, Py_ssize_t n, Py_ssize_t pos, Fields* fb, object exc) except -1:
+    """Validate every field line from ``pos`` and record it in ``fb``.
+
+    The head ends with CRLF CRLF, so every scan below stops inside it.
+    """
+    cdef Py_ssize_t end = n - 2
+    cdef Py_ssize_t q, colon, vs, ve
+    cdef Field* f
+    while pos < end:
+        q = pos
+        while _tchar[p[q]]:
+            q += 1
+        if p[q] != 0x3A or q == pos:
+            return _field_error(p, n, pos, exc)
+        colon = q
+        q = _scan_value(p, q + 1, n)
+        if p[q] != 0x0D or p[q + 1] != 0x0A:
+            raise exc("invalid byte in header value")
+        vs = colon + 1
+        while vs < q and _ows(p[vs]):
+            vs += 1
+        ve = q
+        while ve > vs and _ows(p[ve - 1]):
+            ve -= 1
+        if fb.n == fb.cap:
+            _grow(fb)
+        f = &fb.f[fb.n]
+        fb.n += 1
+        f.start = pos
+        f.name_len = colon - pos
+        f.vs = vs
+        f.ve = ve
+        f.eol = q
+        f.kind = _classify(p + pos, colon - pos)
+        f.verbatim = vs == colon + 2 and ve == q and p[colon + 1] == 0x20
+        f.keep = False
+        pos = q + 2
+    return 0
+
+
+cdef long long _parse_length(const unsigned char* s, Py_ssize_t n, object exc) except -1:
+    cdef unsigned long long v = 0
+    cdef Py_ssize_t i
+    if n == 0 or n > 19:
+        raise exc("invalid Content-Length")
+    for i in range(n):
+        if s[i] < 0x30 or s[i] > 0x39:
+            raise exc("invalid Content-Length")
+        v = v * 10 + (s[i] - 0x30)
+    if v > MAX_CONTENT_LENGTH:
+        raise exc("Content-Length too large")
+    return <long long>v
+
+
+cdef inline Py_ssize_t _next_token(const unsigned char* p, Py_ssize_t* pos, Py_ssize_t end,
+                                   Py_ssize_t* tlen) noexcept nogil:
+    """Next non-empty, OWS-stripped, comma-separated token of p[pos:end]; -1 when none."""
+    cdef Py_ssize_t i = pos[0], s, e
+    while i < end:
+        s = i
+        while i < end and p[i] != 0x2C:
+            i += 1
+        e = i
+        if i < end:
+            i += 1
+        while s < e and _ows(p[s]):
+            s += 1
+        while e > s and _ows(p[e - 1]):
+            e -= 1
+        if e > s:
+            pos[0] = i
+            tlen[0] = e - s
+            return s
+    pos[0] = i
+    return -1
+
+
+cdef inline void _connection(const unsigned char* p, Field* f, Conn* cn) noexcept nogil:
+    cdef Py_ssize_t pos = f.vs, s, tl
+    while True:
+        s = _next_token(p, &pos, f.ve, &tl)
+        if s < 0:
+            return
+        if tl == 5 and _ieq(p + s, b"close", 5):
+            cn.close = True
+        elif tl == 10 and _ieq(p + s, b"keep-alive", 10):
+            cn.keep_alive = True
+        elif (tl == 4 and _ieq(p + s, b"host", 4)) or (tl == 14 and _ieq(p + s, b"content-length", 14)):
+            pass
+        elif cn.ntoks < MAX_DROP_TOKENS:
+            cn.toks[cn.ntoks].off = s
+            cn.toks[cn.ntoks].len = tl
+            cn.ntoks += 1
+        else:
+            cn.ntoks = MAX_DROP_TOKENS + 1
+
+
+cdef inline bint _in_drop(const unsigned char* p, Field* f, Conn* cn) noexcept nogil:
+    cdef int t
+    for t in range(cn.ntoks):
+        if cn.toks[t].len == f.name_len and _ieq2(p + f.start, p + cn.toks[t].off, f.name_len):
+            return True
+    return False
+
+
+cdef bytes _lower_bytes(const unsigned char* s, Py_ssize_t n):
+    # NULL then fill: never write into the interpreter's shared 1-byte bytes objects
+    cdef bytes b = PyBytes_FromStringAndSize(NULL, n)
+    cdef unsigned char* w = <unsigned char*>PyBytes_AS_STRING(b)
+    cdef Py_ssize_t i
+    for i in range(n):
+        w[i] = _lower[s[i]]
+    return b
+
+
+cdef set _drop_set(const unsigned char* p, Fields* fb):
+    """The twin's ``drop`` set, for heads naming more than MAX_DROP_TOKENS fields."""
+    cdef set drop = set()
+    cdef Py_ssize_t k, pos, s, tl
+    cdef Field* f
+    for k in range(fb.n):
+        f = &fb.f[k]
+        if f.kind != H_CONNECTION:
+            continue
+        pos = f.vs
+        while True:
+            s = _next_token(p, &pos, f.ve, &tl)
+            if s < 0:
+                break
+            tok = _lower_bytes(p + s, tl)
+            if tok not in (b"close", b"keep-alive", b"host", b"content-length"):
+                drop.add(tok)
+    return drop
+
+
+cdef inline bint _dropped(const unsigned char* p, Field* f, Conn* cn, object drop) except -1:
+    if cn.ntoks == 0:
+        return False
+    if cn.ntoks <= MAX_DROP_TOKENS:
+        return _in_drop(p, f, cn)
+    return _lower_bytes(p + f.start, f.name_len) in drop
+
+
+cdef inline bytes _as_bytes(object o, str what):
+    if PyBytes_CheckExact(o):
+        return <bytes>o
+    if isinstance(o, (bytes, bytearray, memoryview)):
+        return bytes(o)
+    raise TypeError(f"{what} must be bytes, not {type(o).__name__}")
+
+
+cdef inline bytes _opt_bytes(object o, str what):
+    if PyBytes_CheckExact(o):
+        return <bytes>o
+    if o is None:
+        return b""
+    return _as_bytes(o, what)
+
+
+cdef inline char* _put(char* w, const void* s, Py_ssize_t n) noexcept nogil:
+    memcpy(w, s, n)
+    return w + n
+
+
+cdef inline char* _put_field(char* w, const unsigned char* p, Field* f) noexcept nogil:
+    memcpy(w, p + f.start, f.name_len)
+    w += f.name_len
+    w[0] = b':'
+    w[1] = b' '
+    w += 2
+    memcpy(w, p + f.vs, f.ve - f.vs)
+    w += f.ve - f.vs
+    w[0] = b'\r'
+    w[1] = b'\n'
+    return w + 2
+
+
+cdef inline char* _put_fields(char* w, const unsigned char* p, Fields* fb,
+                              Py_ssize_t run_s, Py_ssize_t run_e) noexcept nogil:
+    """Write the kept fields; verbatim lines adjacent to ``[run_s, run_e)`` join one memcpy."""
+    cdef Py_ssize_t k
+    cdef Field* f
+    for k in range(fb.n):
+        f = &fb.f[k]
+        if not f.keep:
+            continue
+        if f.verbatim:
+            if f.start == run_e:
+                run_e = f.eol + 2
+                continue
+            if run_e > run_s:
+                w = _put(w, p + run_s, run_e - run_s)
+            run_s = f.start
+            run_e = f.eol + 2
+        else:
+            if run_e > run_s:
+                w = _put(w, p + run_s, run_e - run_s)
+            run_s = run_e = -1
+            w = _put_field(w, p, f)
+    if run_e > run_s:
+        w = _put(w, p + run_s, run_e - run_s)
+    return w
+
+
+# ---------------------------------------------------------------- requests
+
+def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_default=b""):
+    """Validate a request head and return ``(out, flags, framing, length)``.
+
+    See ``fastlb._core_py.rewrite_request_head``: this is its compiled twin.
+    """
+    cdef bytes h = _as_bytes(head, "head")
+    cdef bytes ip = _as_bytes(client_ip, "client_ip")
+    cdef bytes pr = _as_bytes(proto, "proto")
+    cdef bytes vi = _opt_bytes(via, "via")
+    cdef bytes hd = _opt_bytes(host_default, "host_default")
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(h)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(h)
+    cdef Field stack[STACK_FIELDS]
+    cdef Fields fb
+    cdef Py_ssize_t eol, sp1, sp2, i, k, size
+    cdef bint http10
+    cdef const void* sp
+
+    if n < 4 or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+        raise _BadRequest("incomplete request head")
+    eol = _find_crlf(p, 0, n)
+    sp = memchr(p, 0x20, eol)
+    sp1 = (<const unsigned char*>sp - p) if sp != NULL else -1
+    sp2 = eol - 1
+    while sp2 >= 0 and p[sp2] != 0x20:
+        sp2 -= 1
+    if sp1 <= 0 or sp2 <= sp1 + 1:
+        raise _BadRequest("invalid request line")
+    for i in range(sp1):
+        if not _tchar[p[i]]:
+            raise _BadRequest("invalid method")
+    for i in range(sp1 + 1, sp2):
+        if not _target[p[i]]:
+            raise _BadRequest("invalid request target")
+    if eol - sp2 != 9 or memcmp(p + sp2 + 1, b"HTTP/1.", 7) != 0:
+        raise _BadRequest("unsupported HTTP version")
+    if p[eol - 1] == b'1':
+        http10 = False
+    elif p[eol - 1] == b'0':
+        http10 = True
+    else:
+        raise _BadRequest("unsupported HTTP version")
+
+    fb.f = fb.stack = stack
+    fb.n = 0
+    fb.cap = STACK_FIELDS
+    try:
+        _parse_fields(p, n, eol + 2, &fb, _BadRequest)
+        return _request_out(h, p, n, &fb, eol, sp1, sp2, http10, ip, pr, vi, hd)
+    finally:
+        if fb.f != fb.stack:
+            free(fb.f)
+
+
+cdef tuple _request_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
+                        Py_ssize_t eol, Py_ssize_t sp1, Py_ssize_t sp2, bint http10,
+                        bytes ip, bytes pr, bytes vi, bytes hd):
+    cdef Py_ssize_t k, size, host_k = -1, xff_size = 0, vl
+    cdef long long length = -1
+    cdef bint chunked = False, te_seen = False, expect_continue = False, drop_checks
+    cdef Conn cn
+    cdef Field* f
+    cdef int kind, flags = 0, framing
+    cdef object drop = None
+    cdef bytes out
+    cdef char* w
+
+    cn.close = cn.keep_alive = False
+    cn.ntoks = 0
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        if kind == H_OTHER:
+            continue
+        if kind == H_HOST:
+            if host_k >= 0:
+                raise _BadRequest("duplicate Host")
+            host_k = k
+        elif kind == H_CONTENT_LENGTH:
+            if length >= 0:
+                raise _BadRequest("duplicate Content-Length")
+            length = _parse_length(p + f.vs, f.ve - f.vs, _BadRequest)
+        elif kind == H_TRANSFER_ENCODING:
+            if http10:
+                raise _BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            if te_seen:
+                raise _BadRequest("duplicate Transfer-Encoding")
+            te_seen = True
+            if not (f.ve - f.vs == 7 and _ieq(p + f.vs, b"chunked", 7)):
+                raise _BadRequest("unsupported transfer coding", 501)
+            chunked = True
+        elif kind == H_CONNECTION:
+            _connection(p, f, &cn)
+        elif kind == H_XFF:
+            xff_size += f.ve - f.vs + 2
+        elif kind == H_EXPECT:
+            if f.ve - f.vs == 12 and _ieq(p + f.vs, b"100-continue", 12):
+                expect_continue = True
+    if chunked and length >= 0:
+        raise _BadRequest("both Content-Length and Transfer-Encoding")
+    if host_k < 0 and not http10:
+        raise _BadRequest("missing Host")
+
+    if http10:
+        flags |= REQ_HTTP10
+        if cn.keep_alive and not cn.close:
+            flags |= REQ_KEEP_ALIVE
+    elif not cn.close:
+        flags |= REQ_KEEP_ALIVE
+    if sp1 == 3:
+        if memcmp(p, b"GET", 3) == 0 or memcmp(p, b"PUT", 3) == 0:
+            flags |= REQ_IDEMPOTENT
+    elif sp1 == 4:
+        if memcmp(p, b"HEAD", 4) == 0:
+            flags |= REQ_HEAD | REQ_IDEMPOTENT
+    elif sp1 == 5:
+        if memcmp(p, b"TRACE", 5) == 0:
+            flags |= REQ_IDEMPOTENT
+    elif sp1 == 6:
+        if memcmp(p, b"DELETE", 6) == 0:
+            flags |= REQ_IDEMPOTENT
+    elif sp1 == 7:
+        if memcmp(p, b"OPTIONS", 7) == 0:
+            flags |= REQ_IDEMPOTENT
+    if expect_continue and not http10:
+        flags |= REQ_EXPECT_CONTINUE
+
+    if cn.ntoks > MAX_DROP_TOKENS:
+        drop = _drop_set(p, fb)
+    size = sp2 + 11
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        if kind == H_OTHER:
+            f.keep = not _dropped(p, f, &cn, drop)
+        elif kind == H_EXPECT:
+            f.keep = not http10 and not _dropped(p, f, &cn, drop)
+        else:
+            f.keep = kind == H_HOST or kind == H_CONTENT_LENGTH
+        if f.keep:
+            size += f.name_len + (f.ve - f.vs) + 4
+    if host_k < 0 and PyBytes_GET_SIZE(hd):
+        size += PyBytes_GET_SIZE(hd) + 8
+    if chunked:
+        size += 28
+    size += 17 + xff_size + PyBytes_GET_SIZE(ip) + 21 + PyBytes_GET_SIZE(pr) + 2
+    if host_k >= 0:
+        f = &fb.f[host_k]
+        size += 18 + (f.ve - f.vs) + 2
+    vl = PyBytes_GET_SIZE(vi)
+    if vl:
+        size += 9 + vl + 2
+    size += 2
+
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(out)
+    if http10:
+        w = _put(w, p, sp2)
+        w = _put(w, b" HTTP/1.1\r\n", 11)
+        w = _put_fields(w, p, fb, -1, -1)
+    else:
+        w = _put_fields(w, p, fb, 0, eol + 2)
+    if host_k < 0 and PyBytes_GET_SIZE(hd):
+        w = _put(w, b"Host: ", 6)
+        w = _put(w, PyBytes_AS_STRING(hd), PyBytes_GET_SIZE(hd))
+        w = _put(w, b"\r\n", 2)
+    if chunked:
+        w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
+    w = _put(w, b"X-Forwarded-For: ", 17)
+    if xff_size:
+        for k in range(fb.n):
+            f = &fb.f[k]
+            if f.kind == H_XFF:
+                w = _put(w, p + f.vs, f.ve - f.vs)
+                w = _put(w, b", ", 2)
+    w = _put(w, PyBytes_AS_STRING(ip), PyBytes_GET_SIZE(ip))
+    w = _put(w, b"\r\nX-Forwarded-Proto: ", 21)
+    w = _put(w, PyBytes_AS_STRING(pr), PyBytes_GET_SIZE(pr))
+    w = _put(w, b"\r\n", 2)
+    if host_k >= 0:
+        f = &fb.f[host_k]
+        w = _put(w, b"X-Forwarded-Host: ", 18)
+        w = _put(w, p + f.vs, f.ve - f.vs)
+        w = _put(w, b"\r\n", 2)
+    if vl:
+        w = _put(w, b"Via: 1.0 " if http10 else b"Via: 1.1 ", 9)
+        w = _put(w, PyBytes_AS_STRING(vi), vl)
+        w = _put(w, b"\r\n", 2)
+    w = _put(w, b"\r\n", 2)
+
+    if chunked:
+        return (out, flags, BODY_CHUNKED, 0)
+    if length > 0:
+        return (out, flags, BODY_LENGTH, length)
+    return (out, flags, BODY_NONE, 0)
+
+
+# ---------------------------------------------------------------- responses
+
+def rewrite_response_head(head, req_flags):
+    """Validate a response head and return ``(out, status, flags, framing, length)``.
+
+    See ``fastlb._core_py.rewrite_response_head``: this is its compiled twin.
+    """
+    cdef bytes h = _as_bytes(head, "head")
+    cdef long rf = req_flags
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(h)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(h)
+    cdef Field stack[STACK_FIELDS]
+    cdef Fields fb
+    cdef Py_ssize_t eol, i
+    cdef int status
+    cdef bint http10
+
+    if n < 4 or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+        raise _BadGateway("incomplete response head")
+    eol = _find_crlf(p, 0, n)
+    if eol < 12 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != b'0' and p[7] != b'1') or p[8] != 0x20:
+        raise _BadGateway("invalid status line")
+    http10 = p[7] == b'0'
+    for i in range(9, 12):
+        if p[i] < 0x30 or p[i] > 0x39:
+            raise _BadGateway("invalid status code")
+    if eol > 12 and p[12] != 0x20:
+        raise _BadGateway("invalid status code")
+    for i in range(13, eol):
+        if not _vchar[p[i]]:
+            raise _BadGateway("invalid reason phrase")
+    status = (p[9] - 0x30) * 100 + (p[10] - 0x30) * 10 + (p[11] - 0x30)
+    if status < 100:
+        raise _BadGateway("invalid status code")
+    if status == 101:
+        raise _BadGateway("unexpected protocol switch")
+
+    fb.f = fb.stack = stack
+    fb.n = 0
+    fb.cap = STACK_FIELDS
+    try:
+        _parse_fields(p, n, eol + 2, &fb, _BadGateway)
+        return _response_out(h, p, n, &fb, eol, status, http10, rf)
+    finally:
+        if fb.f != fb.stack:
+            free(fb.f)
+
+
+cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
+                         Py_ssize_t eol, int status, bint http10, long rf):
+    cdef Py_ssize_t k, size
+    cdef long long length = -1, v
+    cdef bint chunked = False, te_seen = False, dechunk, client_http10
+    cdef Conn cn
+    cdef Field* f
+    cdef int kind, flags = 0, framing
+    cdef object drop = None
+    cdef bytes out
+    cdef char* w
+
+    cn.close = cn.keep_alive = False
+    cn.ntoks = 0
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        if kind == H_CONTENT_LENGTH:
+            v = _parse_length(p + f.vs, f.ve - f.vs, _BadGateway)
+            if length >= 0 and v != length:
+                raise _BadGateway("conflicting Content-Length")
+            length = v
+        elif kind == H_TRANSFER_ENCODING:
+            if te_seen:
+                raise _BadGateway("duplicate Transfer-Encoding")
+            te_seen = True
+            if not (f.ve - f.vs == 7 and _ieq(p + f.vs, b"chunked", 7)):
+                raise _BadGateway("unsupported transfer coding")
+            chunked = True
+        elif kind == H_CONNECTION:
+            _connection(p, f, &cn)
+    if chunked and length >= 0:
+        raise _BadGateway("both Content-Length and Transfer-Encoding")
+
+    client_http10 = (rf & REQ_HTTP10) != 0
+    if status < 200:
+        flags |= RESP_INFORMATIONAL
+        framing = BODY_NONE
+    elif (rf & REQ_HEAD) or status == 204 or status == 304:
+        framing = BODY_NONE
+    elif chunked:
+        framing = BODY_CHUNKED
+    elif length >= 0:
+        framing = BODY_LENGTH if length > 0 else BODY_NONE
+    else:
+        framing = BODY_CLOSE
+    if framing != BODY_CLOSE and not cn.close and (cn.keep_alive or not http10):
+        flags |= RESP_UPSTREAM_KEEP_ALIVE
+    dechunk = framing == BODY_CHUNKED and client_http10
+    if dechunk:
+        flags |= RESP_DECHUNK
+    if (rf & REQ_KEEP_ALIVE) and framing != BODY_CLOSE and not dechunk:
+        flags |= RESP_CLIENT_KEEP_ALIVE
+
+    if cn.ntoks > MAX_DROP_TOKENS:
+        drop = _drop_set(p, fb)
+    size = 8 + (eol - 8) + 2
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        f.keep = (kind != H_TRANSFER_ENCODING and kind != H_CONNECTION and kind != H_HOP
+                  and not _dropped(p, f, &cn, drop))
+        if f.keep:
+            size += f.name_len + (f.ve - f.vs) + 4
+    if chunked and not client_http10:
+        size += 28
+    if not (flags & RESP_INFORMATIONAL):
+        if not (flags & RESP_CLIENT_KEEP_ALIVE):
+            size += 19
+        elif client_http10:
+            size += 24
+    size += 2
+
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(out)
+    if http10:
+        w = _put(w, b"HTTP/1.1", 8)
+        w = _put(w, p + 8, eol - 8 + 2)
+        w = _put_fields(w, p, fb, -1, -1)
+    else:
+        w = _put_fields(w, p, fb, 0, eol + 2)
+    if chunked and not client_http10:
+        w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
+    if not (flags & RESP_INFORMATIONAL):
+        if not (flags & RESP_CLIENT_KEEP_ALIVE):
+            w = _put(w, b"Connection: close\r\n", 19)
+        elif client_http10:
+            w = _put(w, b"Connection: keep-alive\r\n", 24)
+    w = _put(w, b"\r\n", 2)
+    return (out, status, flags, framing, length if length > 0 else 0)
+
+
+# ---------------------------------------------------------------- chunked bodies
+
+cdef enum:
+    S_SIZE = 0
+    S_EXT = 1
+    S_SIZE_LF = 2
+    S_DATA = 3
+    S_DATA_CR = 4
+    S_DATA_LF = 5
+    S_TRAILER_START = 6
+    S_TRAILER_NAME = 7
+    S_TRAILER_VALUE = 8
+    S_TRAILER_LF = 9
+    S_END_LF = 10
+    S_DONE = 11
+
+    MAX_SIZE_DIGITS = 15
+    MAX_LINE = 4096
+    MAX_TRAILERS = 16384
+
+
+cdef class ChunkedScanner:
+    """Finds the end of a chunked body, strictly, across any split of the input.
+
+    See ``fastlb._core_py.ChunkedScanner``: this is its compiled twin.
+    """
+
+    cdef public bint decode
+    cdef public object payload
+    cdef object _exc
+    cdef int _state
+    cdef long long _size
+    cdef int _digits
+    cdef Py_ssize_t _line
+
+    def __cinit__(self, decode=False, exc=_BadRequest):
+        self.decode = decode
+        self.payload = []
+        self._exc = exc
+        self._state = S_SIZE
+        self._size = 0
+        self._digits = 0
+        self._line = 0
+
+    @property
+    def done(self):
+        return self._state == S_DONE
+
+    def scan(self, data, Py_ssize_t start=0):
+        cdef Py_buffer view
+        cdef Py_ssize_t r
+        if self._state == S_DONE:
+            return start
+        if start < 0:
+            raise ValueError("start must not be negative")
+        if PyBytes_CheckExact(data):
+            return self._run(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), start, data)
+        if PyByteArray_CheckExact(data):
+            return self._run(<const unsigned char*>PyByteArray_AS_STRING(data), PyByteArray_GET_SIZE(data),
+                             start, None)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            r = self._run(<const unsigned char*>view.buf, view.len, start, None)
+        finally:
+            PyBuffer_Release(&view)
+        return r
+
+    cdef Py_ssize_t _run(self, const unsigned char* p, Py_ssize_t n, Py_ssize_t i, object whole) except -2:
+        cdef int state = self._state
+        cdef long long size = self._size
+        cdef int digits = self._digits
+        cdef Py_ssize_t line = self._line
+        cdef Py_ssize_t take
+        cdef int v
+        cdef unsigned char c
+        cdef str msg = None
+        while i < n:
+            if state == S_DATA:
+                take = size if size < n - i else n - i
+                if self.decode:
+                    self._state = state
+                    self._size = size
+                    if whole is not None and i == 0 and take == n:
+                        self.payload.append(whole)
+                    else:
+                        self.payload.append(PyBytes_FromStringAndSize(<const char*>p + i, take))
+                i += take
+                size -= take
+                if size == 0:
+                    state = S_DATA_CR
+                continue
+            c = p[i]
+            i += 1
+            if state == S_SIZE:
+                v = _hexval[c]
+                if v >= 0:
+                    digits += 1
+                    if digits > MAX_SIZE_DIGITS:
+                        msg = "chunk size too large"
+                        break
+                    size = size * 16 + v
+                elif digits == 0:
+                    msg = "invalid chunk size"
+                    break
+                elif c == 0x3B:
+                    state = S_EXT
+                    line = digits + 1
+                elif c == 0x0D:
+                    state = S_SIZE_LF
+                else:
+                    msg = "invalid chunk size"
+                    break
+            elif state == S_EXT:
+                if c == 0x0D:
+                    state = S_SIZE_LF
+                elif not _vchar[c]:
+                    msg = "invalid chunk extension"
+                    break
+                else:
+                    line += 1
+                    if line > MAX_LINE:
+                        msg = "chunk extension too long"
+                        break
+            elif state == S_SIZE_LF:
+                if c != 0x0A:
+                    msg = "missing LF after chunk size"
+                    break
+                digits = 0
+                if size == 0:
+                    state = S_TRAILER_START
+                    line = 0
+                else:
+                    state = S_DATA
+            elif state == S_DATA_CR:
+                if c != 0x0D:
+                    msg = "missing CRLF after chunk data"
+                    break
+                state = S_DATA_LF
+            elif state == S_DATA_LF:
+                if c != 0x0A:
+                    msg = "missing CRLF after chunk data"
+                    break
+                state = S_SIZE
+            else:
+                line += 1
+                if line > MAX_TRAILERS:
+                    msg = "trailers too large"
+                    break
+                if state == S_TRAILER_START:
+                    if c == 0x0D:
+                        state = S_END_LF
+                    elif _tchar[c]:
+                        state = S_TRAILER_NAME
+                    else:
+                        msg = "invalid trailer"
+                        break
+                elif state == S_TRAILER_NAME:
+                    if c == 0x3A:
+                        state = S_TRAILER_VALUE
+                    elif not _tchar[c]:
+                        msg = "invalid trailer name"
+                        break
+                elif state == S_TRAILER_VALUE:
+                    if c == 0x0D:
+                        state = S_TRAILER_LF
+                    elif not _vchar[c]:
+                        msg = "invalid byte in trailer"
+                        break
+                elif state == S_TRAILER_LF:
+                    if c != 0x0A:
+                        msg = "missing LF after trailer"
+                        break
+                    state = S_TRAILER_START
+                else:
+                    if c != 0x0A:
+                        msg = "missing LF after last chunk"
+                        break
+                    self._state = S_DONE
+                    self._size = size
+                    self._digits = digits
+                    self._line = line
+                    return i
+        self._state = state
+        self._size = size
+        self._digits = digits
+        self._line = line
+        if msg is not None:
+            raise self._exc(msg)
+        return -1
+
+
+# ---------------------------------------------------------------- selection
+
+cdef class RoundRobin:
+    """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
+
+    See ``fastlb._core_py.RoundRobin``: this is its compiled twin.
+    """
+
+    cdef readonly Py_ssize_t n
+    cdef Py_ssize_t _next
+    cdef unsigned char* _eligible
+    cdef unsigned char* _weighted
+    cdef unsigned char* _usable    # eligible and weighted
+
+    def __cinit__(self, weights, seed=0):
+        cdef Py_ssize_t n = len(weights), i
+        if n == 0:
+            raise ValueError("a balancer needs at least one backend")
+        ws = [w > 0 for w in weights]
+        self._eligible = <unsigned char*>malloc(3 * n)
+        if self._eligible == NULL:
+            raise MemoryError()
+        self._weighted = self._eligible + n
+        self._usable = self._eligible + 2 * n
+        self.n = n
+        self._next = seed % n
+        for i in range(n):
+            self._eligible[i] = 1
+            self._weighted[i] = 1 if ws[i] else 0
+            self._usable[i] = self._weighted[i]
+
+    def __dealloc__(self):
+        free(self._eligible)
+        self._eligible = NULL
+
+    def select(self, key=b""):
+        cdef Py_ssize_t n = self.n, i = self._next, k
+        cdef const unsigned char* u = self._usable
+        for k in range(n):
+            if u[i]:
+                self._next = i + 1 if i + 1 < n else 0
+                return i
+            i = i + 1 if i + 1 < n else 0
+        return -1
+
+    def release(self, idx):
+        pass
+
+    cdef Py_ssize_t _index(self, idx) except -1:
+        cdef Py_ssize_t i
+        try:
+            i = idx
+        except OverflowError:
+            raise IndexError("backend index out of range") from None
+        if i < 0 or i >= self.n:
+            raise IndexError("backend index out of range")
+        return i
+
+    def set_eligible(self, idx, ok):
+        cdef Py_ssize_t i = self._index(idx)
+        self._eligible[i] = 1 if ok else 0
+        self._usable[i] = self._eligible[i] & self._weighted[i]
+
+    def is_eligible(self, idx):
+        return self._eligible[self._index(idx)] != 0

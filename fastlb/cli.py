@@ -1,0 +1,181 @@
+"""Command line: ``fastlb serve``, ``fastlb demo``, ``fastlb --version``.
+
+Every bad flag, bad backend URL or listening error ends in one line on
+standard error and a non-zero exit status, never a traceback.
+"""
+import argparse
+import logging
+import sys
+import urllib.parse
+
+from fastlb.errors import ConfigError
+
+EXIT_USAGE = 2
+EXIT_RUNTIME = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind):
+    def conv(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+        return value
+
+    conv.__name__ = kind.__name__
+    return conv
+
+
+def parse_listen(text):
+    """``[HOST:]PORT`` (HOST may be ``[v6]``) -> (host, port)."""
+    host, port = "127.0.0.1", text
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1:close + 2] != ":":
+            raise ConfigError(f"--listen: expected [HOST]:PORT, got {text!r}")
+        host, port = text[1:close], text[close + 2:]
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        host = host or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen: invalid port in {text!r}")
+    return host, int(port)
+
+
+def parse_backend(text):
+    """``http://HOST[:PORT]`` (or ``HOST:PORT``) -> (host, port)."""
+    url = text if "://" in text else "http://" + text
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"--backend {text!r}: {e}") from None
+    if parts.scheme != "http":
+        raise ConfigError(f"--backend {text!r}: only http:// backends are supported")
+    if not parts.hostname:
+        raise ConfigError(f"--backend {text!r}: missing host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"--backend {text!r}: a backend is host and port only, no path")
+    return parts.hostname, port or 80
+
+
+def _add_common(p):
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="[HOST:]PORT",
+                   help="address to accept clients on (default 127.0.0.1:8080)")
+    t = p.add_argument_group("timeouts (seconds) and limits")
+    t.add_argument("--connect-timeout", type=_positive(float), default=5.0,
+                   help="upstream connect timeout (default 5)")
+    t.add_argument("--response-timeout", type=_positive(float), default=60.0,
+                   help="a backend silent this long gets the client a 504 (default 60)")
+    t.add_argument("--header-timeout", type=_positive(float), default=10.0,
+                   help="a client must send a whole request head within this (default 10)")
+    t.add_argument("--keepalive-timeout", type=_positive(float), default=75.0,
+                   help="idle client keep-alive connections close after this (default 75)")
+    t.add_argument("--upstream-idle-timeout", type=_positive(float), default=60.0,
+                   help="idle pooled backend connections close after this (default 60)")
+    t.add_argument("--upstream-max-idle", type=_positive(int), default=64,
+                   help="idle pooled connections kept per backend (default 64)")
+    t.add_argument("--max-header-size", type=_positive(int), default=65536,
+                   help="largest request head in bytes; larger gets 431 (default 65536)")
+    p.add_argument("--access-log", default="off", metavar="-|PATH|off",
+                   help="one line per request to stdout (-), a file, or nowhere (off, default)")
+    p.add_argument("--no-via", dest="via", action="store_false",
+                   help="do not add a Via header to forwarded requests")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="diagnostic log level")
+
+
+def build_parser():
+    from fastlb import __version__
+    from fastlb import core
+
+    parser = _Parser(prog="fastlb", description="fastlb: a fast HTTP/1.1 load balancer")
+    parser.add_argument("--version", action="version",
+                        version=f"fastlb {__version__} ({core.IMPL} core)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    serve = sub.add_parser("serve", help="balance requests over backends")
+    serve.add_argument("--backend", action="append", default=[], metavar="URL",
+                       help="backend as http://HOST:PORT; repeat for more")
+    _add_common(serve)
+    demo = sub.add_parser("demo", help="run three demo backends behind the balancer and load them")
+    _add_common(demo)
+    demo.set_defaults(listen="127.0.0.1:0")
+    demo.add_argument("--requests", type=_positive(int), default=600,
+                      help="requests in the burst (default 600)")
+    demo.add_argument("--concurrency", type=_positive(int), default=16,
+                      help="connections sending the burst (default 16)")
+    demo.add_argument("--exit", dest="exit_after", action="store_true",
+                      help="exit after the burst instead of serving until Ctrl-C")
+    return parser
+
+
+def options_from_args(args, backends):
+    from fastlb.server import Options
+
+    host, port = parse_listen(args.listen)
+    if args.access_log not in ("off", "-"):
+        try:
+            open(args.access_log, "a").close()
+        except OSError as e:
+            raise ConfigError(f"--access-log {args.access_log!r}: {e.strerror}") from None
+    return Options(
+        listen_host=host, listen_port=port, backends=tuple(backends),
+        connect_timeout=args.connect_timeout, response_timeout=args.response_timeout,
+        header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
+        upstream_idle_timeout=args.upstream_idle_timeout,
+        upstream_max_idle=args.upstream_max_idle, max_header_size=args.max_header_size,
+        access_log=args.access_log, via=args.via,
+    )
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=args.log_level.upper(), format="fastlb: %(message)s",
+                        stream=sys.stderr)
+    try:
+        if args.command == "serve":
+            if not args.backend:
+                raise ConfigError("serve: give at least one --backend http://HOST:PORT")
+            opts = options_from_args(args, [parse_backend(b) for b in args.backend])
+            return _run_serve(opts)
+        from fastlb.demo import run_demo
+
+        return run_demo(args)
+    except ConfigError as e:
+        print(f"fastlb: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"fastlb: error: {e.strerror or e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run_serve(opts):
+    from fastlb import server
+
+    async def go():
+        try:
+            await server.serve(opts)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {opts.listen_host}:{opts.listen_port}: {e.strerror or e}"
+            ) from None
+
+    try:
+        server.run(go())
+    except ConfigError as e:
+        print(f"fastlb: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0

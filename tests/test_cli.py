@@ -1,0 +1,157 @@
+"""The command line, run as a subprocess: ``python -m fastlb ...``."""
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from fastlb import core as _core_switch
+from helpers import (  # noqa: F401  (fixtures are used by name)
+    HOST,
+    FastlbProcess,
+    active_core,
+    backend_loop,
+    fastlb_cmd,
+    make_backend,
+    REPO,
+    run_fastlb,
+)
+
+pytestmark = [pytest.mark.usefixtures("active_core"), pytest.mark.timeout(60)]
+
+
+def _one_line_error(proc):
+    assert proc.returncode != 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout, proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) >= 1, proc.stderr
+    return lines
+
+
+def test_version_names_core():
+    p = run_fastlb("--version")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    m = re.search(r"fastlb \S+ \((py|c) core\)", out)
+    assert m, out
+    assert m.group(1) == _core_switch.IMPL
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--no-such-flag"],
+    ["serve", "--backend", "http://127.0.0.1:1", "--connect-timeout", "-1"],
+    ["serve", "--backend", "http://127.0.0.1:1", "--connect-timeout", "abc"],
+    ["bogus-command"],
+], ids=["unknown-flag", "negative-timeout", "non-number", "unknown-command"])
+def test_bad_flag(args):
+    p = run_fastlb(*args)
+    lines = _one_line_error(p)
+    assert p.returncode == 2
+    assert lines[-1].startswith("fastlb") and "error" in lines[-1], p.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "https://127.0.0.1:8443",
+    "http://127.0.0.1:99999",
+    "http://127.0.0.1:80/path",
+    "http://:80",
+    "ftp://x:1",
+    "http://user@127.0.0.1:80",
+    "http://127.0.0.1:abc",
+], ids=["https", "port-range", "path", "no-host", "ftp", "userinfo", "port-text"])
+def test_bad_backend_url(url):
+    p = run_fastlb("serve", "--listen", f"{HOST}:0", "--backend", url)
+    lines = _one_line_error(p)
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("fastlb: error:"), p.stderr
+    assert p.returncode == 2
+
+
+def test_no_backend():
+    p = run_fastlb("serve", "--listen", f"{HOST}:0")
+    lines = _one_line_error(p)
+    assert len(lines) == 1 and "backend" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:70000", "[::1", "host:port"])
+def test_bad_listen(listen):
+    p = run_fastlb("serve", "--listen", listen, "--backend", "http://127.0.0.1:1")
+    lines = _one_line_error(p)
+    assert len(lines) == 1 and lines[0].startswith("fastlb: error:"), p.stderr
+
+
+def test_access_log_unwritable():
+    p = run_fastlb("serve", "--listen", f"{HOST}:0", "--backend", "http://127.0.0.1:1",
+                   "--access-log", "/nonexistent-dir/x/access.log")
+    lines = _one_line_error(p)
+    assert len(lines) == 1 and "access-log" in lines[0], p.stderr
+
+
+def test_port_in_use():
+    s = socket.socket()
+    s.bind((HOST, 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    try:
+        p = run_fastlb("serve", "--listen", f"{HOST}:{port}", "--backend", "http://127.0.0.1:1")
+    finally:
+        s.close()
+    lines = _one_line_error(p)
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("fastlb: error:") and str(port) in lines[0], p.stderr
+
+
+def test_serve_end_to_end_then_sigterm(make_backend):
+    be = make_backend("A")
+    lb = FastlbProcess([be.addr], "--no-via")
+    try:
+        with httpx.Client(timeout=5) as c:
+            r = c.get(lb.url + "/cli")
+            assert r.status_code == 200
+            assert r.headers["x-backend"] == "A"
+            assert r.json()["target"] == "/cli"
+            assert "via" not in [n.lower() for n, _ in r.json()["headers"]]
+        # a connection left open does not block shutdown
+        idle = socket.create_connection((HOST, lb.port), timeout=5)
+        try:
+            lb.proc.send_signal(signal.SIGTERM)
+            rc = lb.proc.wait(10)
+        finally:
+            idle.close()
+        assert rc == 0
+    finally:
+        lb.kill()
+    assert "Traceback" not in "".join(x.decode() for x in lb.stderr_lines)
+    assert f"{HOST}:{lb.port}".encode() in lb.startup
+    assert f"({_core_switch.IMPL} core)".encode() in lb.startup
+
+
+def test_serve_sigint_exits_zero(make_backend):
+    be = make_backend("A")
+    lb = FastlbProcess([be.addr])
+    try:
+        lb.proc.send_signal(signal.SIGINT)
+        assert lb.proc.wait(10) == 0
+    finally:
+        lb.kill()
+
+
+def test_demo_exit():
+    p = run_fastlb("demo", "--exit", "--requests", "60", timeout=60)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    counts = dict(re.findall(r"^\s+(backend-\d): (\d+) ", p.stdout, re.M))
+    assert sorted(counts) == ["backend-1", "backend-2", "backend-3"], p.stdout
+    assert sum(int(v) for v in counts.values()) == 60
+    assert all(int(v) == 20 for v in counts.values()), p.stdout
+    assert "60 responses, 0 errors" in p.stdout
+
+
+def test_no_command_prints_help():
+    p = run_fastlb()
+    assert p.returncode != 0
+    assert "serve" in (p.stdout + p.stderr)

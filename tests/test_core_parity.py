@@ -1,0 +1,282 @@
+"""Differential test: the compiled core against its pure-Python twin.
+
+Seeded random heads and bodies, valid and subtly invalid, go through both
+``fastlb._core_py`` and ``fastlb._core``; results must be identical (the same
+return tuple, or the same exception class, status and message).
+"""
+import ast
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from fastlb import _core_py as P
+from fastlb import core as _switch
+from fastlb import errors
+
+N_CASES = int(os.environ.get("FASTLB_PARITY_CASES", "3000"))
+
+
+@pytest.fixture(scope="module")
+def C():
+    if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
+        pytest.skip("FASTLB_NO_EXTENSIONS=1")
+    mod = _switch.implementation("c")
+    if mod is None:
+        if os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
+            pytest.fail("compiled core fastlb._core is not built")
+        pytest.skip("compiled core fastlb._core is not built")
+    return mod
+
+
+def outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except errors.HTTPError as e:
+        return ("err", type(e), e.status, str(e))
+    except Exception as e:  # noqa: BLE001 - any difference is a finding
+        return ("exc", type(e), str(e))
+
+
+# ---------------------------------------------------------------- generators
+
+NAMES = [
+    b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding",
+    b"transfer-encoding", b"Connection", b"connection", b"Keep-Alive", b"Proxy-Connection", b"TE",
+    b"te", b"Trailer", b"Upgrade", b"X-Forwarded-For", b"x-forwarded-for", b"X-Forwarded-Proto",
+    b"X-Forwarded-Host", b"Expect", b"Accept", b"User-Agent", b"Cookie", b"X-Custom", b"x-custom",
+    b"Te-X", b"Hosts", b"Content-Lengths", b"A", b"Via", b"Date", b"Server", b"Content-Type",
+    b"Set-Cookie", b"ETag", b"Close",
+]
+TOKENS = [b"close", b"keep-alive", b"Keep-Alive", b"CLOSE", b"host", b"Content-Length", b"x-custom",
+          b"X-CUSTOM", b"accept", b"cookie", b"expect", b"te", b"upgrade", b"x-forwarded-for", b"",
+          b" ", b"a b", b"date", b"server", b"\xff", b"close\t"]
+# (good, bad): ``pick`` takes a bad one now and then.
+CL_VALUES = ([b"0", b"5", b"12", b"007", b"%d" % errors.MAX_CONTENT_LENGTH],
+             [b"", b" ", b"-1", b"+5", b"5, 5", b"1e3", b"0x10", b"%d" % (errors.MAX_CONTENT_LENGTH + 1),
+              b"9" * 19, b"9" * 20, b"18446744073709551616"])
+TE_VALUES = ([b"chunked", b"Chunked", b"CHUNKED"],
+             [b"gzip", b"chunked, chunked", b"gzip, chunked", b"", b"chunked;q=1", b"identity"])
+METHODS = ([b"GET", b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE", b"PATCH",
+            b"CONNECT", b"M-SEARCH", b"X", b"get"], [b"G(T", b"G\xffT", b"G@T"])
+TARGETS = ([b"/", b"/a/b?c=d&e=f", b"*", b"http://h/x", b"/\xc3\xa9", b"/%20", b"/" + b"x" * 300],
+           [b"/a b", b"/a\x01", b"/a\x7f", b""])
+VERSIONS = ([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"],
+            [b"HTTP/1.2", b"HTTP/2.0", b"http/1.1", b"HTTP/1.", b"HTTP/1.10"])
+
+
+def pick(rng, choices, p_bad=0.05):
+    good, bad = choices
+    return rng.choice(bad if rng.random() < p_bad else good)
+STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content",
+                b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 100 Continue", b"HTTP/1.1 103 Early Hints",
+                b"HTTP/1.1 101 Switching Protocols", b"HTTP/1.1 404", b"HTTP/1.1 500 ", b"HTTP/1.1 099 x",
+                b"HTTP/1.1 2000", b"HTTP/1.1 20x OK", b"HTTP/1.2 200 OK", b"HTTP/1.1 200 \xffok\t",
+                b"HTTP/1.1 200 O\x01K", b"HTTP/1.0 302 Found", b"ICY 200 OK", b"HTTP/1.1  200 OK"]
+INJECT = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b"\t", b":", b",", b"\x7f", b"\xff", b"A", b"\x0b",
+          b"\r\n ", b"\r\n\r\n"]
+
+
+def rand_value(rng, name):
+    lname = name.lower()
+    if lname == b"content-length":
+        return pick(rng, CL_VALUES)
+    if lname == b"transfer-encoding":
+        return pick(rng, TE_VALUES)
+    if lname == b"connection":
+        return b",".join(rng.choice(TOKENS) for _ in range(rng.randint(1, 4)))
+    if lname == b"expect":
+        return rng.choice([b"100-continue", b"100-Continue", b"nope", b""])
+    if lname == b"host":
+        return rng.choice([b"example.com", b"a:8080", b"", b"h"])
+    return rng.choice([b"v", b"some value", b"a, b", b"", b"x" * 50, b"\xc3\xa9", b"1.2.3.4"])
+
+
+def rand_field(rng, name=None):
+    name = name or rng.choice(NAMES)
+    sep = rng.choice([b": ", b": ", b": ", b":", b":  ", b":\t", b": \t"])
+    tail = rng.choice([b"", b"", b"", b" ", b"\t", b" \t"])
+    return name + sep + rand_value(rng, name) + tail
+
+
+def mutate(rng, raw):
+    k = rng.randrange(7)
+    pos = rng.randrange(len(raw) + 1)
+    if k == 0:
+        return raw[:pos] + rng.choice(INJECT) + raw[pos:]
+    if k == 1 and raw:
+        return raw[:pos] + raw[pos + 1:]
+    if k == 2:
+        lines = raw.split(b"\r\n")
+        if len(lines) > 3:
+            i = rng.randrange(1, len(lines) - 2)
+            lines.insert(i, lines[i])
+        return b"\r\n".join(lines)
+    if k == 3 and pos < len(raw):
+        return raw[:pos] + raw[pos:pos + 1].swapcase() + raw[pos + 1:]
+    if k == 4:
+        return raw[:pos]
+    if k == 5:
+        return raw[:pos] + bytes([rng.randrange(256)]) + raw[pos + 1:]
+    return raw
+
+
+def rand_request(rng):
+    line = pick(rng, METHODS) + b" " + pick(rng, TARGETS) + b" " + pick(rng, VERSIONS)
+    fields = []
+    if rng.random() < 0.9:
+        fields.append(rand_field(rng, rng.choice([b"Host", b"host"])))
+    for _ in range(rng.choice([0, 1, 3, 6, 9, 12, 20])):
+        fields.append(rand_field(rng))
+    if rng.random() < 0.02:
+        fields += [b"F%d: v" % i for i in range(rng.randint(60, 150))]
+    if rng.random() < 0.02:
+        fields.append(b"Connection: " + b", ".join(b"x-%d" % i for i in range(30)) + b", x-custom")
+    rng.shuffle(fields)
+    raw = line + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+    for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):
+        raw = mutate(rng, raw)
+    return raw
+
+
+def rand_response(rng):
+    fields = [rand_field(rng) for _ in range(rng.choice([0, 1, 2, 4, 8, 12]))]
+    if rng.random() < 0.5:
+        fields.append(b"Content-Length: " + rng.choice(CL_VALUES[0]))
+    if rng.random() < 0.02:
+        fields.append(b"Connection: " + b", ".join(b"x-%d" % i for i in range(30)) + b", x-custom, date")
+    rng.shuffle(fields)
+    raw = rng.choice(STATUS_LINES) + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+    for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):
+        raw = mutate(rng, raw)
+    return raw
+
+
+def rand_chunked(rng):
+    out = []
+    for _ in range(rng.choice([0, 1, 2, 4])):
+        size = rng.choice([1, 2, 5, 16, 100, 300])
+        digits = rng.choice([b"%x", b"%X", b"00%x"]) % size
+        ext = rng.choice([b"", b"", b";a", b";a=b;c=\"d\"", b";\t", b";" + b"e" * 4100])
+        out.append(digits + ext + b"\r\n" + bytes(rng.randrange(256) for _ in range(size)) + b"\r\n")
+    out.append(rng.choice([b"0", b"000", b"0;x"]) + b"\r\n")
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        out.append(rng.choice([b"X-T: 1", b"a:", b"Trailer-Name: some value\t", b"x: " + b"y" * 9000])
+                   + b"\r\n")
+    out.append(b"\r\n")
+    raw = b"".join(out)
+    for _ in range(rng.choice([0, 0, 1])):
+        raw = mutate(rng, raw)
+    if rng.random() < 0.3:
+        raw += b"NEXT REQUEST"
+    return raw
+
+
+def rand_splits(rng, data):
+    cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.choice([0, 1, 2, 5, 20])))
+    pieces, last = [], 0
+    for c in cuts + [len(data)]:
+        pieces.append(data[last:c])
+        last = c
+    return pieces
+
+
+def scan_all(mod, pieces, decode, exc, kind):
+    sc = mod.ChunkedScanner(decode=decode, exc=exc)
+    steps = []
+    try:
+        for piece in pieces:
+            r = sc.scan(kind(piece))
+            steps.append(r)
+            if r >= 0:
+                break
+    except Exception as e:  # noqa: BLE001
+        steps.append((type(e), getattr(e, "status", None), str(e)))
+    return steps, sc.done, list(sc.payload)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_public_names(C):
+    pyi = ast.parse(Path(P.__file__).with_name("_core.pyi").read_text())
+    stub_names = {n.name for n in pyi.body
+                  if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not n.name.startswith("_")}
+    c_names = {n for n in dir(C) if not n.startswith("_")}
+    assert c_names == set(P.__all__) == stub_names == set(C.__all__)
+    for cls in ("RoundRobin", "ChunkedScanner"):
+        py_members = {m for m in dir(getattr(P, cls)) if not m.startswith("_")}
+        c_members = {m for m in dir(getattr(C, cls)) if not m.startswith("_")}
+        assert py_members == c_members, cls
+
+
+def test_requests(C):
+    rng = random.Random(20240601)
+    errs = 0
+    for i in range(N_CASES):
+        raw = rand_request(rng)
+        ip = rng.choice([b"10.0.0.1", b"::1", b""])
+        proto = rng.choice([b"http", b"https"])
+        via = rng.choice([b"fastlb", None, b"", b"lb-2"])
+        hd = rng.choice([b"", b"backend:8080", None])
+        a = outcome(P.rewrite_request_head, raw, ip, proto, via, hd)
+        b = outcome(C.rewrite_request_head, raw, ip, proto, via, hd)
+        assert a == b, (i, raw, ip, proto, via, hd)
+        errs += a[0] != "ok"
+    # the generator must exercise both sides
+    assert N_CASES // 10 < errs < N_CASES * 9 // 10
+
+
+def test_responses(C):
+    rng = random.Random(777)
+    errs = 0
+    for i in range(N_CASES):
+        raw = rand_response(rng)
+        req_flags = rng.randrange(32)
+        a = outcome(P.rewrite_response_head, raw, req_flags)
+        b = outcome(C.rewrite_response_head, raw, req_flags)
+        assert a == b, (i, raw, req_flags)
+        errs += a[0] != "ok"
+    assert N_CASES // 10 < errs < N_CASES * 9 // 10
+
+
+def test_request_keywords(C):
+    raw = b"GET / HTTP/1.0\r\nX: y\r\n\r\n"
+    kw = dict(proto=b"https", via=None, host_default=b"hd")
+    assert P.rewrite_request_head(raw, b"1.2.3.4", **kw) == C.rewrite_request_head(raw, b"1.2.3.4", **kw)
+    assert P.rewrite_request_head(raw, b"1.2.3.4") == C.rewrite_request_head(raw, b"1.2.3.4")
+
+
+def test_chunked(C):
+    rng = random.Random(4242)
+    for i in range(N_CASES):
+        raw = rand_chunked(rng)
+        pieces = rand_splits(rng, raw)
+        decode = rng.random() < 0.7
+        exc = rng.choice([errors.BadRequest, errors.BadGateway])
+        kind = rng.choice([bytes, bytes, bytearray, memoryview])
+        a = scan_all(P, pieces, decode, exc, kind)
+        b = scan_all(C, pieces, decode, exc, kind)
+        assert a == b, (i, pieces, decode, exc, kind)
+
+
+def test_round_robin(C):
+    rng = random.Random(99)
+    for i in range(300):
+        n = rng.randint(1, 12)
+        weights = [rng.choice([0, 1, 1, 1, 3]) for _ in range(n)]
+        seed = rng.randrange(-50, 50)
+        a, b = P.RoundRobin(weights, seed), C.RoundRobin(weights, seed)
+        assert a.n == b.n == n
+        for _ in range(200):
+            op = rng.random()
+            if op < 0.6:
+                assert a.select() == b.select()
+            elif op < 0.9:
+                idx = rng.randrange(-1, n + 1)
+                ok = rng.random() < 0.6
+                assert outcome(a.set_eligible, idx, ok) == outcome(b.set_eligible, idx, ok)
+            else:
+                idx = rng.randrange(-1, n + 1)
+                assert outcome(a.is_eligible, idx) == outcome(b.is_eligible, idx)
