@@ -69,9 +69,11 @@ ext_modules = []
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
     from setuptools import Extension
 
-    ext_modules.append(
-        Extension("fastlb._core", ["fastlb/_core.pyx"], extra_compile_args=["-O2"])
-    )
+    ext_modules += [
+        Extension("fastlb._core", ["fastlb/_core.pyx"], extra_compile_args=["-O2"]),
+        # The data path: plain Python, compiled with the C types of _proxy.pxd.
+        Extension("fastlb._proxy", ["fastlb/_proxy.py"], extra_compile_args=["-O2"]),
+    ]
 
 setup(
     version=read_version(),

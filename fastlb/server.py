@@ -6,8 +6,7 @@ import signal
 
 from fastlb import core
 from fastlb.accesslog import AccessLog
-from fastlb.proxy import ClientProtocol
-from fastlb.upstream import Backend, UpstreamProtocol
+from fastlb.proxy import Backend, ClientProtocol, UpstreamProtocol
 
 log = logging.getLogger("fastlb")
 

@@ -1,0 +1,124 @@
+# C types for fastlb/_proxy.py when Cython compiles it (an augmenting .pxd).
+# The .py stays plain Python; these declarations turn its classes into final
+# extension types with C fields, so the per-request path reads and writes
+# fields and calls methods without dictionary lookups.
+cimport cython
+
+cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
+cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
+cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING, P_CLIENT
+cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT
+cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
+cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
+cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
+cdef object _rewrite_request_head, _rewrite_response_head, _ChunkedScanner
+cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
+cdef dict _ERRORS
+
+cdef class ClientProtocol
+cdef class UpstreamProtocol
+
+
+@cython.final
+cdef class Backend:
+    cdef public int index
+    cdef public str url, host
+    cdef public int port
+    cdef public bytes authority      # "host:port", sent as Host to HTTP/1.0 requests without one
+    cdef public list idle            # idle UpstreamProtocol, LIFO (the oldest first)
+    cdef public int max_idle
+    cdef public int connecting, active
+    cdef public long long requests, failures
+
+    cpdef push_idle(self, UpstreamProtocol up, double now)
+
+
+@cython.final
+cdef class UpstreamProtocol:
+    cdef public Backend backend
+    cdef public object proxy
+    cdef public object transport
+    cdef public ClientProtocol client  # None while idle in the pool
+    cdef public int state              # U_*
+    cdef public bytes buf              # partial response head
+    cdef public int framing            # BODY_* of the response
+    cdef public long long left         # Content-Length bytes still to relay
+    cdef public object scanner         # ChunkedScanner of a chunked response
+    cdef public int resp_flags, status
+    cdef public bint reused, got_bytes, paused
+    cdef public double idle_since
+    cdef public Py_ssize_t max_head
+
+    @cython.locals(client=ClientProtocol, pos=Py_ssize_t, end=Py_ssize_t, req_flags=int,
+                   flags=int, framing=int, status=int, length="long long")
+    cpdef data_received(self, data)
+    @cython.locals(n=Py_ssize_t, left="long long", avail=Py_ssize_t, end=Py_ssize_t,
+                   done=bint, framing=int)
+    cdef _body(self, bytes data, Py_ssize_t start, ClientProtocol client, bytes head)
+    @cython.locals(backend=Backend, flags=int, idle=list)
+    cdef _finish(self, ClientProtocol client)
+    cdef _bad(self, ClientProtocol client, reason)
+    cpdef bind(self, ClientProtocol client)
+    cpdef pause_reading(self)
+    cpdef resume_reading(self)
+    cpdef close(self)
+    cpdef abort(self)
+
+
+@cython.final
+cdef class ClientProtocol:
+    cdef public object proxy
+    cdef public object transport
+    cdef public object parser         # httptools.HttpRequestParser: the strict validator
+    cdef public object peer
+    cdef public bytes client_ip
+    cdef public int state             # R_*
+    cdef public bytes buf             # the part of a head received so far
+    cdef public bytes pending         # bytes after the request in flight (pipelining)
+    cdef public int framing           # BODY_* of the request
+    cdef public long long left        # Content-Length bytes still to come
+    cdef public object scanner        # ChunkedScanner of a chunked request body
+    cdef public bint ll_done          # llhttp reported the end of the message
+    cdef public int req_flags
+    cdef public bytes req_head        # the rewritten head, kept to retry a bodiless request
+    cdef public UpstreamProtocol up   # serving the request in flight
+    cdef public Backend backend
+    cdef public list outq             # bytes waiting for the upstream connection
+    cdef public object tried
+    cdef public bint retried
+    cdef public int paused            # P_* bits
+    cdef public bint wpaused
+    cdef public double deadline
+    cdef public long long sent        # response bytes written to the client (this request)
+    cdef public long long served
+    cdef public bint eof
+    cdef public double started
+    cdef public object line           # request line, for the access log
+    cdef public long long gen         # request number: stale connect attempts check it
+
+    cpdef data_received(self, data)
+    @cython.locals(buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
+                   end=Py_ssize_t, c=int, idx=int, flags=int, framing=int, length="long long",
+                   backend=Backend)
+    cdef _head(self, bytes data)
+    @cython.locals(n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
+                   piece=bytes, rest=bytes)
+    cdef _body(self, bytes data, Py_ssize_t start)
+    cdef _send_up(self, bytes piece)
+    cdef _stash(self, bytes data)
+    @cython.locals(idle=list, up=UpstreamProtocol)
+    cdef _forward(self, Backend backend, bytes out)
+    cpdef upstream_connected(self, UpstreamProtocol up, long long gen)
+    cpdef upstream_connect_failed(self, Backend backend, reason, long long gen)
+    cdef upstream_failed(self, UpstreamProtocol up, reason)
+    cdef response_aborted(self, UpstreamProtocol up, reason, bint invalid=*)
+    cdef write_response(self, bytes data)
+    @cython.locals(n=Py_ssize_t)
+    cdef write_response2(self, bytes head, bytes body)
+    cdef response_done(self, bint keep_alive, int status)
+    cdef _reject(self, int status)
+    cdef _fail(self, int status)
+    cpdef timed_out(self, double now)
+    cdef pause_reading_for(self, int reason)
+    cdef resume_reading_for(self, int reason)
+    cdef _close(self)

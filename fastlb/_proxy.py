@@ -1,0 +1,860 @@
+"""The data path: backends with their connection pools, and the two protocols.
+
+This module is plain Python and is also compiled by Cython (``_proxy.pxd``
+declares its classes as C types); ``fastlb.proxy`` chooses which one runs,
+with the same switch as the core. Keep it valid Python with no Cython
+syntax: the pure build runs this very file.
+
+Client side: one ``ClientProtocol`` per client connection.
+
+Rules this module keeps:
+
+* Requests on a connection are handled one at a time, in order. Bytes that
+  arrive after the end of the request in flight (pipelining) are kept, and
+  reading pauses once they pass ``PIPELINE_LIMIT``; they are parsed when the
+  response has been written. So responses always go out in request order.
+* The httptools (llhttp) parser sees every byte of every request exactly
+  once, in order, and is never fed past the end of the current request: it is
+  the strict validator. fastlb finds the head's end (CRLF CRLF) and the
+  body's end (Content-Length, or the chunked scanner) itself, and checks that
+  llhttp agrees that the message ended there.
+* The core validates and rewrites the head in one call; the body bytes are
+  relayed untouched.
+* Reading from the client is paused for any of several reasons (a bit each:
+  the upstream's write buffer is full, pipelined bytes are waiting, the
+  upstream connection is not up yet); it resumes when none is left.
+* Timeouts are deadlines checked by the proxy's ticker against a clock it
+  updates; the per-request path only stores a float.
+
+Request states: R_HEAD (reading a head) -> R_BODY (relaying a body) ->
+R_DONE (request complete, response in flight) -> R_HEAD again, or closed.
+
+Upstream side:
+
+An ``UpstreamProtocol`` is one TCP connection to one backend. It is either
+idle in its backend's pool (``client is None``: any byte or EOF it receives
+closes it) or bound to one client connection while exactly one request is in
+flight on it. The response head is validated and rewritten by the core; the
+body bytes are relayed as they arrive, and parsed only to find where the
+response ends (Content-Length counted, chunked scanned, or the backend
+closing). When the response ends the connection goes back to the pool if
+both sides allow it, else it is closed.
+
+States of a bound connection::
+
+    U_HEAD --head complete--> U_BODY --body complete--> (released)
+      |  1xx heads loop in U_HEAD                ^
+      +--------- no body (HEAD, 204, 304, CL 0) -+
+"""
+import httptools
+
+from fastlb import core
+from fastlb.errors import (
+    BODY_CHUNKED,
+    BODY_CLOSE,
+    BODY_LENGTH,
+    BODY_NONE,
+    REQ_HTTP10,
+    REQ_IDEMPOTENT,
+    REQ_KEEP_ALIVE,
+    RESP_CLIENT_KEEP_ALIVE,
+    RESP_DECHUNK,
+    RESP_INFORMATIONAL,
+    RESP_UPSTREAM_KEEP_ALIVE,
+    BadGateway,
+    BadRequest,
+    HTTPError,
+)
+
+_rewrite_request_head = core.rewrite_request_head
+_rewrite_response_head = core.rewrite_response_head
+_ChunkedScanner = core.ChunkedScanner
+
+U_IDLE = 0   # in the pool
+U_HEAD = 1   # waiting for (the rest of) a response head
+U_BODY = 2   # relaying the body
+U_DONE = 3   # closed or released
+
+
+
+class Backend:
+    """One backend server: its address and its pool of idle connections."""
+
+
+    def __init__(self, index, host, port, max_idle=64):
+        self.index = index
+        self.host = host
+        self.port = port
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.url = f"http://{netloc}"
+        self.authority = netloc.encode("ascii")
+        self.idle = []          # LIFO of idle UpstreamProtocol; the oldest first
+        self.max_idle = max_idle
+        self.connecting = 0
+        self.active = 0         # connections bound to a client now
+        self.requests = 0
+        self.failures = 0
+
+    def pop_idle(self):
+        idle = self.idle
+        while idle:
+            up = idle.pop()
+            if up.state == U_IDLE:
+                return up
+        return None
+
+    def push_idle(self, up, now):
+        if len(self.idle) >= self.max_idle:
+            up.close()
+            return
+        up.state = U_IDLE
+        up.idle_since = now
+        self.idle.append(up)
+
+    def sweep_idle(self, cutoff):
+        """Close pooled connections idle since before ``cutoff``."""
+        idle = self.idle
+        n = 0
+        while n < len(idle) and idle[n].idle_since < cutoff:
+            n += 1
+        if n:
+            old = idle[:n]
+            del idle[:n]
+            for up in old:
+                up.close()
+
+    def close_idle(self):
+        idle, self.idle = self.idle, []
+        for up in idle:
+            up.close()
+
+    def __repr__(self):
+        return f"<Backend {self.url}>"
+
+
+class UpstreamProtocol:
+
+    def __init__(self, backend, proxy):
+        self.backend = backend
+        self.proxy = proxy
+        self.transport = None
+        self.client = None      # the ClientProtocol this connection serves now
+        self.state = U_DONE
+        self.buf = b""          # partial response head
+        self.framing = 0
+        self.left = 0           # Content-Length bytes still to relay
+        self.scanner = None     # ChunkedScanner of a chunked response
+        self.resp_flags = 0
+        self.status = 0
+        self.reused = False     # came from the pool (may have gone stale)
+        self.got_bytes = False  # any byte of the response arrived
+        self.idle_since = 0.0
+        self.paused = False
+        self.max_head = proxy.max_header_size
+
+    # -------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        state = self.state
+        self.state = U_DONE
+        client = self.client
+        if client is None:
+            return  # idle in the pool: pop_idle skips it
+        self.client = None
+        self.backend.active -= 1
+        if state == U_BODY and self.framing == BODY_CLOSE:
+            client.response_done(False, self.status)
+        elif not self.got_bytes:
+            client.upstream_failed(self, "closed before responding")
+        else:
+            client.response_aborted(self, "backend closed mid-response")
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        client = self.client
+        if client is not None:
+            client.pause_reading_for(1)
+
+    def resume_writing(self):
+        client = self.client
+        if client is not None:
+            client.resume_reading_for(1)
+
+    def data_received(self, data):
+        client = self.client
+        if client is None:
+            # Idle connections must stay silent: bytes now are a protocol error.
+            self.close()
+            return
+        self.got_bytes = True
+        client.deadline = self.proxy.now + self.proxy.response_timeout
+        if self.state == U_BODY:
+            self._body(data, 0, client, None)
+            return
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        pos = 0
+        while True:
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:
+                if len(data) - pos > self.max_head:
+                    self._bad(client, "response head too large")
+                    return
+                self.buf = data[pos:]
+                return
+            end += 4
+            if end - pos > self.max_head:
+                self._bad(client, "response head too large")
+                return
+            req_flags = client.req_flags
+            if client.state != R_DONE or client.eof:
+                # The client connection closes after this response: say so.
+                req_flags &= ~REQ_KEEP_ALIVE
+            try:
+                out, status, flags, framing, length = _rewrite_response_head(
+                    data[pos:end] if pos or end != len(data) else data, req_flags)
+            except BadGateway as e:
+                self._bad(client, e.reason)
+                return
+            if flags & RESP_INFORMATIONAL:
+                # 1xx: relay (never to HTTP/1.0 clients, RFC 9110 15.2),
+                # then wait for the final response.
+                if not req_flags & REQ_HTTP10:
+                    client.write_response(out)
+                pos = end
+                continue
+            self.status = status
+            self.resp_flags = flags
+            self.framing = framing
+            self.state = U_BODY
+            if framing == BODY_LENGTH:
+                if len(data) - end == length:
+                    # The common case: the whole response in one read.
+                    client.write_response2(out, data[end:])
+                    self._finish(client)
+                    return
+                self.left = length
+            elif framing == BODY_CHUNKED:
+                self.scanner = _ChunkedScanner(bool(flags & RESP_DECHUNK), BadGateway)
+            elif framing != BODY_CLOSE:
+                # no body: the message ends with its head
+                if end != len(data):
+                    self._bad(client, "data after a response without body")
+                    return
+                client.write_response(out)
+                self._finish(client)
+                return
+            self._body(data, end, client, out)
+            return
+
+    # -------------------------------------------------------- body relay
+
+    def _body(self, data, start, client, head):
+        framing = self.framing
+        n = len(data)
+        if framing == BODY_LENGTH:
+            left = self.left
+            avail = n - start
+            if avail < left:
+                self.left = left - avail
+                piece = data if start == 0 else data[start:]
+                done = False
+            else:
+                if avail > left:
+                    self._bad(client, "response longer than its Content-Length")
+                    return
+                piece = data if start == 0 else data[start:]
+                self.left = 0
+                done = True
+        elif framing == BODY_CHUNKED:
+            scanner = self.scanner
+            try:
+                end = scanner.scan(data, start)
+            except BadGateway as e:
+                self._bad(client, e.reason)
+                return
+            if end >= 0 and end != n:
+                self._bad(client, "data after the end of a chunked response")
+                return
+            done = end >= 0
+            if scanner.decode:
+                piece = b"".join(scanner.payload)
+                scanner.payload.clear()
+            else:
+                piece = data if start == 0 else data[start:]
+        else:  # BODY_CLOSE: everything until EOF
+            piece = data if start == 0 else data[start:]
+            done = False
+        if head is not None:
+            if piece:
+                client.write_response2(head, piece)
+            else:
+                client.write_response(head)
+        elif piece:
+            client.write_response(piece)
+        if done:
+            self._finish(client)
+
+    def _finish(self, client):
+        """The response is complete: release this connection and the client."""
+        self.client = None
+        self.scanner = None
+        backend = self.backend
+        backend.active -= 1
+        flags = self.resp_flags
+        if flags & RESP_UPSTREAM_KEEP_ALIVE and client.state == R_DONE:
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
+            self.reused = True
+            idle = backend.idle
+            if len(idle) < backend.max_idle:
+                self.state = U_IDLE
+                self.idle_since = self.proxy.now
+                idle.append(self)
+            else:
+                self.close()
+        else:
+            self.close()
+        client.response_done(bool(flags & RESP_CLIENT_KEEP_ALIVE), self.status)
+
+    def _bad(self, client, reason):
+        """The backend sent something invalid: 502 if nothing reached the client yet."""
+        self.client = None
+        self.backend.active -= 1
+        self.state = U_DONE
+        self.close()
+        client.response_aborted(self, reason, invalid=True)
+
+    # -------------------------------------------------------- control
+
+    def bind(self, client):
+        self.client = client
+        self.state = U_HEAD
+        self.got_bytes = False
+        self.buf = b""
+        self.backend.active += 1
+        self.backend.requests += 1
+
+    def pause_reading(self):
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self):
+        self.state = U_DONE
+        t = self.transport
+        if t is not None:
+            t.close()
+
+    def abort(self):
+        """Drop the connection at once (its state is unknown)."""
+        self.state = U_DONE
+        self.client = None
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+
+R_HEAD = 0
+R_BODY = 1
+R_DONE = 2
+R_CLOSED = 3
+
+# Reasons to pause reading from the client (bits).
+P_UPSTREAM = 1      # the upstream transport's write buffer is full
+P_PIPELINE = 2      # pipelined requests are waiting
+P_CONNECTING = 4    # body bytes are queued until the upstream connects
+P_CLIENT = 8        # the client's own write buffer is full (backpressure on responses)
+
+PIPELINE_LIMIT = 65536
+CONNECT_QUEUE_LIMIT = 262144
+
+_HttpRequestParser = httptools.HttpRequestParser
+_HttpParserError = httptools.HttpParserError
+_HttpParserUpgrade = httptools.HttpParserUpgrade
+
+_REASONS = {
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def error_response(status, keep_alive=False, extra=b""):
+    reason = _REASONS[status]
+    body = f"{status} {reason}\n".encode()
+    conn = b"" if keep_alive else b"Connection: close\r\n"
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\n".encode() + conn + extra + b"\r\n" + body
+    )
+
+
+_ERRORS = {(s, ka): error_response(s, ka) for s in _REASONS for ka in (False, True)}
+_ERRORS[(503, False)] = error_response(503, False, b"Retry-After: 1\r\n")
+_ERRORS[(503, True)] = error_response(503, True, b"Retry-After: 1\r\n")
+
+
+class ClientProtocol:
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.transport = None
+        self.parser = _HttpRequestParser(self)
+        self.peer = None
+        self.client_ip = b""
+        self.state = R_HEAD
+        self.buf = b""          # the part of a head received so far
+        self.pending = b""      # bytes after the request in flight
+        self.framing = BODY_NONE
+        self.left = 0           # Content-Length bytes still to come
+        self.scanner = None     # ChunkedScanner of a chunked request body
+        self.ll_done = False    # llhttp reported the end of the message
+        self.req_flags = 0
+        self.req_head = None    # the rewritten head, kept to retry a bodiless request
+        self.up = None          # UpstreamProtocol serving the request in flight
+        self.backend = None
+        self.outq = None        # bytes waiting for the upstream connection
+        self.tried = None       # backends that failed this request
+        self.retried = False
+        self.paused = 0         # P_* bits
+        self.wpaused = False
+        self.deadline = 0.0
+        self.sent = 0           # response bytes written to the client (this request)
+        self.served = 0
+        self.eof = False
+        self.started = 0.0
+        self.line = None        # request line, for the access log
+        self.gen = 0            # request number: stale connect attempts check it
+
+    # -------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        proxy = self.proxy
+        proxy.clients.add(self)
+        self.peer = peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = peer[0].encode("ascii")
+        self.deadline = proxy.now + proxy.header_timeout
+
+    def connection_lost(self, exc):
+        self.state = R_CLOSED
+        self.proxy.clients.discard(self)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.backend.active -= 1
+            up.abort()
+
+    def eof_received(self):
+        # Keep the write side open while a request is in flight, then close.
+        if self.state == R_HEAD and not self.buf:
+            return False
+        self.eof = True
+        if self.state != R_DONE:
+            # The request can never be completed now.
+            self._close()
+        return True
+
+    def pause_writing(self):
+        self.wpaused = True
+        up = self.up
+        if up is not None:
+            up.pause_reading()
+
+    def resume_writing(self):
+        self.wpaused = False
+        up = self.up
+        if up is not None:
+            up.resume_reading()
+
+    def data_received(self, data):
+        state = self.state
+        if state == R_HEAD:
+            self._head(data)
+        elif state == R_BODY:
+            self._body(data, 0)
+        elif state == R_DONE:
+            self._stash(data)
+
+    # httptools callback: the only one defined, so the parser stays in C for
+    # everything else.
+    def on_message_complete(self):
+        self.ll_done = True
+
+    # -------------------------------------------------------- request head
+
+    def _head(self, data):
+        proxy = self.proxy
+        buf = self.buf
+        if buf:
+            whole = buf + data
+        else:
+            whole = data
+            c = data[0]
+            if c == 13 or c == 10:
+                # RFC 9112 2.2: ignore empty lines before a request line.
+                stripped = data.lstrip(b"\r\n")
+                try:
+                    self.parser.feed_data(data[:len(data) - len(stripped)])
+                except _HttpParserError:
+                    self._reject(400)
+                    return
+                whole = data = stripped
+                if not data:
+                    return
+        end = whole.find(b"\r\n\r\n")
+        if end < 0:
+            if len(whole) > proxy.max_header_size:
+                self._reject(431)
+                return
+            if not buf:
+                self.deadline = proxy.now + proxy.header_timeout
+            self.buf = whole
+            try:
+                self.parser.feed_data(data)
+            except _HttpParserError:
+                self._reject(400)
+            return
+        end += 4
+        if end > proxy.max_header_size:
+            self._reject(431)
+            return
+        self.buf = b""
+        if end == len(whole):
+            head = whole
+            rest = None
+        else:
+            head = whole[:end]
+            rest = whole[end:]
+        if proxy.log is not None:
+            self.line = head[:head.find(b"\r\n")]
+            self.started = proxy.loop.time()
+            self.backend = None
+        # llhttp validates exactly the bytes of this head that it has not seen.
+        self.ll_done = False
+        try:
+            self.parser.feed_data(head[len(buf):] if buf else head)
+        except _HttpParserUpgrade:
+            if self.parser.get_method() == b"CONNECT":
+                self._reject(405)
+                return
+            # Upgrade is not supported yet: it is dropped as hop-by-hop and
+            # the request goes on as a plain one (llhttp ended it at the head).
+            self.ll_done = True
+        except _HttpParserError:
+            self._reject(400)
+            return
+
+        idx = proxy.balancer.select()
+        if idx < 0:
+            self._reject(503)
+            return
+        backend = proxy.backends[idx]
+        try:
+            out, flags, framing, length = _rewrite_request_head(
+                head, self.client_ip, proxy.proto, proxy.via, backend.authority)
+        except HTTPError as e:
+            self._reject(e.status)
+            return
+        self.req_flags = flags
+        self.gen += 1
+        self.framing = framing
+        self.sent = 0
+        self.tried = None
+        self.retried = False
+        if framing == BODY_NONE:
+            if not self.ll_done:
+                self._reject(400)
+                return
+            self.state = R_DONE
+            self.req_head = out
+        elif framing == BODY_LENGTH:
+            self.state = R_BODY
+            self.left = length
+            self.req_head = None
+        else:
+            self.state = R_BODY
+            self.scanner = _ChunkedScanner()
+            self.req_head = None
+        self.deadline = proxy.now + proxy.response_timeout
+        self._forward(backend, out)
+        if rest is not None:
+            if self.state == R_BODY:
+                self._body(rest, 0)
+            else:
+                self._stash(rest)
+
+    # -------------------------------------------------------- request body
+
+    def _body(self, data, start):
+        proxy = self.proxy
+        self.deadline = proxy.now + proxy.response_timeout
+        n = len(data)
+        rest = None
+        if self.framing == BODY_LENGTH:
+            left = self.left
+            if n - start <= left:
+                piece = data if start == 0 else data[start:]
+                left -= n - start
+            else:
+                piece = data[start:start + left]
+                rest = data[start + left:]
+                left = 0
+            self.left = left
+            done = left == 0
+        else:
+            try:
+                end = self.scanner.scan(data, start)
+            except BadRequest as e:
+                self._reject(e.status)
+                return
+            if end < 0 or end == n:
+                piece = data if start == 0 else data[start:]
+            else:
+                piece = data[start:end]
+                rest = data[end:]
+            done = end >= 0
+        try:
+            self.parser.feed_data(piece)
+        except _HttpParserError:
+            self._reject(400)
+            return
+        if done:
+            if not self.ll_done:
+                self._reject(400)
+                return
+            self.scanner = None
+            self.state = R_DONE
+        self._send_up(piece)
+        if rest is not None:
+            self._stash(rest)
+
+    def _send_up(self, piece):
+        up = self.up
+        if up is not None:
+            up.transport.write(piece)
+        elif self.outq is not None:
+            self.outq.append(piece)
+            if sum(map(len, self.outq)) > CONNECT_QUEUE_LIMIT:
+                self.pause_reading_for(P_CONNECTING)
+        # else: the request already failed; the bytes are dropped with it
+
+    def _stash(self, data):
+        """Keep bytes that follow the request in flight (pipelining)."""
+        self.pending = self.pending + data if self.pending else data
+        if len(self.pending) > PIPELINE_LIMIT:
+            self.pause_reading_for(P_PIPELINE)
+
+    # -------------------------------------------------------- upstream
+
+    def _forward(self, backend, out):
+        self.backend = backend
+        idle = backend.idle
+        while idle:
+            up = idle.pop()
+            if up.state == U_IDLE:
+                # bind (inlined: this is the per-request path)
+                up.client = self
+                up.state = U_HEAD
+                up.got_bytes = False
+                backend.active += 1
+                backend.requests += 1
+                self.up = up
+                up.transport.write(out)
+                return
+        self.outq = [out]
+        self.proxy.connect(backend, self, self.gen)
+
+    def upstream_connected(self, up, gen):
+        """``proxy.connect`` made a fresh connection for request ``gen``."""
+        if gen != self.gen or self.outq is None or self.state == R_CLOSED:
+            # That request is over (answered, timed out, or the client left).
+            self.proxy.release_fresh(up)
+            return
+        outq = self.outq
+        self.outq = None
+        up.bind(self)
+        self.up = up
+        up.transport.writelines(outq)
+        self.resume_reading_for(P_CONNECTING)
+
+    def upstream_connect_failed(self, backend, reason, gen):
+        """A fresh connection to ``backend`` could not be made: try the next one."""
+        self.proxy.note_failure(backend, reason)
+        if gen != self.gen or self.outq is None or self.state == R_CLOSED:
+            return
+        tried = self.tried
+        if tried is None:
+            tried = self.tried = set()
+        tried.add(backend.index)
+        proxy = self.proxy
+        if len(tried) < len(proxy.backends):
+            for _ in range(len(proxy.backends)):
+                idx = proxy.balancer.select()
+                if idx < 0:
+                    break
+                if idx not in tried:
+                    self.backend = proxy.backends[idx]
+                    proxy.connect(self.backend, self, gen)
+                    return
+        self.outq = None
+        self._fail(502)
+
+    def upstream_failed(self, up, reason):
+        """The upstream connection closed before any response byte."""
+        if self.up is up:
+            self.up = None
+        if self.state == R_CLOSED:
+            return
+        if (up.reused and not self.retried and self.req_head is not None
+                and self.req_flags & REQ_IDEMPOTENT):
+            # The stale keep-alive race: the backend closed a pooled
+            # connection just as we reused it. Retry once, on a fresh one.
+            self.retried = True
+            self.outq = [self.req_head]
+            self.proxy.connect(up.backend, self, self.gen)
+            return
+        self.proxy.note_failure(up.backend, reason)
+        self._fail(502)
+
+    def response_aborted(self, up, reason, invalid=False):
+        if self.up is up:
+            self.up = None
+        if self.state == R_CLOSED:
+            return
+        self.proxy.note_failure(up.backend, reason)
+        if self.sent == 0:
+            self._fail(502)
+        else:
+            self.state = R_CLOSED
+            self.transport.abort()
+
+    def write_response(self, data):
+        self.sent += len(data)
+        self.transport.write(data)
+
+    def write_response2(self, head, body):
+        n = len(body)
+        self.sent += len(head) + n
+        if n <= 16384:
+            self.transport.write(head + body)
+        else:
+            self.transport.writelines((head, body))
+
+    def response_done(self, keep_alive, status):
+        """The upstream delivered the whole response."""
+        self.up = None
+        self.served += 1
+        proxy = self.proxy
+        if proxy.log is not None:
+            proxy.log_request(self, status)
+        if self.state != R_DONE or self.eof or not keep_alive:
+            self._close()
+            return
+        self.state = R_HEAD
+        self.deadline = proxy.now + proxy.keepalive_timeout
+        if self.pending:
+            data = self.pending
+            self.pending = b""
+            self.resume_reading_for(P_PIPELINE)
+            self._head(data)
+
+    # -------------------------------------------------------- errors, flow, close
+
+    def _reject(self, status):
+        """Refuse a request fastlb read itself: answer and close."""
+        self.state = R_CLOSED
+        msg = _ERRORS[(status, False)]
+        self.sent += len(msg)
+        if self.proxy.log is not None:
+            self.proxy.log_request(self, status)
+        self.transport.write(msg)
+        self._close()
+
+    def _fail(self, status):
+        """The backend side failed: answer ``status`` if the client can still get it."""
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.backend.active -= 1
+            up.abort()
+        if self.sent:
+            self.state = R_CLOSED
+            self.transport.abort()
+            return
+        keep = self.state == R_DONE and not self.eof and self.req_flags & REQ_KEEP_ALIVE
+        proxy = self.proxy
+        msg = _ERRORS[(status, bool(keep))]
+        self.sent += len(msg)
+        if proxy.log is not None:
+            proxy.log_request(self, status)
+        self.transport.write(msg)
+        if not keep:
+            self._close()
+            return
+        self.state = R_HEAD
+        self.deadline = proxy.now + proxy.keepalive_timeout
+        if self.pending:
+            data = self.pending
+            self.pending = b""
+            self.resume_reading_for(P_PIPELINE)
+            self._head(data)
+
+    def timed_out(self, now):
+        """Called by the ticker once ``deadline`` has passed."""
+        state = self.state
+        if state == R_HEAD:
+            if self.buf:
+                self._reject(408)   # a head that never completed (slowloris)
+            else:
+                self._close()       # idle keep-alive connection
+        elif state == R_BODY:
+            # The client stopped sending its body.
+            if self.sent:
+                self._close()
+            else:
+                self._reject(408)
+        elif state == R_DONE:
+            self.outq = None
+            self._fail(504)
+
+    def pause_reading_for(self, reason):
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading_for(self, reason):
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.state != R_CLOSED:
+                self.transport.resume_reading()
+
+    def _close(self):
+        self.state = R_CLOSED
+        self.proxy.clients.discard(self)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.backend.active -= 1
+            up.abort()
+        self.transport.close()
