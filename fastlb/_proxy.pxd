@@ -17,6 +17,28 @@ cdef dict _ERRORS
 
 cdef class ClientProtocol
 cdef class UpstreamProtocol
+cdef class Proxy
+
+
+@cython.final
+cdef class Proxy:
+    """State shared by every connection of one balancer (read on every request)."""
+    cdef public object opts, loop
+    cdef public list backends
+    cdef public object balancer
+    cdef public set clients
+    cdef public double connect_timeout, response_timeout, header_timeout, keepalive_timeout
+    cdef public double now            # the ticker's clock: deadlines are computed from it
+    cdef public double tick
+    cdef public Py_ssize_t max_header_size
+    cdef public bytes proto
+    cdef public bytes via             # None: no Via
+    cdef public object log            # AccessLog, or None when off
+    cdef public object _ticker
+    cdef public set _tasks
+
+    cpdef connect(self, Backend backend, ClientProtocol client, long long gen)
+    cpdef log_request(self, ClientProtocol client, int status)
 
 
 @cython.final
@@ -36,7 +58,7 @@ cdef class Backend:
 @cython.final
 cdef class UpstreamProtocol:
     cdef public Backend backend
-    cdef public object proxy
+    cdef public Proxy proxy
     cdef public object transport
     cdef public ClientProtocol client  # None while idle in the pool
     cdef public int state              # U_*
@@ -67,7 +89,7 @@ cdef class UpstreamProtocol:
 
 @cython.final
 cdef class ClientProtocol:
-    cdef public object proxy
+    cdef public Proxy proxy
     cdef public object transport
     cdef public object parser         # httptools.HttpRequestParser: the strict validator
     cdef public object peer
@@ -97,11 +119,11 @@ cdef class ClientProtocol:
     cdef public long long gen         # request number: stale connect attempts check it
 
     cpdef data_received(self, data)
-    @cython.locals(buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
+    @cython.locals(proxy=Proxy, buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
                    end=Py_ssize_t, c=int, idx=int, flags=int, framing=int, length="long long",
                    backend=Backend)
     cdef _head(self, bytes data)
-    @cython.locals(n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
+    @cython.locals(proxy=Proxy, n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
                    piece=bytes, rest=bytes)
     cdef _body(self, bytes data, Py_ssize_t start)
     cdef _send_up(self, bytes piece)

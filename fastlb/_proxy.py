@@ -1,3 +1,4 @@
+# cython: infer_types=True
 """The data path: backends with their connection pools, and the two protocols.
 
 This module is plain Python and is also compiled by Cython (``_proxy.pxd``
@@ -46,9 +47,13 @@ States of a bound connection::
       |  1xx heads loop in U_HEAD                ^
       +--------- no body (HEAD, 204, 304, CL 0) -+
 """
+import asyncio
+import logging
+
 import httptools
 
 from fastlb import core
+from fastlb.accesslog import AccessLog
 from fastlb.errors import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -65,6 +70,8 @@ from fastlb.errors import (
     BadRequest,
     HTTPError,
 )
+
+log = logging.getLogger("fastlb")
 
 _rewrite_request_head = core.rewrite_request_head
 _rewrite_response_head = core.rewrite_response_head
@@ -858,3 +865,114 @@ class ClientProtocol:
             up.backend.active -= 1
             up.abort()
         self.transport.close()
+
+
+# ---------------------------------------------------------------- shared state
+
+class Proxy:
+    """State shared by every connection of one balancer."""
+
+    def __init__(self, opts, loop):
+        self.opts = opts
+        self.loop = loop
+        self.backends = [Backend(i, h, p, opts.upstream_max_idle)
+                         for i, (h, p) in enumerate(opts.backends)]
+        self.balancer = core.RoundRobin([1] * len(self.backends))
+        self.clients = set()
+        self.connect_timeout = opts.connect_timeout
+        self.response_timeout = opts.response_timeout
+        self.header_timeout = opts.header_timeout
+        self.keepalive_timeout = opts.keepalive_timeout
+        self.max_header_size = opts.max_header_size
+        self.proto = b"http"
+        self.via = b"fastlb" if opts.via else None
+        self.log = None if opts.access_log == "off" else AccessLog(opts.access_log)
+        self.now = loop.time()
+        self.tick = min(0.25, opts.header_timeout / 4, opts.response_timeout / 4,
+                        opts.keepalive_timeout / 4, opts.upstream_idle_timeout / 4)
+        self._ticker = None
+        self._tasks = set()
+
+    # -------------------------------------------------------- timers
+
+    def start(self):
+        self._ticker = self.loop.call_later(self.tick, self._tick)
+
+    def _tick(self):
+        now = self.now = self.loop.time()
+        for client in [c for c in self.clients if c.deadline < now]:
+            client.timed_out(now)
+        cutoff = now - self.opts.upstream_idle_timeout
+        for b in self.backends:
+            if b.idle:
+                b.sweep_idle(cutoff)
+        if self.log is not None:
+            self.log.refresh_stamp()
+            self.log.flush()
+        self._ticker = self.loop.call_later(self.tick, self._tick)
+
+    # -------------------------------------------------------- upstream connections
+
+    def connect(self, backend, client, gen):
+        task = self.loop.create_task(_connect(self, backend, client, gen))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def release_fresh(self, up):
+        """A connection made for a client that went away: keep it for the next one."""
+        up.reused = True
+        up.backend.push_idle(up, self.now)
+
+    def note_failure(self, backend, reason):
+        backend.failures += 1
+        log.warning("backend %s: %s", backend.url, reason)
+
+    # -------------------------------------------------------- access log
+
+    def log_request(self, client, status):
+        line = client.line
+        client.line = None
+        if line is None:
+            line = b"-"
+            ms = 0.0
+        else:
+            ms = (self.loop.time() - client.started) * 1000.0
+        backend = client.backend.url if client.backend is not None else "-"
+        self.log.add(
+            f'{client.client_ip.decode()} [{self.log.stamp}] '
+            f'"{line.decode("latin-1")}" {status} {client.sent} {backend} {ms:.2f}ms\n')
+
+    # -------------------------------------------------------- shutdown
+
+    def close(self):
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for b in self.backends:
+            b.close_idle()
+        for c in list(self.clients):
+            c.transport.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self.log is not None:
+            self.log.close()
+
+
+
+async def _connect(proxy, backend, client, gen):
+    """Open a fresh connection to ``backend`` for request ``gen`` of ``client``."""
+    backend.connecting += 1
+    try:
+        _, up = await asyncio.wait_for(
+            proxy.loop.create_connection(
+                lambda: UpstreamProtocol(backend, proxy), backend.host, backend.port),
+            proxy.connect_timeout)
+    except asyncio.TimeoutError:
+        client.upstream_connect_failed(backend, "connect timeout", gen)
+        return
+    except OSError as e:
+        client.upstream_connect_failed(backend, e.strerror or str(e), gen)
+        return
+    finally:
+        backend.connecting -= 1
+    client.upstream_connected(up, gen)

@@ -28,6 +28,7 @@ if IMPL == "py" and os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
     raise ImportError("compiled data path fastlb._proxy is not built (FASTLB_REQUIRE_EXTENSIONS=1)")
 
 Backend = _mod.Backend
+Proxy = _mod.Proxy
 ClientProtocol = _mod.ClientProtocol
 UpstreamProtocol = _mod.UpstreamProtocol
 error_response = _mod.error_response

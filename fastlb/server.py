@@ -5,8 +5,7 @@ import logging
 import signal
 
 from fastlb import core
-from fastlb.accesslog import AccessLog
-from fastlb.proxy import Backend, ClientProtocol, UpstreamProtocol
+from fastlb.proxy import ClientProtocol, Proxy
 
 log = logging.getLogger("fastlb")
 
@@ -28,112 +27,6 @@ class Options:
     access_log: str = "off"              # "-", a path, or "off"
     via: bool = True
     backlog: int = 1024
-
-
-class Proxy:
-    """State shared by every connection of one balancer."""
-
-    def __init__(self, opts, loop):
-        self.opts = opts
-        self.loop = loop
-        self.backends = [Backend(i, h, p, opts.upstream_max_idle)
-                         for i, (h, p) in enumerate(opts.backends)]
-        self.balancer = core.RoundRobin([1] * len(self.backends))
-        self.clients = set()
-        self.connect_timeout = opts.connect_timeout
-        self.response_timeout = opts.response_timeout
-        self.header_timeout = opts.header_timeout
-        self.keepalive_timeout = opts.keepalive_timeout
-        self.max_header_size = opts.max_header_size
-        self.proto = b"http"
-        self.via = b"fastlb" if opts.via else None
-        self.log = None if opts.access_log == "off" else AccessLog(opts.access_log)
-        self.now = loop.time()
-        self.tick = min(0.25, opts.header_timeout / 4, opts.response_timeout / 4,
-                        opts.keepalive_timeout / 4, opts.upstream_idle_timeout / 4)
-        self._ticker = None
-        self._tasks = set()
-
-    # -------------------------------------------------------- timers
-
-    def start(self):
-        self._ticker = self.loop.call_later(self.tick, self._tick)
-
-    def _tick(self):
-        now = self.now = self.loop.time()
-        for client in [c for c in self.clients if c.deadline < now]:
-            client.timed_out(now)
-        cutoff = now - self.opts.upstream_idle_timeout
-        for b in self.backends:
-            if b.idle:
-                b.sweep_idle(cutoff)
-        if self.log is not None:
-            self.log.refresh_stamp()
-            self.log.flush()
-        self._ticker = self.loop.call_later(self.tick, self._tick)
-
-    # -------------------------------------------------------- upstream connections
-
-    def connect(self, backend, client, gen):
-        task = self.loop.create_task(self._connect(backend, client, gen))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connect(self, backend, client, gen):
-        backend.connecting += 1
-        try:
-            _, up = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: UpstreamProtocol(backend, self), backend.host, backend.port),
-                self.connect_timeout)
-        except asyncio.TimeoutError:
-            client.upstream_connect_failed(backend, "connect timeout", gen)
-            return
-        except OSError as e:
-            client.upstream_connect_failed(backend, e.strerror or str(e), gen)
-            return
-        finally:
-            backend.connecting -= 1
-        client.upstream_connected(up, gen)
-
-    def release_fresh(self, up):
-        """A connection made for a client that went away: keep it for the next one."""
-        up.reused = True
-        up.backend.push_idle(up, self.now)
-
-    def note_failure(self, backend, reason):
-        backend.failures += 1
-        log.warning("backend %s: %s", backend.url, reason)
-
-    # -------------------------------------------------------- access log
-
-    def log_request(self, client, status):
-        line = client.line
-        client.line = None
-        if line is None:
-            line = b"-"
-            ms = 0.0
-        else:
-            ms = (self.loop.time() - client.started) * 1000.0
-        backend = client.backend.url if client.backend is not None else "-"
-        self.log.add(
-            f'{client.client_ip.decode()} [{self.log.stamp}] '
-            f'"{line.decode("latin-1")}" {status} {client.sent} {backend} {ms:.2f}ms\n')
-
-    # -------------------------------------------------------- shutdown
-
-    def close(self):
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
-        for b in self.backends:
-            b.close_idle()
-        for c in list(self.clients):
-            c.transport.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self.log is not None:
-            self.log.close()
 
 
 async def start(opts, loop=None):
