@@ -88,3 +88,9 @@ def rewrite_response_head(head: bytes, req_flags: int) -> "tuple[bytes, int, int
     of ``BODY_NONE``, ``BODY_LENGTH``, ``BODY_CHUNKED``, ``BODY_CLOSE``.
     Raises ``fastlb.errors.BadGateway``.
     """
+
+def find_head_end(data: bytes, start: int = 0) -> int:
+    """Index just past the first CRLF CRLF at or after ``start``, or -1 if there is none yet.
+
+    Raises TypeError unless ``data`` is bytes, ValueError for a negative ``start``.
+    """

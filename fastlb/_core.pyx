@@ -23,6 +23,7 @@ __all__ = [
     "ChunkedScanner",
     "rewrite_request_head",
     "rewrite_response_head",
+    "find_head_end",
 ]
 
 _BadRequest = _errors.BadRequest
@@ -598,7 +599,8 @@ cdef tuple _request_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* f
         elif kind == H_CONNECTION:
             _connection(p, f, &cn)
         elif kind == H_XFF:
-            xff_size += f.ve - f.vs + 2
+            if f.ve > f.vs:     # an empty X-Forwarded-For adds no empty element
+                xff_size += f.ve - f.vs + 2
         elif kind == H_EXPECT:
             if f.ve - f.vs == 12 and _ieq(p + f.vs, b"100-continue", 12):
                 expect_continue = True
@@ -676,7 +678,7 @@ cdef tuple _request_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* f
     if xff_size:
         for k in range(fb.n):
             f = &fb.f[k]
-            if f.kind == H_XFF:
+            if f.kind == H_XFF and f.ve > f.vs:
                 w = _put(w, p + f.vs, f.ve - f.vs)
                 w = _put(w, b", ", 2)
     w = _put(w, PyBytes_AS_STRING(ip), PyBytes_GET_SIZE(ip))
@@ -1097,3 +1099,31 @@ cdef class RoundRobin:
 
     def is_eligible(self, idx):
         return self._eligible[self._index(idx)] != 0
+
+
+# ---------------------------------------------------------------- framing
+
+def find_head_end(data, Py_ssize_t start=0):
+    """Index just past the first CRLF CRLF at or after ``start`` in ``data``, or -1.
+
+    See ``fastlb._core_py.find_head_end``: this is its compiled twin.
+    """
+    if type(data) is not bytes:
+        raise TypeError("data must be bytes")
+    if start < 0:
+        raise ValueError("start must not be negative")
+    cdef const char* p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t i = start, j
+    cdef const char* q
+    while i < n:
+        q = <const char*>memchr(p + i, 10, n - i)
+        if q == NULL:
+            return -1
+        j = q - p
+        if j + 2 >= n:
+            return -1
+        if j > start and p[j - 1] == 13 and p[j + 1] == 13 and p[j + 2] == 10:
+            return j + 3
+        i = j + 1
+    return -1

@@ -42,6 +42,7 @@ __all__ = [
     "ChunkedScanner",
     "rewrite_request_head",
     "rewrite_response_head",
+    "find_head_end",
 ]
 
 # ---------------------------------------------------------------- characters
@@ -211,7 +212,8 @@ def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_def
                         drop = set()
                     drop.add(tok)
         elif kind == _H_XFF:
-            xff.append(value)
+            if value:  # an empty X-Forwarded-For adds no empty element
+                xff.append(value)
         elif kind == _H_EXPECT:
             if value.lower() == b"100-continue":
                 expect_continue = True
@@ -561,3 +563,18 @@ class RoundRobin:
         if not 0 <= idx < self.n:
             raise IndexError("backend index out of range")
         return self._eligible[idx]
+
+
+# ---------------------------------------------------------------- framing
+
+def find_head_end(data, start=0):
+    """Index just past the first CRLF CRLF at or after ``start`` in ``data``, or -1.
+
+    ``data`` is bytes. The caller still bounds the head's size itself.
+    """
+    if type(data) is not bytes:
+        raise TypeError("data must be bytes")
+    if start < 0:
+        raise ValueError("start must not be negative")
+    i = data.find(b"\r\n\r\n", start)
+    return -1 if i < 0 else i + 4

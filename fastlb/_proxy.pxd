@@ -11,7 +11,7 @@ cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
-cdef object _rewrite_request_head, _rewrite_response_head, _ChunkedScanner
+cdef object _rewrite_request_head, _rewrite_response_head, _ChunkedScanner, _find_head_end
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
 cdef dict _ERRORS
 

@@ -76,6 +76,7 @@ log = logging.getLogger("fastlb")
 _rewrite_request_head = core.rewrite_request_head
 _rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
+_find_head_end = core.find_head_end
 
 U_IDLE = 0   # in the pool
 U_HEAD = 1   # waiting for (the rest of) a response head
@@ -208,14 +209,13 @@ class UpstreamProtocol:
             self.buf = b""
         pos = 0
         while True:
-            end = data.find(b"\r\n\r\n", pos)
+            end = _find_head_end(data, pos)
             if end < 0:
                 if len(data) - pos > self.max_head:
                     self._bad(client, "response head too large")
                     return
                 self.buf = data[pos:]
                 return
-            end += 4
             if end - pos > self.max_head:
                 self._bad(client, "response head too large")
                 return
@@ -529,7 +529,7 @@ class ClientProtocol:
                 whole = data = stripped
                 if not data:
                     return
-        end = whole.find(b"\r\n\r\n")
+        end = _find_head_end(whole)
         if end < 0:
             if len(whole) > proxy.max_header_size:
                 self._reject(431)
@@ -542,7 +542,6 @@ class ClientProtocol:
             except _HttpParserError:
                 self._reject(400)
             return
-        end += 4
         if end > proxy.max_header_size:
             self._reject(431)
             return

@@ -11,12 +11,14 @@ import os
 
 from fastlb import _core_py
 
-_NAMES = ("RoundRobin", "ChunkedScanner", "rewrite_request_head", "rewrite_response_head")
+_NAMES = ("RoundRobin", "ChunkedScanner", "rewrite_request_head", "rewrite_response_head",
+          "find_head_end")
 
 RoundRobin_Py = _core_py.RoundRobin
 ChunkedScanner_Py = _core_py.ChunkedScanner
 rewrite_request_head_Py = _core_py.rewrite_request_head
 rewrite_response_head_Py = _core_py.rewrite_response_head
+find_head_end_Py = _core_py.find_head_end
 
 _c = None
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
@@ -34,17 +36,21 @@ if _c is not None:
     ChunkedScanner_C = _c.ChunkedScanner
     rewrite_request_head_C = _c.rewrite_request_head
     rewrite_response_head_C = _c.rewrite_response_head
+    find_head_end_C = _c.find_head_end
     RoundRobin = RoundRobin_C
     ChunkedScanner = ChunkedScanner_C
     rewrite_request_head = rewrite_request_head_C
     rewrite_response_head = rewrite_response_head_C
+    find_head_end = find_head_end_C
     IMPL = "c"
 else:
     RoundRobin_C = ChunkedScanner_C = rewrite_request_head_C = rewrite_response_head_C = None
+    find_head_end_C = None
     RoundRobin = RoundRobin_Py
     ChunkedScanner = ChunkedScanner_Py
     rewrite_request_head = rewrite_request_head_Py
     rewrite_response_head = rewrite_response_head_Py
+    find_head_end = find_head_end_Py
     IMPL = "py"
 
 

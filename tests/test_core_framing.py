@@ -1,0 +1,42 @@
+"""find_head_end on both cores: the first CRLF CRLF, from any start, with any split of lines."""
+import random
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "data,start,expected",
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0, 27),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r\n", 0, 27),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r\n", 27, 45),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n", 0, -1),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r", 0, -1),
+        (b"\r\n\r\n", 0, 4),
+        (b"\r\n\r\n", 1, -1),
+        (b"x\r\n\r\n", 1, 5),
+        (b"\n\r\n", 0, -1),
+        (b"a\n\n\r\n\n\r\r\n", 0, -1),
+        (b"", 0, -1),
+        (b"abc", 10, -1),
+    ],
+)
+def test_find_head_end(core, data, start, expected):
+    assert core.find_head_end(data, start) == expected
+
+
+def test_find_head_end_agrees_with_bytes_find(core):
+    rng = random.Random(7)
+    alphabet = b"\r\nab: "
+    for _ in range(5000):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 24)))
+        start = rng.randrange(0, 26)
+        i = data.find(b"\r\n\r\n", start)
+        assert core.find_head_end(data, start) == (-1 if i < 0 else i + 4), (data, start)
+
+
+def test_find_head_end_rejects(core):
+    with pytest.raises(TypeError):
+        core.find_head_end(bytearray(b"\r\n\r\n"))
+    with pytest.raises(ValueError):
+        core.find_head_end(b"\r\n\r\n", -1)
