@@ -31,6 +31,8 @@ cdef class Proxy:
     cdef public double now            # the ticker's clock: deadlines are computed from it
     cdef public double tick
     cdef public Py_ssize_t max_header_size
+    cdef public int max_tries         # backends tried for one request, at most
+    cdef public object health         # HealthChecker or None
     cdef public bytes proto
     cdef public bytes via             # None: no Via
     cdef public object log            # AccessLog, or None when off
@@ -51,6 +53,7 @@ cdef class Backend:
     cdef public int max_idle
     cdef public int connecting, active
     cdef public long long requests, failures
+    cdef public int fail_streak       # consecutive failures on real traffic
 
     cpdef push_idle(self, UpstreamProtocol up, double now)
 
@@ -117,6 +120,8 @@ cdef class ClientProtocol:
     cdef public double started
     cdef public object line           # request line, for the access log
     cdef public long long gen         # request number: stale connect attempts check it
+    cdef public bint holding          # this request counts against backend in the balancer
+    cdef public int tries             # backends tried for this request
 
     cpdef data_received(self, data)
     @cython.locals(proxy=Proxy, buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
@@ -130,6 +135,11 @@ cdef class ClientProtocol:
     cdef _stash(self, bytes data)
     @cython.locals(idle=list, up=UpstreamProtocol)
     cdef _forward(self, Backend backend, bytes out)
+    @cython.locals(up=UpstreamProtocol)
+    cdef _send_to(self, Backend backend)
+    @cython.locals(proxy=Proxy, idx=int)
+    cdef _next_backend(self)
+    cdef _release(self)
     cpdef upstream_connected(self, UpstreamProtocol up, long long gen)
     cpdef upstream_connect_failed(self, Backend backend, reason, long long gen)
     cdef upstream_failed(self, UpstreamProtocol up, reason)
@@ -137,6 +147,7 @@ cdef class ClientProtocol:
     cdef write_response(self, bytes data)
     @cython.locals(n=Py_ssize_t)
     cdef write_response2(self, bytes head, bytes body)
+    @cython.locals(proxy=Proxy, backend=Backend)
     cdef response_done(self, bint keep_alive, int status)
     cdef _reject(self, int status)
     cdef _fail(self, int status)

@@ -102,6 +102,7 @@ class Backend:
         self.active = 0         # connections bound to a client now
         self.requests = 0
         self.failures = 0
+        self.fail_streak = 0    # consecutive failures on real traffic
 
     def pop_idle(self):
         idle = self.idle
@@ -451,6 +452,8 @@ class ClientProtocol:
         self.started = 0.0
         self.line = None        # request line, for the access log
         self.gen = 0            # request number: stale connect attempts check it
+        self.holding = False    # this request counts against self.backend in the balancer
+        self.tries = 0          # backends tried for this request
 
     # -------------------------------------------------------- asyncio callbacks
 
@@ -464,6 +467,7 @@ class ClientProtocol:
         self.deadline = proxy.now + proxy.header_timeout
 
     def connection_lost(self, exc):
+        self._release()
         self.state = R_CLOSED
         self.proxy.clients.discard(self)
         up = self.up
@@ -576,6 +580,8 @@ class ClientProtocol:
             self._reject(503)
             return
         backend = proxy.backends[idx]
+        self.backend = backend
+        self.holding = True
         try:
             out, flags, framing, length = _rewrite_request_head(
                 head, self.client_ip, proxy.proto, proxy.via, backend.authority)
@@ -587,6 +593,7 @@ class ClientProtocol:
         self.framing = framing
         self.sent = 0
         self.tried = None
+        self.tries = 1
         self.retried = False
         if framing == BODY_NONE:
             if not self.ll_done:
@@ -691,6 +698,46 @@ class ClientProtocol:
         self.outq = [out]
         self.proxy.connect(backend, self, self.gen)
 
+    def _send_to(self, backend):
+        """Send the queued request (``outq``) over a pooled or a fresh connection."""
+        self.backend = backend
+        idle = backend.idle
+        while idle:
+            up = idle.pop()
+            if up.state == U_IDLE:
+                outq = self.outq
+                self.outq = None
+                up.bind(self)
+                self.up = up
+                up.transport.writelines(outq)
+                self.resume_reading_for(P_CONNECTING)
+                return
+        self.proxy.connect(backend, self, self.gen)
+
+    def _next_backend(self):
+        """Pick another backend for a failed request: never one it failed on, at most
+        ``max_tries`` in all. Returns None when there is none left."""
+        proxy = self.proxy
+        tried = self.tried
+        if tried is None:
+            tried = self.tried = set()
+        tried.add(self.backend.index)
+        self._release()
+        if self.tries >= proxy.max_tries:
+            return None
+        balancer = proxy.balancer
+        for _ in range(len(proxy.backends)):
+            idx = balancer.select()
+            if idx < 0:
+                return None
+            if idx in tried:
+                balancer.release(idx)
+                continue
+            self.holding = True
+            self.tries += 1
+            return proxy.backends[idx]
+        return None
+
     def upstream_connected(self, up, gen):
         """``proxy.connect`` made a fresh connection for request ``gen``."""
         if gen != self.gen or self.outq is None or self.state == R_CLOSED:
@@ -705,35 +752,30 @@ class ClientProtocol:
         self.resume_reading_for(P_CONNECTING)
 
     def upstream_connect_failed(self, backend, reason, gen):
-        """A fresh connection to ``backend`` could not be made: try the next one."""
+        """A fresh connection to ``backend`` could not be made: nothing reached it,
+        so any request may go to the next backend."""
         self.proxy.note_failure(backend, reason)
         if gen != self.gen or self.outq is None or self.state == R_CLOSED:
             return
-        tried = self.tried
-        if tried is None:
-            tried = self.tried = set()
-        tried.add(backend.index)
-        proxy = self.proxy
-        if len(tried) < len(proxy.backends):
-            for _ in range(len(proxy.backends)):
-                idx = proxy.balancer.select()
-                if idx < 0:
-                    break
-                if idx not in tried:
-                    self.backend = proxy.backends[idx]
-                    proxy.connect(self.backend, self, gen)
-                    return
-        self.outq = None
-        self._fail(502)
+        nxt = self._next_backend()
+        if nxt is None:
+            self.outq = None
+            self._fail(502)
+            return
+        self._send_to(nxt)
 
     def upstream_failed(self, up, reason):
-        """The upstream connection closed before any response byte."""
+        """The upstream connection closed (or reset) before any response byte."""
         if self.up is up:
             self.up = None
         if self.state == R_CLOSED:
             return
-        if (up.reused and not self.retried and self.req_head is not None
-                and self.req_flags & REQ_IDEMPOTENT):
+        if self.req_head is None or not self.req_flags & REQ_IDEMPOTENT:
+            # A body we did not keep, or a method that must not run twice.
+            self.proxy.note_failure(up.backend, reason)
+            self._fail(502)
+            return
+        if up.reused and not self.retried:
             # The stale keep-alive race: the backend closed a pooled
             # connection just as we reused it. Retry once, on a fresh one.
             self.retried = True
@@ -741,7 +783,12 @@ class ClientProtocol:
             self.proxy.connect(up.backend, self, self.gen)
             return
         self.proxy.note_failure(up.backend, reason)
-        self._fail(502)
+        nxt = self._next_backend()
+        if nxt is None:
+            self._fail(502)
+            return
+        self.outq = [self.req_head]
+        self._send_to(nxt)
 
     def response_aborted(self, up, reason, invalid=False):
         if self.up is up:
@@ -752,8 +799,15 @@ class ClientProtocol:
         if self.sent == 0:
             self._fail(502)
         else:
+            self._release()
             self.state = R_CLOSED
             self.transport.abort()
+
+    def _release(self):
+        """End this request's claim on its backend (least-connections counts)."""
+        if self.holding:
+            self.holding = False
+            self.proxy.balancer.release(self.backend.index)
 
     def write_response(self, data):
         self.sent += len(data)
@@ -772,6 +826,12 @@ class ClientProtocol:
         self.up = None
         self.served += 1
         proxy = self.proxy
+        backend = self.backend
+        if self.holding:
+            self.holding = False
+            proxy.balancer.release(backend.index)
+        if backend.fail_streak:
+            proxy.note_success(backend)
         if proxy.log is not None:
             proxy.log_request(self, status)
         if self.state != R_DONE or self.eof or not keep_alive:
@@ -799,6 +859,7 @@ class ClientProtocol:
 
     def _fail(self, status):
         """The backend side failed: answer ``status`` if the client can still get it."""
+        self._release()
         up = self.up
         if up is not None:
             self.up = None
@@ -856,6 +917,7 @@ class ClientProtocol:
                 self.transport.resume_reading()
 
     def _close(self):
+        self._release()
         self.state = R_CLOSED
         self.proxy.clients.discard(self)
         up = self.up
@@ -883,6 +945,8 @@ class Proxy:
         self.header_timeout = opts.header_timeout
         self.keepalive_timeout = opts.keepalive_timeout
         self.max_header_size = opts.max_header_size
+        self.max_tries = 1 + opts.retries
+        self.health = None      # fastlb.health.HealthChecker, when checks are on
         self.proto = b"http"
         self.via = b"fastlb" if opts.via else None
         self.log = None if opts.access_log == "off" else AccessLog(opts.access_log)
@@ -924,7 +988,16 @@ class Proxy:
 
     def note_failure(self, backend, reason):
         backend.failures += 1
+        backend.fail_streak += 1
         log.warning("backend %s: %s", backend.url, reason)
+        if self.health is not None:
+            self.health.on_failure(backend.index, reason)
+
+    def note_success(self, backend):
+        """A response completed on a backend that had failed since its last success."""
+        backend.fail_streak = 0
+        if self.health is not None:
+            self.health.on_success(backend.index)
 
     # -------------------------------------------------------- access log
 

@@ -33,6 +33,16 @@ def _positive(kind):
     return conv
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
 def parse_listen(text):
     """``[HOST:]PORT`` (HOST may be ``[v6]``) -> (host, port)."""
     host, port = "127.0.0.1", text
@@ -84,6 +94,8 @@ def _add_common(p):
                    help="idle pooled connections kept per backend (default 64)")
     t.add_argument("--max-header-size", type=_positive(int), default=65536,
                    help="largest request head in bytes; larger gets 431 (default 65536)")
+    t.add_argument("--retries", type=_non_negative_int, default=2,
+                   help="other backends tried for a failed request (default 2)")
     p.add_argument("--access-log", default="off", metavar="-|PATH|off",
                    help="one line per request to stdout (-), a file, or nowhere (off, default)")
     p.add_argument("--no-via", dest="via", action="store_false",
@@ -131,7 +143,7 @@ def options_from_args(args, backends):
         header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_idle=args.upstream_max_idle, max_header_size=args.max_header_size,
-        access_log=args.access_log, via=args.via,
+        access_log=args.access_log, via=args.via, retries=args.retries,
     )
 
 

@@ -26,6 +26,7 @@ class Options:
     max_header_size: int = 65536         # bytes; larger head -> 431
     access_log: str = "off"              # "-", a path, or "off"
     via: bool = True
+    retries: int = 2                     # more backends tried after a failure (see README)
     backlog: int = 1024
 
 
