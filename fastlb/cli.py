@@ -105,12 +105,11 @@ def _add_common(p):
 
 
 def build_parser():
-    from fastlb import __version__
-    from fastlb import core
+    from fastlb import __version__, core, proxy
 
     parser = _Parser(prog="fastlb", description="fastlb: a fast HTTP/1.1 load balancer")
     parser.add_argument("--version", action="version",
-                        version=f"fastlb {__version__} ({core.IMPL} core)")
+                        version=f"fastlb {__version__} ({core.IMPL} core, {proxy.IMPL} data path)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="balance requests over backends")
     serve.add_argument("--backend", action="append", default=[], metavar="URL",

@@ -31,6 +31,7 @@ import pytest
 import uvloop
 
 from fastlb import core as _core_switch
+from fastlb import proxy as _proxy_switch
 from fastlb.server import Options, start
 
 HOST = "127.0.0.1"
@@ -50,8 +51,10 @@ def active_core():
     impl = _core_switch.IMPL
     if os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
         assert impl == "c", "FASTLB_REQUIRE_EXTENSIONS=1 but the pure core is active"
+        assert _proxy_switch.IMPL == "c", "FASTLB_REQUIRE_EXTENSIONS=1 but the data path is pure"
     if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
         assert impl == "py", "FASTLB_NO_EXTENSIONS=1 but the compiled core is active"
+        assert _proxy_switch.IMPL == "py", "FASTLB_NO_EXTENSIONS=1 but the data path is compiled"
     return impl
 
 

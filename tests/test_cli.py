@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from fastlb import core as _core_switch
+from fastlb import proxy as _proxy_switch
 from helpers import (  # noqa: F401  (fixtures are used by name)
     HOST,
     FastlbProcess,
@@ -36,9 +37,10 @@ def test_version_names_core():
     p = run_fastlb("--version")
     assert p.returncode == 0, p.stderr
     out = p.stdout + p.stderr
-    m = re.search(r"fastlb \S+ \((py|c) core\)", out)
+    m = re.search(r"fastlb \S+ \((py|c) core, (py|c) data path\)", out)
     assert m, out
     assert m.group(1) == _core_switch.IMPL
+    assert m.group(2) == _proxy_switch.IMPL
 
 
 @pytest.mark.parametrize("args", [
