@@ -63,6 +63,7 @@ cdef class UpstreamProtocol:
     cdef public Backend backend
     cdef public Proxy proxy
     cdef public object transport
+    cdef public object write           # transport.write, bound once
     cdef public ClientProtocol client  # None while idle in the pool
     cdef public int state              # U_*
     cdef public bytes buf              # partial response head
@@ -95,6 +96,8 @@ cdef class ClientProtocol:
     cdef public Proxy proxy
     cdef public object transport
     cdef public object parser         # httptools.HttpRequestParser: the strict validator
+    cdef public object feed           # parser.feed_data, bound once
+    cdef public object write          # transport.write, bound once
     cdef public object peer
     cdef public bytes client_ip
     cdef public int state             # R_*

@@ -160,11 +160,13 @@ class UpstreamProtocol:
         self.idle_since = 0.0
         self.paused = False
         self.max_head = proxy.max_header_size
+        self.write = None       # transport.write, bound once
 
     # -------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport):
         self.transport = transport
+        self.write = transport.write
 
     def connection_lost(self, exc):
         state = self.state
@@ -427,6 +429,8 @@ class ClientProtocol:
         self.proxy = proxy
         self.transport = None
         self.parser = _HttpRequestParser(self)
+        self.feed = self.parser.feed_data
+        self.write = None       # transport.write, bound once
         self.peer = None
         self.client_ip = b""
         self.state = R_HEAD
@@ -459,6 +463,7 @@ class ClientProtocol:
 
     def connection_made(self, transport):
         self.transport = transport
+        self.write = transport.write
         proxy = self.proxy
         proxy.clients.add(self)
         self.peer = peer = transport.get_extra_info("peername")
@@ -526,7 +531,7 @@ class ClientProtocol:
                 # RFC 9112 2.2: ignore empty lines before a request line.
                 stripped = data.lstrip(b"\r\n")
                 try:
-                    self.parser.feed_data(data[:len(data) - len(stripped)])
+                    self.feed(data[:len(data) - len(stripped)])
                 except _HttpParserError:
                     self._reject(400)
                     return
@@ -542,7 +547,7 @@ class ClientProtocol:
                 self.deadline = proxy.now + proxy.header_timeout
             self.buf = whole
             try:
-                self.parser.feed_data(data)
+                self.feed(data)
             except _HttpParserError:
                 self._reject(400)
             return
@@ -563,7 +568,7 @@ class ClientProtocol:
         # llhttp validates exactly the bytes of this head that it has not seen.
         self.ll_done = False
         try:
-            self.parser.feed_data(head[len(buf):] if buf else head)
+            self.feed(head[len(buf):] if buf else head)
         except _HttpParserUpgrade:
             if self.parser.get_method() == b"CONNECT":
                 self._reject(405)
@@ -648,7 +653,7 @@ class ClientProtocol:
                 rest = data[end:]
             done = end >= 0
         try:
-            self.parser.feed_data(piece)
+            self.feed(piece)
         except _HttpParserError:
             self._reject(400)
             return
@@ -665,7 +670,7 @@ class ClientProtocol:
     def _send_up(self, piece):
         up = self.up
         if up is not None:
-            up.transport.write(piece)
+            up.write(piece)
         elif self.outq is not None:
             self.outq.append(piece)
             if sum(map(len, self.outq)) > CONNECT_QUEUE_LIMIT:
@@ -693,7 +698,7 @@ class ClientProtocol:
                 backend.active += 1
                 backend.requests += 1
                 self.up = up
-                up.transport.write(out)
+                up.write(out)
                 return
         self.outq = [out]
         self.proxy.connect(backend, self, self.gen)
@@ -811,13 +816,13 @@ class ClientProtocol:
 
     def write_response(self, data):
         self.sent += len(data)
-        self.transport.write(data)
+        self.write(data)
 
     def write_response2(self, head, body):
         n = len(body)
         self.sent += len(head) + n
         if n <= 16384:
-            self.transport.write(head + body)
+            self.write(head + body)
         else:
             self.transport.writelines((head, body))
 
