@@ -61,3 +61,84 @@ def test_chunked_scan(benchmark, core, chunked_body):
 
     benchmark(run)
     assert Scanner().scan(chunked_body) == len(chunked_body)
+
+
+# ---------------------------------------------------------------- balancing algorithms
+#
+# One benchmark per algorithm: 1000 picks per benchmarked call, each a
+# select() and the release() that ends the request (the data path's cost per
+# request), over 4 backends of weights 1, 1, 2, 3 (Maglev: 10 backends,
+# table 65537, a different 16-byte key per pick).
+
+BALANCER_WEIGHTS = [1, 1, 2, 3]
+MAGLEV_NAMES = [b"10.0.0.%d:8080" % i for i in range(10)]
+MAGLEV_KEYS = [b"session-%08d" % i for i in range(N_SELECT)]
+
+
+def _bench_picks(benchmark, balancer, keyed=False):
+    select = balancer.select
+    release = balancer.release
+    if keyed:
+        keys = MAGLEV_KEYS
+
+        def run():
+            for k in keys:
+                release(select(k))
+    else:
+        rng = range(N_SELECT)
+
+        def run():
+            for _ in rng:
+                release(select())
+
+    benchmark(run)
+    assert all(balancer.in_flight(i) == 0 for i in range(balancer.n))
+    got = select(MAGLEV_KEYS[0]) if keyed else select()
+    assert 0 <= got < balancer.n
+
+
+def test_algo_round_robin(benchmark, core):
+    """1000 x RoundRobin select + release, 4 backends."""
+    _bench_picks(benchmark, core.RoundRobin(BALANCER_WEIGHTS))
+
+
+def test_algo_weighted_round_robin(benchmark, core):
+    """1000 x WeightedRoundRobin (smooth) select + release, 4 backends."""
+    _bench_picks(benchmark, core.WeightedRoundRobin(BALANCER_WEIGHTS))
+
+
+def test_algo_least_conn(benchmark, core):
+    """1000 x LeastConn select + release, 4 backends."""
+    _bench_picks(benchmark, core.LeastConn(BALANCER_WEIGHTS))
+
+
+def test_algo_p2c(benchmark, core):
+    """1000 x P2C select + release, 4 backends."""
+    _bench_picks(benchmark, core.P2C(BALANCER_WEIGHTS, seed=1))
+
+
+def test_algo_random(benchmark, core):
+    """1000 x weighted Random select + release, 4 backends."""
+    _bench_picks(benchmark, core.Random(BALANCER_WEIGHTS, seed=1))
+
+
+def test_algo_maglev(benchmark, core):
+    """1000 x Maglev select(key) + release, 10 backends, table 65537, 16-byte keys."""
+    _bench_picks(benchmark, core.Maglev([1] * 10, MAGLEV_NAMES), keyed=True)
+
+
+def test_algo_maglev_bounded(benchmark, core):
+    """As test_algo_maglev with balance_factor=1.25 (bounded load)."""
+    _bench_picks(benchmark, core.Maglev([1] * 10, MAGLEV_NAMES, balance_factor=1.25), keyed=True)
+
+
+def test_hash_key_cookie(benchmark, core, request_head):
+    """Benchmark 100 calls to hash_key(head, "cookie", b"sessionid") on the browser request."""
+    hash_key = core.hash_key
+
+    def run():
+        for _ in range(N_HEAD):
+            hash_key(request_head, "cookie", b"sessionid")
+
+    benchmark(run)
+    assert hash_key(request_head, "cookie", b"sessionid") == b"8f3a2c1e9b7d4f6a"

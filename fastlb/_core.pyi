@@ -5,34 +5,154 @@ _Buffer = Union[bytes, bytearray, memoryview]
 
 __all__ = [
     "RoundRobin",
+    "WeightedRoundRobin",
+    "LeastConn",
+    "P2C",
+    "Random",
+    "Maglev",
+    "hash64",
+    "hash_key",
     "ChunkedScanner",
     "rewrite_request_head",
     "rewrite_response_head",
+    "find_head_end",
 ]
 
-class RoundRobin:
-    """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
+_Weights = Union[list[int], tuple[int, ...]]
 
-    ``seed`` sets the first backend tried (``seed % n``), so runs repeat.
+class _Balancer:
+    """The surface every selector shares (not exported).
+
+    Backends are indices 0..n-1 with a weight (an int, 0..1_000_000; 0: never
+    picked), an eligibility flag (initially True) and a count of requests in
+    flight. A backend is *live* when eligible with a weight above 0; only live
+    backends are picked. Every ``select`` returning ``idx >= 0`` counts one
+    request in flight on ``idx``; the caller calls ``release(idx)`` exactly
+    once when that request ends. Derived state (lists, tables) is rebuilt only
+    by ``set_weight``/``set_eligible``, never per request. Out-of-range
+    indices raise IndexError("backend index out of range").
     """
 
     n: int
     """Number of backends (read-only)."""
 
+    def select(self, key: bytes = b"") -> int:
+        """A live backend's index (counted in flight), or -1 when none is live.
+
+        ``key`` is ignored except by Maglev (which returns -2 for b"").
+        """
+
+    def release(self, idx: int) -> None:
+        """End of one request on backend ``idx``: its in-flight count drops by 1 (never below 0)."""
+
+    def in_flight(self, idx: int) -> int:
+        """Requests in flight on backend ``idx`` (selected and not yet released)."""
+
+    def set_eligible(self, idx: int, ok: object) -> None:
+        """Mark backend ``idx`` eligible or not (e.g. from health checks)."""
+
+    def is_eligible(self, idx: int) -> bool:
+        """Whether backend ``idx`` is eligible."""
+
+    def set_weight(self, idx: int, w: int) -> None:
+        """Set backend ``idx``'s weight (an int, 0..1_000_000; 0: never picked); rebuilds tables.
+
+        TypeError for a non-integer, ValueError when out of range.
+        """
+
+class RoundRobin(_Balancer):
+    """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
+
+    Other weights only count as "above 0" (any comparable number is accepted
+    at construction). ``seed`` sets the first backend tried (``seed % n``).
+    """
+
     def __init__(self, weights: "list[float] | tuple[float, ...]", seed: int = 0) -> None:
         """Raise ValueError when ``weights`` is empty."""
 
+class WeightedRoundRobin(_Balancer):
+    """Smooth weighted round robin (nginx's): weights 5, 1, 1 give a a b a c a a.
+
+    Ties go to the first backend in scan order, which starts at ``seed % n``.
+    ``set_weight`` resets the current weights; ``set_eligible`` does not.
+    """
+
+    def __init__(self, weights: _Weights, seed: int = 0) -> None:
+        """ValueError when ``weights`` is empty or a weight is out of range; TypeError for a non-int."""
+
+class LeastConn(_Balancer):
+    """Fewest requests in flight per unit of weight (compared exactly, by cross-multiplication).
+
+    Ties go to the first in rotation: the scan starts just after the last pick
+    (at ``seed % n`` for the first).
+    """
+
+    def __init__(self, weights: _Weights, seed: int = 0) -> None:
+        """As ``WeightedRoundRobin``."""
+
+class P2C(_Balancer):
+    """Power of two random choices: two distinct live backends drawn with a splitmix64
+    generator seeded by ``seed``; the one with fewer requests in flight per unit of
+    weight wins (the first drawn on a tie). Identical answers on both cores.
+    """
+
+    def __init__(self, weights: _Weights, seed: int = 0) -> None:
+        """As ``WeightedRoundRobin``."""
+
+class Random(_Balancer):
+    """Weighted random (splitmix64 seeded by ``seed``): backend i with probability
+    weight_i / total live weight. Identical answers on both cores.
+    """
+
+    def __init__(self, weights: _Weights, seed: int = 0) -> None:
+        """As ``WeightedRoundRobin``."""
+
+class Maglev(_Balancer):
+    """Maglev consistent hashing (Envoy's weighted variant) with optional bounded load.
+
+    ``names`` (distinct bytes, e.g. b"10.0.0.1:8080") give each backend's
+    permutation (``hash64(name, 0)``: offset, ``hash64(name, 1)``: skip);
+    backends fill the table in the order of their names, so the table depends
+    only on names, weights and ``table_size``, never on the backends' order
+    or on ``seed`` (accepted and unused). ``select(key)``: -2 for b"", else the
+    backend at ``table[hash64(key) % table_size]``, walking forward to the next
+    live entry when it is not live (bounded by ``table_size``; -1 if none is
+    live). ``set_eligible`` never rebuilds the table; ``set_weight`` does.
+
+    ``balance_factor`` (0: off, else >= 1.0): an entry's backend b is taken only
+    if ``in_flight(b) < factor * (T + 1) * w_b / W`` (T: requests in flight on
+    the live backends, W: their total weight), else the walk goes on.
+    """
+
+    table_size: int
+    """Entries in the lookup table (a prime; read-only)."""
+    balance_factor: float
+    """The bounded-load factor, 0.0 when off (read-only)."""
+
+    def __init__(self, weights: _Weights, names: "list[bytes] | tuple[bytes, ...]", seed: int = 0,
+                 table_size: int = 65537, balance_factor: float = 0.0) -> None:
+        """ValueError for a bad weight, names of the wrong count or not distinct, a
+        ``table_size`` that is not a prime in [n, 2**24), a ``balance_factor`` that is
+        neither 0 nor >= 1.0; TypeError for non-bytes names or non-numbers.
+        """
+
     def select(self, key: bytes = b"") -> int:
-        """Next eligible backend with a weight above 0, or -1 when there is none."""
+        """The backend for ``key`` (counted in flight); -2 when ``key`` is empty, -1 when
+        no backend is live. TypeError unless ``key`` is bytes.
+        """
 
-    def release(self, idx: int) -> None:
-        """End of a request on backend ``idx`` (no-op for round robin)."""
+def hash64(data: bytes, seed: int = 0) -> int:
+    """XXH64 of ``data`` with ``seed`` (modulo 2**64): an int in [0, 2**64). TypeError unless bytes."""
 
-    def set_eligible(self, idx: int, ok: object) -> None:
-        """Mark backend ``idx`` eligible or not; IndexError when out of range."""
+def hash_key(head: bytes, kind: str, name: "bytes | str" = b"") -> bytes:
+    """The bytes to hash, taken from a raw request head; b"" when absent.
 
-    def is_eligible(self, idx: int) -> bool:
-        """Whether backend ``idx`` is eligible; IndexError when out of range."""
+    ``kind``: "path" (the target's path, no query; ``name`` ignored), "query"
+    (raw value of the first query parameter ``name``), "header" (first field
+    ``name``, case-insensitive, OWS-trimmed), "cookie" (first cookie ``name``
+    in the Cookie field(s)). ValueError for another kind or an empty ``name``;
+    TypeError unless ``head`` is bytes.
+    """
 
 class ChunkedScanner:
     """Finds the end of a chunked body, strictly, across any split of the input.

@@ -13,13 +13,22 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromSt
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdlib cimport free, malloc, realloc
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy
+
+from operator import index as _index
 
 from fastlb import errors as _errors
 
 __all__ = [
     "RoundRobin",
+    "WeightedRoundRobin",
+    "LeastConn",
+    "P2C",
+    "Random",
+    "Maglev",
+    "hash64",
+    "hash_key",
     "ChunkedScanner",
     "rewrite_request_head",
     "rewrite_response_head",
@@ -1034,53 +1043,327 @@ cdef class ChunkedScanner:
         return -1
 
 
-# ---------------------------------------------------------------- selection
+# ---------------------------------------------------------------- hashing
 
-cdef class RoundRobin:
-    """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
+cdef uint64_t XP1 = 0x9E3779B185EBCA87ULL
+cdef uint64_t XP2 = 0xC2B2AE3D27D4EB4FULL
+cdef uint64_t XP3 = 0x165667B19E3779F9ULL
+cdef uint64_t XP4 = 0x85EBCA77C2B2AE63ULL
+cdef uint64_t XP5 = 0x27D4EB2F165667C5ULL
+cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
+cdef uint64_t SM1 = 0xBF58476D1CE4E5B9ULL
+cdef uint64_t SM2 = 0x94D049BB133111EBULL
 
-    See ``fastlb._core_py.RoundRobin``: this is its compiled twin.
+
+cdef inline uint64_t _rotl(uint64_t x, int r) noexcept nogil:
+    return (x << r) | (x >> (64 - r))
+
+
+cdef inline uint64_t _rd64(const unsigned char* p) noexcept nogil:
+    return ((<uint64_t>p[0]) | (<uint64_t>p[1] << 8) | (<uint64_t>p[2] << 16) | (<uint64_t>p[3] << 24)
+            | (<uint64_t>p[4] << 32) | (<uint64_t>p[5] << 40) | (<uint64_t>p[6] << 48)
+            | (<uint64_t>p[7] << 56))
+
+
+cdef inline uint64_t _rd32(const unsigned char* p) noexcept nogil:
+    return ((<uint64_t>p[0]) | (<uint64_t>p[1] << 8) | (<uint64_t>p[2] << 16) | (<uint64_t>p[3] << 24))
+
+
+cdef inline uint64_t _xround(uint64_t acc, uint64_t lane) noexcept nogil:
+    acc += lane * XP2
+    return _rotl(acc, 31) * XP1
+
+
+cdef inline uint64_t _xmerge(uint64_t h, uint64_t v) noexcept nogil:
+    h ^= _xround(0, v)
+    return h * XP1 + XP4
+
+
+cdef uint64_t _xxh64(const unsigned char* p, Py_ssize_t n, uint64_t seed) noexcept nogil:
+    cdef const unsigned char* end = p + n
+    cdef const unsigned char* limit
+    cdef uint64_t h, v1, v2, v3, v4
+    if n >= 32:
+        limit = end - 32
+        v1 = seed + XP1 + XP2
+        v2 = seed + XP2
+        v3 = seed
+        v4 = seed - XP1
+        while p <= limit:
+            v1 = _xround(v1, _rd64(p))
+            v2 = _xround(v2, _rd64(p + 8))
+            v3 = _xround(v3, _rd64(p + 16))
+            v4 = _xround(v4, _rd64(p + 24))
+            p += 32
+        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+        h = _xmerge(h, v1)
+        h = _xmerge(h, v2)
+        h = _xmerge(h, v3)
+        h = _xmerge(h, v4)
+    else:
+        h = seed + XP5
+    h += <uint64_t>n
+    while p + 8 <= end:
+        h ^= _xround(0, _rd64(p))
+        h = _rotl(h, 27) * XP1 + XP4
+        p += 8
+    if p + 4 <= end:
+        h ^= _rd32(p) * XP1
+        h = _rotl(h, 23) * XP2 + XP3
+        p += 4
+    while p < end:
+        h ^= p[0] * XP5
+        h = _rotl(h, 11) * XP1
+        p += 1
+    h ^= h >> 33
+    h *= XP2
+    h ^= h >> 29
+    h *= XP3
+    h ^= h >> 32
+    return h
+
+
+def hash64(data, seed=0):
+    """XXH64 of ``data`` (bytes) with ``seed`` (taken modulo 2**64).
+
+    See ``fastlb._core_py.hash64``: this is its compiled twin.
     """
+    if type(data) is not bytes:
+        raise TypeError("data must be bytes")
+    cdef uint64_t s = seed & 0xFFFFFFFFFFFFFFFF
+    return _xxh64(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), s)
 
+
+# ---------------------------------------------------------------- hash keys
+
+cdef inline Py_ssize_t _find(const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                             unsigned char c) noexcept nogil:
+    cdef const unsigned char* q
+    if start >= end:
+        return -1
+    q = <const unsigned char*>memchr(p + start, c, end - start)
+    return -1 if q == NULL else q - p
+
+
+cdef inline Py_ssize_t _find_crlf2(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept nogil:
+    # like bytes.find(b"\r\n", pos), over p[:n]
+    return _find_crlf(p, pos, n) if pos < n else -1
+
+
+cdef inline void _strip_ows(const unsigned char* p, Py_ssize_t* s, Py_ssize_t* e) noexcept nogil:
+    while s[0] < e[0] and _ows(p[s[0]]):
+        s[0] += 1
+    while e[0] > s[0] and _ows(p[e[0] - 1]):
+        e[0] -= 1
+
+
+def hash_key(head, kind, name=b""):
+    """The bytes a hash-based balancer hashes, taken from a raw request head; b"" when absent.
+
+    See ``fastlb._core_py.hash_key``: this is its compiled twin.
+    """
+    if type(head) is not bytes:
+        raise TypeError("head must be bytes")
+    cdef int k
+    if kind == "path":
+        k = 0
+    elif kind == "query":
+        k = 1
+    elif kind == "header":
+        k = 2
+    elif kind == "cookie":
+        k = 3
+    else:
+        raise ValueError(f"unknown hash key kind: {kind!r}")
+    if isinstance(name, str):
+        name = name.encode("latin-1")
+    elif type(name) is not bytes:
+        raise TypeError("name must be bytes or str")
+    if k != 0 and PyBytes_GET_SIZE(name) == 0:
+        raise ValueError(f"a {kind} hash key needs a name")
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(head)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(head)
+    cdef const unsigned char* nm = <const unsigned char*>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t nl = PyBytes_GET_SIZE(name)
+    cdef Py_ssize_t eol, sp1, sp2, ts, te, j, s, e, pos, colon, vs, ve, ps, pe, eq, a, b
+    # request line and target, as _core_py._request_target
+    eol = _find_crlf2(p, 0, n)
+    if eol < 0:
+        eol = n
+    sp1 = _find(p, 0, eol, 0x20)
+    sp2 = -1
+    j = eol - 1
+    while j >= 0:
+        if p[j] == 0x20:
+            sp2 = j
+            break
+        j -= 1
+    if sp1 < 0 or sp2 <= sp1:
+        ts = te = 0
+    else:
+        ts = sp1 + 1
+        te = sp2
+    if k == 0:
+        e = te
+        j = _find(p, ts, e, 0x3F)  # '?'
+        if j >= 0:
+            e = j
+        j = _find(p, ts, e, 0x23)  # '#'
+        if j >= 0:
+            e = j
+        if e > ts and p[ts] == 0x2F:
+            return PyBytes_FromStringAndSize(<const char*>p + ts, e - ts)
+        j = ts
+        while j + 3 <= e:
+            if p[j] == 0x3A and p[j + 1] == 0x2F and p[j + 2] == 0x2F:
+                s = _find(p, j + 3, e, 0x2F)
+                if s >= 0:
+                    return PyBytes_FromStringAndSize(<const char*>p + s, e - s)
+                return b"/"
+            j += 1
+        return PyBytes_FromStringAndSize(<const char*>p + ts, e - ts)
+    if k == 1:
+        j = _find(p, ts, te, 0x3F)
+        if j < 0:
+            return b""
+        s = j + 1
+        e = te
+        j = _find(p, s, e, 0x23)
+        if j >= 0:
+            e = j
+        while True:
+            pe = _find(p, s, e, 0x26)  # '&'
+            if pe < 0:
+                pe = e
+            eq = _find(p, s, pe, 0x3D)  # '='
+            if eq < 0:
+                if pe - s == nl and memcmp(p + s, nm, nl) == 0:
+                    return b""
+            elif eq - s == nl and memcmp(p + s, nm, nl) == 0:
+                return PyBytes_FromStringAndSize(<const char*>p + eq + 1, pe - eq - 1)
+            if pe >= e:
+                return b""
+            s = pe + 1
+    # header or cookie: field lines
+    cdef const unsigned char* want = <const unsigned char*>b"cookie" if k == 3 else nm
+    cdef Py_ssize_t wl = 6 if k == 3 else nl
+    pos = eol + 2
+    while pos < n:
+        e = _find_crlf2(p, pos, n)
+        if e < 0:
+            e = n
+        if e == pos:
+            break
+        colon = _find(p, pos, e, 0x3A)
+        if colon > pos and colon - pos == wl and _ieq2(p + pos, want, wl):
+            vs = colon + 1
+            ve = e
+            _strip_ows(p, &vs, &ve)
+            if k == 2:
+                return PyBytes_FromStringAndSize(<const char*>p + vs, ve - vs)
+            s = vs
+            while True:
+                pe = _find(p, s, ve, 0x3B)  # ';'
+                if pe < 0:
+                    pe = ve
+                eq = _find(p, s, pe, 0x3D)
+                if eq >= 0:
+                    a = s
+                    b = eq
+                    _strip_ows(p, &a, &b)
+                    if b - a == nl and memcmp(p + a, nm, nl) == 0:
+                        a = eq + 1
+                        b = pe
+                        _strip_ows(p, &a, &b)
+                        return PyBytes_FromStringAndSize(<const char*>p + a, b - a)
+                if pe >= ve:
+                    break
+                s = pe + 1
+        pos = e + 2
+    return b""
+
+
+# ---------------------------------------------------------------- selection
+#
+# Twins of the selectors of ``_core_py`` (see the comment there): the same
+# state in malloc'd C arrays, the same arithmetic (int64 where the twin uses
+# Python ints, within the bounds set by _MAX_WEIGHT), the same splitmix64.
+
+_MAX_WEIGHT = 1000000
+_MAX_TABLE = 1 << 24
+
+
+def _check_weight(w):
+    try:
+        w = _index(w)
+    except TypeError:
+        raise TypeError(f"weight must be an integer, got {w!r}") from None
+    if w < 0 or w > _MAX_WEIGHT:
+        raise ValueError(f"weight must be between 0 and {_MAX_WEIGHT}, got {w}")
+    return w
+
+
+def _is_prime(m):
+    if m < 2:
+        return False
+    if m % 2 == 0:
+        return m == 2
+    d = 3
+    while d * d <= m:
+        if m % d == 0:
+            return False
+        d += 2
+    return True
+
+
+cdef inline uint64_t _splitmix(uint64_t* state) noexcept nogil:
+    cdef uint64_t z = state[0] + GOLDEN
+    state[0] = z
+    z = (z ^ (z >> 30)) * SM1
+    z = (z ^ (z >> 27)) * SM2
+    return z ^ (z >> 31)
+
+
+cdef class _Balancer:
     cdef readonly Py_ssize_t n
-    cdef Py_ssize_t _next
     cdef unsigned char* _eligible
-    cdef unsigned char* _weighted
-    cdef unsigned char* _usable    # eligible and weighted
+    cdef unsigned char* _live
+    cdef int64_t* _weight
+    cdef int64_t* _inflight
 
-    def __cinit__(self, weights, seed=0):
+    def __dealloc__(self):
+        self._free_base()
+
+    cdef void _free_base(self) noexcept:
+        free(self._eligible)
+        free(self._live)
+        free(self._weight)
+        free(self._inflight)
+        self._eligible = self._live = NULL
+        self._weight = self._inflight = NULL
+
+    cdef _setup(self, weights, bint checked):
         cdef Py_ssize_t n = len(weights), i
         if n == 0:
             raise ValueError("a balancer needs at least one backend")
-        ws = [w > 0 for w in weights]
-        self._eligible = <unsigned char*>malloc(3 * n)
-        if self._eligible == NULL:
+        if checked:
+            ws = [_check_weight(w) for w in weights]
+        else:
+            ws = [1 if w > 0 else 0 for w in weights]
+        self._free_base()
+        self.n = 0
+        self._eligible = <unsigned char*>malloc(n)
+        self._live = <unsigned char*>malloc(n)
+        self._weight = <int64_t*>malloc(n * sizeof(int64_t))
+        self._inflight = <int64_t*>malloc(n * sizeof(int64_t))
+        if self._eligible == NULL or self._live == NULL or self._weight == NULL or self._inflight == NULL:
             raise MemoryError()
-        self._weighted = self._eligible + n
-        self._usable = self._eligible + 2 * n
-        self.n = n
-        self._next = seed % n
         for i in range(n):
+            self._weight[i] = ws[i]
             self._eligible[i] = 1
-            self._weighted[i] = 1 if ws[i] else 0
-            self._usable[i] = self._weighted[i]
-
-    def __dealloc__(self):
-        free(self._eligible)
-        self._eligible = NULL
-
-    def select(self, key=b""):
-        cdef Py_ssize_t n = self.n, i = self._next, k
-        cdef const unsigned char* u = self._usable
-        for k in range(n):
-            if u[i]:
-                self._next = i + 1 if i + 1 < n else 0
-                return i
-            i = i + 1 if i + 1 < n else 0
-        return -1
-
-    def release(self, idx):
-        pass
+            self._inflight[i] = 0
+            self._live[i] = 1 if self._weight[i] > 0 else 0
+        self.n = n
 
     cdef Py_ssize_t _index(self, idx) except -1:
         cdef Py_ssize_t i
@@ -1092,13 +1375,459 @@ cdef class RoundRobin:
             raise IndexError("backend index out of range")
         return i
 
+    cdef int _changed(self) except -1:
+        return 0
+
+    def release(self, idx):
+        cdef Py_ssize_t i = self._index(idx)
+        if self._inflight[i] > 0:
+            self._inflight[i] -= 1
+
+    def in_flight(self, idx):
+        return self._inflight[self._index(idx)]
+
     def set_eligible(self, idx, ok):
         cdef Py_ssize_t i = self._index(idx)
-        self._eligible[i] = 1 if ok else 0
-        self._usable[i] = self._eligible[i] & self._weighted[i]
+        cdef unsigned char e = 1 if ok else 0
+        if e != self._eligible[i]:
+            self._eligible[i] = e
+            self._live[i] = 1 if (e and self._weight[i] > 0) else 0
+            self._changed()
 
     def is_eligible(self, idx):
         return self._eligible[self._index(idx)] != 0
+
+    def set_weight(self, idx, w):
+        cdef Py_ssize_t i = self._index(idx)
+        self._weight[i] = _check_weight(w)
+        self._live[i] = 1 if (self._eligible[i] and self._weight[i] > 0) else 0
+        self._changed()
+
+
+cdef class RoundRobin(_Balancer):
+    """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
+
+    See ``fastlb._core_py.RoundRobin``: this is its compiled twin.
+    """
+
+    cdef Py_ssize_t _next
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights, False)
+        self._next = seed % self.n
+
+    def select(self, key=b""):
+        cdef Py_ssize_t n = self.n, i = self._next, k
+        cdef const unsigned char* u = self._live
+        for k in range(n):
+            if u[i]:
+                self._next = i + 1 if i + 1 < n else 0
+                self._inflight[i] += 1
+                return i
+            i = i + 1 if i + 1 < n else 0
+        return -1
+
+
+cdef class WeightedRoundRobin(_Balancer):
+    """Smooth weighted round robin (nginx's): weights 5, 1, 1 give a a b a c a a.
+
+    See ``fastlb._core_py.WeightedRoundRobin``: this is its compiled twin.
+    """
+
+    cdef int64_t* _current
+    cdef Py_ssize_t _start
+
+    def __init__(self, weights, seed=0):
+        cdef Py_ssize_t i
+        self._setup(weights, True)
+        free(self._current)
+        self._current = <int64_t*>malloc(self.n * sizeof(int64_t))
+        if self._current == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            self._current[i] = 0
+        self._start = seed % self.n
+
+    def __dealloc__(self):
+        free(self._current)
+        self._current = NULL
+
+    def set_weight(self, idx, w):
+        cdef Py_ssize_t i
+        _Balancer.set_weight(self, idx, w)
+        for i in range(self.n):
+            self._current[i] = 0
+
+    def select(self, key=b""):
+        cdef Py_ssize_t n = self.n, i = self._start, k, best = -1
+        cdef int64_t total = 0, c, bestc = 0, w
+        cdef const unsigned char* live = self._live
+        cdef const int64_t* weight = self._weight
+        cdef int64_t* cur = self._current
+        for k in range(n):
+            if live[i]:
+                w = weight[i]
+                c = cur[i] + w
+                cur[i] = c
+                total += w
+                if best < 0 or c > bestc:
+                    best = i
+                    bestc = c
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        cur[best] = bestc - total
+        self._inflight[best] += 1
+        return best
+
+
+cdef class LeastConn(_Balancer):
+    """Fewest requests in flight per unit of weight; ties to the first in rotation.
+
+    See ``fastlb._core_py.LeastConn``: this is its compiled twin.
+    """
+
+    cdef Py_ssize_t _next
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights, True)
+        self._next = seed % self.n
+
+    def select(self, key=b""):
+        cdef Py_ssize_t n = self.n, i = self._next, k, best = -1
+        cdef int64_t bf = 0, bw = 1, f, w
+        cdef const unsigned char* live = self._live
+        cdef const int64_t* weight = self._weight
+        cdef int64_t* inf = self._inflight
+        for k in range(n):
+            if live[i]:
+                f = inf[i]
+                w = weight[i]
+                if best < 0 or f * bw < bf * w:
+                    best = i
+                    bf = f
+                    bw = w
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        self._next = best + 1 if best + 1 < n else 0
+        inf[best] += 1
+        return best
+
+
+cdef class _Seeded(_Balancer):
+    cdef uint64_t _rng
+    cdef Py_ssize_t* _usable
+    cdef Py_ssize_t _m
+
+    def __dealloc__(self):
+        free(self._usable)
+        self._usable = NULL
+
+    cdef _seeded(self, seed):
+        free(self._usable)
+        self._m = 0
+        self._usable = <Py_ssize_t*>malloc(self.n * sizeof(Py_ssize_t))
+        if self._usable == NULL:
+            raise MemoryError()
+        self._rng = seed & 0xFFFFFFFFFFFFFFFF
+        self._changed()
+
+    cdef int _changed(self) except -1:
+        cdef Py_ssize_t i, m = 0
+        if self._usable == NULL:
+            return 0
+        for i in range(self.n):
+            if self._live[i]:
+                self._usable[m] = i
+                m += 1
+        self._m = m
+        return 0
+
+
+cdef class P2C(_Seeded):
+    """Power of two random choices on requests in flight per unit of weight.
+
+    See ``fastlb._core_py.P2C``: this is its compiled twin.
+    """
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights, True)
+        self._seeded(seed)
+
+    def select(self, key=b""):
+        cdef Py_ssize_t m = self._m, a, b
+        cdef uint64_t i, j
+        cdef int64_t* inf = self._inflight
+        if m == 0:
+            return -1
+        if m == 1:
+            a = self._usable[0]
+        else:
+            i = _splitmix(&self._rng) % <uint64_t>m
+            j = _splitmix(&self._rng) % <uint64_t>(m - 1)
+            if j >= i:
+                j += 1
+            a = self._usable[i]
+            b = self._usable[j]
+            if inf[b] * self._weight[a] < inf[a] * self._weight[b]:
+                a = b
+        inf[a] += 1
+        return a
+
+
+cdef class Random(_Seeded):
+    """Weighted random: each live backend with probability weight / total live weight.
+
+    See ``fastlb._core_py.Random``: this is its compiled twin.
+    """
+
+    cdef uint64_t* _cum
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights, True)
+        free(self._cum)
+        self._cum = <uint64_t*>malloc(self.n * sizeof(uint64_t))
+        if self._cum == NULL:
+            raise MemoryError()
+        self._seeded(seed)
+
+    def __dealloc__(self):
+        free(self._cum)
+        self._cum = NULL
+
+    cdef int _changed(self) except -1:
+        cdef Py_ssize_t k
+        cdef uint64_t t = 0
+        _Seeded._changed(self)
+        if self._cum == NULL:
+            return 0
+        for k in range(self._m):
+            t += <uint64_t>self._weight[self._usable[k]]
+            self._cum[k] = t
+        return 0
+
+    def select(self, key=b""):
+        cdef Py_ssize_t m = self._m, a, lo, hi, mid
+        cdef uint64_t r
+        if m == 0:
+            return -1
+        if m == 1:
+            a = self._usable[0]
+        else:
+            r = _splitmix(&self._rng) % self._cum[m - 1]
+            lo = 0
+            hi = m - 1
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if self._cum[mid] > r:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            a = self._usable[lo]
+        self._inflight[a] += 1
+        return a
+
+
+cdef class Maglev(_Balancer):
+    """Maglev consistent hashing (Envoy's weighted variant), with optional bounded load.
+
+    See ``fastlb._core_py.Maglev``: this is its compiled twin.
+    """
+
+    cdef readonly Py_ssize_t table_size
+    cdef readonly double balance_factor
+    cdef int32_t* _table
+    cdef uint32_t* _offset
+    cdef uint32_t* _skip
+    cdef int32_t* _order
+    cdef Py_ssize_t _nlive
+    cdef int64_t _lw
+    cdef int64_t _lf
+
+    def __init__(self, weights, names, seed=0, table_size=65537, balance_factor=0.0):
+        cdef Py_ssize_t n, i, m
+        self._free_tables()  # a second __init__ must not keep a table of the old backends
+        self._nlive = 0
+        self._setup(weights, True)
+        n = self.n
+        names = list(names)
+        if len(names) != n:
+            raise ValueError(f"{len(names)} names for {n} backends")
+        for nm in names:
+            if type(nm) is not bytes:
+                raise TypeError(f"backend names must be bytes, got {nm!r}")
+        if len(set(names)) != n:
+            raise ValueError("backend names must be distinct")
+        try:
+            mm = _index(table_size)
+        except TypeError:
+            raise TypeError(f"table_size must be an integer, got {table_size!r}") from None
+        if mm < n or mm >= _MAX_TABLE or not _is_prime(mm):
+            raise ValueError(f"table_size must be a prime >= the number of backends and "
+                             f"below 2**24, got {mm}")
+        m = mm
+        try:
+            f = float(balance_factor)
+        except (TypeError, ValueError):
+            raise TypeError(f"balance_factor must be a number, got {balance_factor!r}") from None
+        if not (f == 0.0 or 1.0 <= f < float("inf")):
+            raise ValueError(f"balance_factor must be 0 (off) or >= 1.0, got {balance_factor!r}")
+        self._free_tables()
+        self._nlive = 0
+        self._table = <int32_t*>malloc(m * sizeof(int32_t))
+        self._offset = <uint32_t*>malloc(n * sizeof(uint32_t))
+        self._skip = <uint32_t*>malloc(n * sizeof(uint32_t))
+        self._order = <int32_t*>malloc(n * sizeof(int32_t))
+        if self._table == NULL or self._offset == NULL or self._skip == NULL or self._order == NULL:
+            self._free_tables()
+            raise MemoryError()
+        self.table_size = m
+        self.balance_factor = f
+        for i in range(n):
+            nm = names[i]
+            self._offset[i] = <uint32_t>(hash64(nm, 0) % m)
+            self._skip[i] = <uint32_t>(hash64(nm, 1) % (m - 1) + 1)
+        order = sorted(range(n), key=names.__getitem__)
+        for i in range(n):
+            self._order[i] = order[i]
+        self._build()
+        self._changed()
+
+    cdef void _free_tables(self) noexcept:
+        free(self._table)
+        free(self._offset)
+        free(self._skip)
+        free(self._order)
+        self._table = self._order = NULL
+        self._offset = self._skip = NULL
+
+    def __dealloc__(self):
+        self._free_tables()
+
+    cdef int _build(self) except -1:
+        cdef Py_ssize_t m = self.table_size, n = self.n, i, k, ne = 0, filled = 0
+        cdef int64_t wmax = 0, it = 1, w
+        cdef uint64_t c, sk
+        cdef int32_t* entries = <int32_t*>malloc(n * sizeof(int32_t))
+        cdef uint64_t* pos = <uint64_t*>malloc(n * sizeof(uint64_t))
+        cdef int64_t* target = <int64_t*>malloc(n * sizeof(int64_t))
+        cdef int32_t* table = self._table
+        if entries == NULL or pos == NULL or target == NULL:
+            free(entries)
+            free(pos)
+            free(target)
+            raise MemoryError()
+        for c in range(<uint64_t>m):
+            table[c] = -1
+        for k in range(n):
+            i = self._order[k]
+            w = self._weight[i]
+            if w > 0:
+                entries[ne] = <int32_t>i
+                pos[ne] = self._offset[i]
+                target[ne] = 0
+                ne += 1
+                if w > wmax:
+                    wmax = w
+        if ne > 0:
+            while filled < m:
+                for k in range(ne):
+                    i = entries[k]
+                    w = self._weight[i]
+                    if it * w < target[k]:
+                        continue
+                    target[k] += wmax
+                    c = pos[k]
+                    sk = self._skip[i]
+                    while table[c] >= 0:
+                        c += sk
+                        if c >= <uint64_t>m:
+                            c -= m
+                    table[c] = <int32_t>i
+                    c += sk
+                    pos[k] = c - m if c >= <uint64_t>m else c
+                    filled += 1
+                    if filled == m:
+                        break
+                it += 1
+        free(entries)
+        free(pos)
+        free(target)
+        return 0
+
+    cdef int _changed(self) except -1:
+        cdef Py_ssize_t i, nlive = 0
+        cdef int64_t lw = 0, lf = 0
+        for i in range(self.n):
+            if self._live[i]:
+                nlive += 1
+                lw += self._weight[i]
+                lf += self._inflight[i]
+        self._nlive = nlive
+        self._lw = lw
+        self._lf = lf
+        return 0
+
+    def set_weight(self, idx, w):
+        cdef Py_ssize_t i = self._index(idx)
+        cdef int64_t v = _check_weight(w)
+        if v != self._weight[i]:
+            self._weight[i] = v
+            self._live[i] = 1 if (self._eligible[i] and v > 0) else 0
+            if self._table != NULL:
+                self._build()
+        self._changed()
+
+    def release(self, idx):
+        cdef Py_ssize_t i = self._index(idx)
+        if self._inflight[i] > 0:
+            self._inflight[i] -= 1
+            if self._live[i]:
+                self._lf -= 1
+
+    def select(self, key=b""):
+        if type(key) is not bytes:
+            raise TypeError("key must be bytes")
+        cdef Py_ssize_t kl = PyBytes_GET_SIZE(key)
+        if kl == 0:
+            return -2
+        if self._nlive == 0 or self._table == NULL:
+            return -1
+        cdef uint64_t m = <uint64_t>self.table_size
+        cdef uint64_t c = _xxh64(<const unsigned char*>PyBytes_AS_STRING(key), kl, 0) % m
+        cdef uint64_t k
+        cdef const int32_t* table = self._table
+        cdef const unsigned char* live = self._live
+        cdef int64_t* inf = self._inflight
+        cdef double f = self.balance_factor, lim, lw
+        cdef Py_ssize_t b, pick = -1, first = -1
+        if f == 0.0:
+            for k in range(m):
+                b = table[c]
+                if live[b]:
+                    pick = b
+                    break
+                c = c + 1 if c + 1 < m else 0
+        else:
+            lim = f * <double>(self._lf + 1)
+            lw = <double>self._lw
+            for k in range(m):
+                b = table[c]
+                if live[b]:
+                    if <double>inf[b] * lw < lim * <double>self._weight[b]:
+                        pick = b
+                        break
+                    if first < 0:
+                        first = b
+                c = c + 1 if c + 1 < m else 0
+            if pick < 0:
+                pick = first
+        if pick < 0:
+            return -1
+        inf[pick] += 1
+        self._lf += 1
+        return pick
 
 
 # ---------------------------------------------------------------- framing

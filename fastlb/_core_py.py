@@ -2,12 +2,16 @@
 
 Everything here is per-request, CPU-only and I/O-free:
 
-* ``RoundRobin``: the backend selector. Selectors work on integer indices
-  (0..n-1) and an eligibility mask; they never see Backend objects. Every
-  selector has the same surface: ``select(key=b"") -> int`` (-1 when no
-  backend is eligible), ``release(idx)``, ``set_eligible(idx, ok)``,
-  ``is_eligible(idx)`` and ``n``. The walk over ineligible backends is
-  bounded by ``n``.
+* the backend selectors ``RoundRobin``, ``WeightedRoundRobin``,
+  ``LeastConn``, ``P2C``, ``Random`` and ``Maglev``. Selectors work on
+  integer indices (0..n-1), weights, an eligibility mask and in-flight
+  counts; they never see Backend objects. Every selector has the same
+  surface: ``select(key=b"") -> int`` (-1 when no backend is eligible;
+  Maglev: -2 for an empty key), ``release(idx)``, ``set_eligible(idx, ok)``,
+  ``is_eligible(idx)``, ``set_weight(idx, w)``, ``in_flight(idx)`` and
+  ``n`` (see the "selection" section). Walks over ineligible backends are
+  bounded by ``n`` (Maglev: by its table size).
+* ``hash64`` (XXH64) and ``hash_key`` (the bytes of a request to hash).
 * ``rewrite_request_head``: validates a raw request head and writes the head
   sent upstream (hop-by-hop fields removed, X-Forwarded-*, Via, Host).
 * ``rewrite_response_head``: the same for a backend's response head.
@@ -36,9 +40,18 @@ from fastlb.errors import (
     BadGateway,
     BadRequest,
 )
+from bisect import bisect_right as _bisect_right
+from operator import index as _index
 
 __all__ = [
     "RoundRobin",
+    "WeightedRoundRobin",
+    "LeastConn",
+    "P2C",
+    "Random",
+    "Maglev",
+    "hash64",
+    "hash_key",
     "ChunkedScanner",
     "rewrite_request_head",
     "rewrite_response_head",
@@ -520,49 +533,639 @@ class ChunkedScanner:
         return -1
 
 
-# ---------------------------------------------------------------- selection
+# ---------------------------------------------------------------- hashing
 
-class RoundRobin:
-    """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
+_M64 = 0xFFFFFFFFFFFFFFFF
+_XP1 = 0x9E3779B185EBCA87
+_XP2 = 0xC2B2AE3D27D4EB4F
+_XP3 = 0x165667B19E3779F9
+_XP4 = 0x85EBCA77C2B2AE63
+_XP5 = 0x27D4EB2F165667C5
 
-    ``seed`` sets the first backend tried (``seed % n``), so runs repeat.
+
+def _xround(acc, lane):
+    acc = (acc + lane * _XP2) & _M64
+    acc = ((acc << 31) | (acc >> 33)) & _M64
+    return (acc * _XP1) & _M64
+
+
+def _xmerge(h, v):
+    h ^= _xround(0, v)
+    return (h * _XP1 + _XP4) & _M64
+
+
+def hash64(data, seed=0):
+    """XXH64 of ``data`` (bytes) with ``seed`` (taken modulo 2**64): an int in [0, 2**64).
+
+    The hash of backend names and request keys (``Maglev``); it never changes
+    between releases (golden vectors in the tests).
     """
+    if type(data) is not bytes:
+        raise TypeError("data must be bytes")
+    seed &= _M64
+    n = len(data)
+    p = 0
+    if n >= 32:
+        v1 = (seed + _XP1 + _XP2) & _M64
+        v2 = (seed + _XP2) & _M64
+        v3 = seed
+        v4 = (seed - _XP1) & _M64
+        limit = n - 32
+        while p <= limit:
+            v1 = _xround(v1, int.from_bytes(data[p:p + 8], "little"))
+            v2 = _xround(v2, int.from_bytes(data[p + 8:p + 16], "little"))
+            v3 = _xround(v3, int.from_bytes(data[p + 16:p + 24], "little"))
+            v4 = _xround(v4, int.from_bytes(data[p + 24:p + 32], "little"))
+            p += 32
+        h = (((v1 << 1) | (v1 >> 63)) + ((v2 << 7) | (v2 >> 57))
+             + ((v3 << 12) | (v3 >> 52)) + ((v4 << 18) | (v4 >> 46))) & _M64
+        h = _xmerge(h, v1)
+        h = _xmerge(h, v2)
+        h = _xmerge(h, v3)
+        h = _xmerge(h, v4)
+    else:
+        h = (seed + _XP5) & _M64
+    h = (h + n) & _M64
+    while p + 8 <= n:
+        h ^= _xround(0, int.from_bytes(data[p:p + 8], "little"))
+        h = ((((h << 27) | (h >> 37)) & _M64) * _XP1 + _XP4) & _M64
+        p += 8
+    if p + 4 <= n:
+        h ^= (int.from_bytes(data[p:p + 4], "little") * _XP1) & _M64
+        h = ((((h << 23) | (h >> 41)) & _M64) * _XP2 + _XP3) & _M64
+        p += 4
+    while p < n:
+        h ^= (data[p] * _XP5) & _M64
+        h = ((((h << 11) | (h >> 53)) & _M64) * _XP1) & _M64
+        p += 1
+    h ^= h >> 33
+    h = (h * _XP2) & _M64
+    h ^= h >> 29
+    h = (h * _XP3) & _M64
+    h ^= h >> 32
+    return h
 
-    __slots__ = ("n", "_next", "_eligible", "_weighted")
 
-    def __init__(self, weights, seed=0):
+# ---------------------------------------------------------------- hash keys
+
+_HASH_KINDS = ("path", "query", "header", "cookie")
+
+
+def _request_target(head):
+    eol = head.find(b"\r\n")
+    if eol < 0:
+        eol = len(head)
+    line = head[:eol]
+    sp1 = line.find(b" ")
+    sp2 = line.rfind(b" ")
+    if sp1 < 0 or sp2 <= sp1:
+        return b"", eol
+    return line[sp1 + 1:sp2], eol
+
+
+def hash_key(head, kind, name=b""):
+    """The bytes a hash-based balancer hashes, taken from a raw request head; b"" when absent.
+
+    ``head`` is the raw request head (request line to the blank line). ``kind``:
+
+    * ``"path"``: the path of the request target, without query or fragment
+      (for an absolute-form target, the part from the first "/" after the
+      authority, "/" when there is none); ``name`` is ignored;
+    * ``"query"``: the raw value of the first query parameter called ``name``
+      (exact match; a parameter without "=" has the value b"");
+    * ``"header"``: the value of the first header field called ``name``
+      (ASCII case-insensitive), OWS-trimmed;
+    * ``"cookie"``: the value of the first cookie called ``name`` (exact match)
+      in the Cookie field(s), in order; pairs split on ";", name and value
+      OWS-trimmed, pairs without "=" skipped, quotes kept.
+
+    ``name`` is bytes (a str is encoded as Latin-1). Raises TypeError when
+    ``head`` is not bytes, ValueError for an unknown ``kind`` or an empty
+    ``name`` where one is needed. Never validates the head: any bytes give
+    an answer.
+    """
+    if type(head) is not bytes:
+        raise TypeError("head must be bytes")
+    if kind not in _HASH_KINDS:
+        raise ValueError(f"unknown hash key kind: {kind!r}")
+    if isinstance(name, str):
+        name = name.encode("latin-1")
+    elif type(name) is not bytes:
+        raise TypeError("name must be bytes or str")
+    if kind != "path" and not name:
+        raise ValueError(f"a {kind} hash key needs a name")
+    target, eol = _request_target(head)
+    if kind == "path":
+        end = len(target)
+        for sep in (b"?", b"#"):
+            j = target.find(sep)
+            if 0 <= j < end:
+                end = j
+        path = target[:end]
+        if not path.startswith(b"/"):
+            j = path.find(b"://")
+            if j >= 0:
+                s = path.find(b"/", j + 3)
+                path = path[s:] if s >= 0 else b"/"
+        return path
+    if kind == "query":
+        q = target.find(b"?")
+        if q < 0:
+            return b""
+        qs = target[q + 1:]
+        j = qs.find(b"#")
+        if j >= 0:
+            qs = qs[:j]
+        for piece in qs.split(b"&"):
+            eq = piece.find(b"=")
+            if eq < 0:
+                if piece == name:
+                    return b""
+            elif piece[:eq] == name:
+                return piece[eq + 1:]
+        return b""
+    want = b"cookie" if kind == "cookie" else name.lower()
+    n = len(head)
+    pos = eol + 2
+    while pos < n:
+        e = head.find(b"\r\n", pos)
+        if e < 0:
+            e = n
+        if e == pos:
+            break
+        line = head[pos:e]
+        colon = line.find(b":")
+        if colon > 0 and line[:colon].lower() == want:
+            value = line[colon + 1:].strip(_OWS)
+            if kind == "header":
+                return value
+            for piece in value.split(b";"):
+                eq = piece.find(b"=")
+                if eq >= 0 and piece[:eq].strip(_OWS) == name:
+                    return piece[eq + 1:].strip(_OWS)
+        pos = e + 2
+    return b""
+
+
+# ---------------------------------------------------------------- selection
+#
+# Every selector works on integer indices (0..n-1) with a weight, an
+# eligibility flag and an in-flight count per backend, and has the same
+# surface: ``select(key=b"") -> int`` (a backend index; -1 when no backend is
+# eligible; Maglev only: -2 for an empty key), ``release(idx)``,
+# ``set_eligible(idx, ok)``, ``is_eligible(idx)``, ``set_weight(idx, w)``,
+# ``in_flight(idx)`` and ``n``. A backend is *live* when it is eligible and
+# its weight is above 0; only live backends are picked. Every select that
+# returns ``idx >= 0`` counts one request in flight on ``idx``, and
+# ``release(idx)`` ends one (never below 0). Derived state (usable lists,
+# cumulative weights, the Maglev table) is rebuilt on set_weight and
+# set_eligible only, never per request. Walks are bounded by ``n`` (Maglev:
+# by ``table_size``).
+
+_MAX_WEIGHT = 1000000
+_MAX_TABLE = 1 << 24
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _check_weight(w):
+    try:
+        w = _index(w)
+    except TypeError:
+        raise TypeError(f"weight must be an integer, got {w!r}") from None
+    if w < 0 or w > _MAX_WEIGHT:
+        raise ValueError(f"weight must be between 0 and {_MAX_WEIGHT}, got {w}")
+    return w
+
+
+def _is_prime(m):
+    if m < 2:
+        return False
+    if m % 2 == 0:
+        return m == 2
+    d = 3
+    while d * d <= m:
+        if m % d == 0:
+            return False
+        d += 2
+    return True
+
+
+class _Balancer:
+    __slots__ = ("n", "_eligible", "_weight", "_inflight", "_live")
+
+    def _setup(self, weights, checked=True):
         n = len(weights)
         if n == 0:
             raise ValueError("a balancer needs at least one backend")
+        if checked:
+            ws = [_check_weight(w) for w in weights]
+        else:
+            ws = [1 if w > 0 else 0 for w in weights]
         self.n = n
-        self._next = seed % n
+        self._weight = ws
         self._eligible = [True] * n
-        self._weighted = [w > 0 for w in weights]
+        self._inflight = [0] * n
+        self._live = [w > 0 for w in ws]
+
+    def _check(self, idx):
+        if not 0 <= idx < self.n:
+            raise IndexError("backend index out of range")
+
+    def _changed(self):
+        pass
+
+    def release(self, idx):
+        self._check(idx)
+        if self._inflight[idx] > 0:
+            self._inflight[idx] -= 1
+
+    def in_flight(self, idx):
+        self._check(idx)
+        return self._inflight[idx]
+
+    def set_eligible(self, idx, ok):
+        self._check(idx)
+        ok = bool(ok)
+        if ok != self._eligible[idx]:
+            self._eligible[idx] = ok
+            self._live[idx] = ok and self._weight[idx] > 0
+            self._changed()
+
+    def is_eligible(self, idx):
+        self._check(idx)
+        return self._eligible[idx]
+
+    def set_weight(self, idx, w):
+        self._check(idx)
+        w = _check_weight(w)
+        self._weight[idx] = w
+        self._live[idx] = self._eligible[idx] and w > 0
+        self._changed()
+
+
+class RoundRobin(_Balancer):
+    """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
+
+    Other weights are only "above 0" (use WeightedRoundRobin for shares).
+    ``seed`` sets the first backend tried (``seed % n``), so runs repeat.
+    """
+
+    __slots__ = ("_next",)
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights, checked=False)
+        self._next = seed % self.n
 
     def select(self, key=b""):
         n = self.n
         i = self._next
-        eligible = self._eligible
-        weighted = self._weighted
+        live = self._live
         for _ in range(n):
-            if eligible[i] and weighted[i]:
+            if live[i]:
                 self._next = i + 1 if i + 1 < n else 0
+                self._inflight[i] += 1
                 return i
             i = i + 1 if i + 1 < n else 0
         return -1
 
+
+class WeightedRoundRobin(_Balancer):
+    """Smooth weighted round robin (nginx's): weights 5, 1, 1 give a a b a c a a.
+
+    Each pick adds every live backend's weight to its current weight, takes
+    the highest (ties: the first in scan order, which starts at ``seed % n``)
+    and subtracts the total live weight from it. set_weight resets the
+    current weights; set_eligible leaves them (a backend coming back resumes).
+    """
+
+    __slots__ = ("_current", "_start")
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights)
+        self._current = [0] * self.n
+        self._start = seed % self.n
+
+    def set_weight(self, idx, w):
+        _Balancer.set_weight(self, idx, w)
+        self._current = [0] * self.n
+
+    def select(self, key=b""):
+        n = self.n
+        i = self._start
+        live = self._live
+        weight = self._weight
+        cur = self._current
+        total = 0
+        best = -1
+        bestc = 0
+        for _ in range(n):
+            if live[i]:
+                w = weight[i]
+                c = cur[i] + w
+                cur[i] = c
+                total += w
+                if best < 0 or c > bestc:
+                    best = i
+                    bestc = c
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        cur[best] = bestc - total
+        self._inflight[best] += 1
+        return best
+
+
+class LeastConn(_Balancer):
+    """Fewest requests in flight per unit of weight (in_flight / weight, compared exactly).
+
+    Ties go to the first in rotation: the scan starts just after the last
+    pick (at ``seed % n`` for the first one).
+    """
+
+    __slots__ = ("_next",)
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights)
+        self._next = seed % self.n
+
+    def select(self, key=b""):
+        n = self.n
+        i = self._next
+        live = self._live
+        weight = self._weight
+        inf = self._inflight
+        best = -1
+        bf = 0
+        bw = 1
+        for _ in range(n):
+            if live[i]:
+                f = inf[i]
+                w = weight[i]
+                if best < 0 or f * bw < bf * w:
+                    best = i
+                    bf = f
+                    bw = w
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        self._next = best + 1 if best + 1 < n else 0
+        inf[best] += 1
+        return best
+
+
+class _Seeded(_Balancer):
+    """A live-backend list (ascending index) and a splitmix64 generator seeded with ``seed``."""
+
+    __slots__ = ("_rng", "_usable")
+
+    def _seeded(self, seed):
+        self._rng = seed & _M64
+        self._changed()
+
+    def _changed(self):
+        self._usable = [i for i in range(self.n) if self._live[i]]
+
+    def _next64(self):
+        s = (self._rng + _GOLDEN) & _M64
+        self._rng = s
+        s = ((s ^ (s >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        s = ((s ^ (s >> 27)) * 0x94D049BB133111EB) & _M64
+        return s ^ (s >> 31)
+
+
+class P2C(_Seeded):
+    """Power of two random choices: of two distinct live backends drawn at random,
+    the one with fewer requests in flight per unit of weight (the first drawn on a tie).
+
+    ``seed`` seeds the splitmix64 generator: the same seed and the same
+    operations give the same answers on both cores.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights)
+        self._seeded(seed)
+
+    def select(self, key=b""):
+        u = self._usable
+        m = len(u)
+        if m == 0:
+            return -1
+        inf = self._inflight
+        if m == 1:
+            a = u[0]
+        else:
+            i = self._next64() % m
+            j = self._next64() % (m - 1)
+            if j >= i:
+                j += 1
+            a = u[i]
+            b = u[j]
+            w = self._weight
+            if inf[b] * w[a] < inf[a] * w[b]:
+                a = b
+        inf[a] += 1
+        return a
+
+
+class Random(_Seeded):
+    """Weighted random: each live backend with probability weight / total live weight.
+
+    ``seed`` seeds the splitmix64 generator (identical on both cores).
+    """
+
+    __slots__ = ("_cum",)
+
+    def __init__(self, weights, seed=0):
+        self._setup(weights)
+        self._seeded(seed)
+
+    def _changed(self):
+        _Seeded._changed(self)
+        cum = []
+        t = 0
+        for i in self._usable:
+            t += self._weight[i]
+            cum.append(t)
+        self._cum = cum
+
+    def select(self, key=b""):
+        u = self._usable
+        m = len(u)
+        if m == 0:
+            return -1
+        if m == 1:
+            a = u[0]
+        else:
+            cum = self._cum
+            a = u[_bisect_right(cum, self._next64() % cum[-1])]
+        self._inflight[a] += 1
+        return a
+
+
+class Maglev(_Balancer):
+    """Maglev consistent hashing (Eisenbud et al., NSDI 2016; Envoy's weighted variant).
+
+    ``names`` are the backends' ids (distinct bytes, e.g. b"10.0.0.1:8080"):
+    each backend's permutation of the table comes from ``hash64(name, 0)``
+    (offset) and ``hash64(name, 1)`` (skip), and backends fill the table in
+    the order of their names, so every node given the same names, weights
+    and ``table_size`` builds the same table whatever the backends' order.
+    A backend with weight w gets about ``table_size * w / total`` entries
+    (a weight of 0: none). ``table_size`` must be a prime, at least ``n``
+    and below 2**24. ``seed`` is accepted for the common surface and unused
+    (the table must not depend on it).
+
+    ``select(key)`` returns -2 for an empty key (the caller falls back to
+    another algorithm), else the backend at ``table[hash64(key) % table_size]``;
+    when that backend is not live the walk goes forward in the table to the
+    next live entry (bounded by ``table_size``; -1 when no backend is live).
+    The table is rebuilt by set_weight, never by set_eligible.
+
+    ``balance_factor`` (0: off; else >= 1.0) bounds the load like HAProxy's
+    hash-balance-factor: an entry's backend b is taken only if
+    ``in_flight(b) < factor * (T + 1) * w_b / W``, T and W being the requests
+    in flight on and the total weight of the live backends (with equal
+    weights: fewer than factor x the mean, counting this request); otherwise
+    the walk goes on to the next entry.
+    """
+
+    __slots__ = ("table_size", "balance_factor", "_names", "_offset", "_skip", "_order",
+                 "_table", "_nlive", "_lw", "_lf")
+
+    def __init__(self, weights, names, seed=0, table_size=65537, balance_factor=0.0):
+        self._setup(weights)
+        n = self.n
+        names = list(names)
+        if len(names) != n:
+            raise ValueError(f"{len(names)} names for {n} backends")
+        for nm in names:
+            if type(nm) is not bytes:
+                raise TypeError(f"backend names must be bytes, got {nm!r}")
+        if len(set(names)) != n:
+            raise ValueError("backend names must be distinct")
+        try:
+            m = _index(table_size)
+        except TypeError:
+            raise TypeError(f"table_size must be an integer, got {table_size!r}") from None
+        if m < n or m >= _MAX_TABLE or not _is_prime(m):
+            raise ValueError(f"table_size must be a prime >= the number of backends and "
+                             f"below 2**24, got {m}")
+        try:
+            f = float(balance_factor)
+        except (TypeError, ValueError):
+            raise TypeError(f"balance_factor must be a number, got {balance_factor!r}") from None
+        if not (f == 0.0 or 1.0 <= f < float("inf")):
+            raise ValueError(f"balance_factor must be 0 (off) or >= 1.0, got {balance_factor!r}")
+        self.table_size = m
+        self.balance_factor = f
+        self._names = names
+        self._offset = [hash64(nm, 0) % m for nm in names]
+        self._skip = [hash64(nm, 1) % (m - 1) + 1 for nm in names]
+        self._order = sorted(range(n), key=names.__getitem__)
+        self._build()
+        self._changed()
+
+    def _build(self):
+        m = self.table_size
+        table = [-1] * m
+        weight = self._weight
+        entries = [i for i in self._order if weight[i] > 0]
+        if entries:
+            wmax = max(weight[i] for i in entries)
+            pos = {i: self._offset[i] for i in entries}
+            target = {i: 0 for i in entries}
+            filled = 0
+            it = 1
+            while filled < m:
+                for i in entries:
+                    w = weight[i]
+                    if it * w < target[i]:
+                        continue
+                    target[i] += wmax
+                    c = pos[i]
+                    sk = self._skip[i]
+                    while table[c] >= 0:
+                        c += sk
+                        if c >= m:
+                            c -= m
+                    table[c] = i
+                    c += sk
+                    pos[i] = c - m if c >= m else c
+                    filled += 1
+                    if filled == m:
+                        break
+                it += 1
+        self._table = table
+
+    def _changed(self):
+        nlive = lw = lf = 0
+        for i in range(self.n):
+            if self._live[i]:
+                nlive += 1
+                lw += self._weight[i]
+                lf += self._inflight[i]
+        self._nlive = nlive
+        self._lw = lw
+        self._lf = lf
+
+    def set_weight(self, idx, w):
+        self._check(idx)
+        w = _check_weight(w)
+        if w != self._weight[idx]:
+            self._weight[idx] = w
+            self._live[idx] = self._eligible[idx] and w > 0
+            self._build()
+        self._changed()
+
     def release(self, idx):
-        pass
+        self._check(idx)
+        if self._inflight[idx] > 0:
+            self._inflight[idx] -= 1
+            if self._live[idx]:
+                self._lf -= 1
 
-    def set_eligible(self, idx, ok):
-        if not 0 <= idx < self.n:
-            raise IndexError("backend index out of range")
-        self._eligible[idx] = bool(ok)
-
-    def is_eligible(self, idx):
-        if not 0 <= idx < self.n:
-            raise IndexError("backend index out of range")
-        return self._eligible[idx]
+    def select(self, key=b""):
+        if type(key) is not bytes:
+            raise TypeError("key must be bytes")
+        if not key:
+            return -2
+        if self._nlive == 0:
+            return -1
+        m = self.table_size
+        table = self._table
+        live = self._live
+        c = hash64(key) % m
+        f = self.balance_factor
+        inf = self._inflight
+        pick = -1
+        if f == 0.0:
+            for _ in range(m):
+                b = table[c]
+                if live[b]:
+                    pick = b
+                    break
+                c = c + 1 if c + 1 < m else 0
+        else:
+            first = -1
+            lim = f * float(self._lf + 1)
+            lw = float(self._lw)
+            weight = self._weight
+            for _ in range(m):
+                b = table[c]
+                if live[b]:
+                    if float(inf[b]) * lw < lim * float(weight[b]):
+                        pick = b
+                        break
+                    if first < 0:
+                        first = b
+                c = c + 1 if c + 1 < m else 0
+            if pick < 0:
+                pick = first
+        inf[pick] += 1
+        self._lf += 1
+        return pick
 
 
 # ---------------------------------------------------------------- framing

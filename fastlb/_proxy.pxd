@@ -33,6 +33,8 @@ cdef class Proxy:
     cdef public Py_ssize_t max_header_size
     cdef public int max_tries         # backends tried for one request, at most
     cdef public object health         # HealthChecker or None
+    cdef public bint eject_5xx        # 5xx responses count as backend failures
+    cdef public object _health_stop
     cdef public bytes proto
     cdef public bytes via             # None: no Via
     cdef public object log            # AccessLog, or None when off

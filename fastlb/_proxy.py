@@ -835,7 +835,9 @@ class ClientProtocol:
         if self.holding:
             self.holding = False
             proxy.balancer.release(backend.index)
-        if backend.fail_streak:
+        if status >= 500 and proxy.eject_5xx:
+            proxy.note_failure(backend, "status %d" % status)
+        elif backend.fail_streak:
             proxy.note_success(backend)
         if proxy.log is not None:
             proxy.log_request(self, status)
@@ -856,6 +858,8 @@ class ClientProtocol:
         """Refuse a request fastlb read itself: answer and close."""
         self.state = R_CLOSED
         msg = _ERRORS[(status, False)]
+        if status == 503 and self.proxy.health is not None:
+            msg = error_response(503, False, b"Retry-After: %d\r\n" % self.proxy.health.retry_after())
         self.sent += len(msg)
         if self.proxy.log is not None:
             self.proxy.log_request(self, status)
@@ -907,6 +911,8 @@ class ClientProtocol:
             else:
                 self._reject(408)
         elif state == R_DONE:
+            if self.up is not None:
+                self.proxy.note_failure(self.backend, "response timeout")
             self.outq = None
             self._fail(504)
 
@@ -952,6 +958,8 @@ class Proxy:
         self.max_header_size = opts.max_header_size
         self.max_tries = 1 + opts.retries
         self.health = None      # fastlb.health.HealthChecker, when checks are on
+        self.eject_5xx = False  # 5xx responses count as backend failures
+        self._health_stop = None
         self.proto = b"http"
         self.via = b"fastlb" if opts.via else None
         self.log = None if opts.access_log == "off" else AccessLog(opts.access_log)
@@ -992,9 +1000,14 @@ class Proxy:
         up.backend.push_idle(up, self.now)
 
     def note_failure(self, backend, reason):
+        """A request failed because of ``backend`` (passive health check input).
+
+        State changes are logged by the health checker, once each; single
+        failures only at debug level, so a dead backend under load does not
+        flood the log."""
         backend.failures += 1
         backend.fail_streak += 1
-        log.warning("backend %s: %s", backend.url, reason)
+        log.debug("backend %s: %s", backend.url, reason)
         if self.health is not None:
             self.health.on_failure(backend.index, reason)
 
@@ -1021,7 +1034,25 @@ class Proxy:
 
     # -------------------------------------------------------- shutdown
 
+    def start_health(self, config, weights=None):
+        """Start active and passive health checks (``fastlb.health.HealthConfig``)."""
+        from fastlb.health import HealthChecker
+
+        if not (config.active or config.passive):
+            return
+        self.eject_5xx = config.eject_5xx
+        self.health = HealthChecker(self.backends, self.balancer, config, self.loop,
+                                    weights=weights)
+        self.health.start()
+
+    async def wait_closed(self):
+        """After ``close()``: wait for the health checks to stop."""
+        if self._health_stop is not None:
+            await self._health_stop
+
     def close(self):
+        if self.health is not None and self._health_stop is None:
+            self._health_stop = self.loop.create_task(self.health.stop())
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None

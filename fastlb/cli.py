@@ -43,6 +43,16 @@ def _non_negative_int(text):
     return value
 
 
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
 def parse_listen(text):
     """``[HOST:]PORT`` (HOST may be ``[v6]``) -> (host, port)."""
     host, port = "127.0.0.1", text
@@ -96,6 +106,31 @@ def _add_common(p):
                    help="largest request head in bytes; larger gets 431 (default 65536)")
     t.add_argument("--retries", type=_non_negative_int, default=2,
                    help="other backends tried for a failed request (default 2)")
+    h = p.add_argument_group("health checks (see README)")
+    h.add_argument("--health-path", metavar="PATH",
+                   help="URL path probed on every backend; active checks are off without it")
+    h.add_argument("--health-interval", type=_positive(float), default=10.0, metavar="S",
+                   help="seconds between checks of a backend (default 10)")
+    h.add_argument("--health-timeout", type=_positive(float), metavar="S",
+                   help="a check taking longer fails (default: the smaller of 2 and the interval)")
+    h.add_argument("--health-rise", type=_positive(int), default=2, metavar="N",
+                   help="passed checks in a row to bring a backend up (default 2)")
+    h.add_argument("--health-fall", type=_positive(int), default=3, metavar="N",
+                   help="failed checks in a row to take a backend down (default 3)")
+    h.add_argument("--health-expect", default="200", metavar="STATUS",
+                   help="healthy statuses: 200, 2xx, 200-399, 200,204 (default 200)")
+    h.add_argument("--health-host", metavar="HOST",
+                   help="Host header of checks (default: the backend's host:port)")
+    h.add_argument("--slow-start", type=_non_negative_float, default=0.0, metavar="S",
+                   help="a recovered backend's share grows to full over S seconds (default 0: off)")
+    h.add_argument("--eject-after", type=_non_negative_int, default=3, metavar="N",
+                   help="failures in a row on real traffic that eject a backend (default 3; 0: off)")
+    h.add_argument("--eject-base", type=_positive(float), default=5.0, metavar="S",
+                   help="first ejection lasts S seconds, doubling while it keeps failing (default 5)")
+    h.add_argument("--eject-max", type=_positive(float), default=300.0, metavar="S",
+                   help="longest ejection (default 300)")
+    h.add_argument("--eject-5xx", action="store_true",
+                   help="count 5xx responses as failures for ejection")
     p.add_argument("--access-log", default="off", metavar="-|PATH|off",
                    help="one line per request to stdout (-), a file, or nowhere (off, default)")
     p.add_argument("--no-via", dest="via", action="store_false",
@@ -128,9 +163,16 @@ def build_parser():
 
 
 def options_from_args(args, backends):
+    from fastlb.health import HealthConfig
     from fastlb.server import Options
 
     host, port = parse_listen(args.listen)
+    health = HealthConfig(
+        path=args.health_path, interval=args.health_interval, timeout=args.health_timeout,
+        rise=args.health_rise, fall=args.health_fall, expect=args.health_expect,
+        host=args.health_host, slow_start=args.slow_start, eject_after=args.eject_after,
+        eject_base=args.eject_base, eject_max=max(args.eject_max, args.eject_base),
+        eject_5xx=args.eject_5xx)
     if args.access_log not in ("off", "-"):
         try:
             open(args.access_log, "a").close()
@@ -142,7 +184,7 @@ def options_from_args(args, backends):
         header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_idle=args.upstream_max_idle, max_header_size=args.max_header_size,
-        access_log=args.access_log, via=args.via, retries=args.retries,
+        access_log=args.access_log, via=args.via, retries=args.retries, health=health,
     )
 
 

@@ -11,10 +11,18 @@ import os
 
 from fastlb import _core_py
 
-_NAMES = ("RoundRobin", "ChunkedScanner", "rewrite_request_head", "rewrite_response_head",
+_NAMES = ("RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
+          "hash64", "hash_key", "ChunkedScanner", "rewrite_request_head", "rewrite_response_head",
           "find_head_end")
 
 RoundRobin_Py = _core_py.RoundRobin
+WeightedRoundRobin_Py = _core_py.WeightedRoundRobin
+LeastConn_Py = _core_py.LeastConn
+P2C_Py = _core_py.P2C
+Random_Py = _core_py.Random
+Maglev_Py = _core_py.Maglev
+hash64_Py = _core_py.hash64
+hash_key_Py = _core_py.hash_key
 ChunkedScanner_Py = _core_py.ChunkedScanner
 rewrite_request_head_Py = _core_py.rewrite_request_head
 rewrite_response_head_Py = _core_py.rewrite_response_head
@@ -33,11 +41,25 @@ elif os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
 
 if _c is not None:
     RoundRobin_C = _c.RoundRobin
+    WeightedRoundRobin_C = _c.WeightedRoundRobin
+    LeastConn_C = _c.LeastConn
+    P2C_C = _c.P2C
+    Random_C = _c.Random
+    Maglev_C = _c.Maglev
+    hash64_C = _c.hash64
+    hash_key_C = _c.hash_key
     ChunkedScanner_C = _c.ChunkedScanner
     rewrite_request_head_C = _c.rewrite_request_head
     rewrite_response_head_C = _c.rewrite_response_head
     find_head_end_C = _c.find_head_end
     RoundRobin = RoundRobin_C
+    WeightedRoundRobin = WeightedRoundRobin_C
+    LeastConn = LeastConn_C
+    P2C = P2C_C
+    Random = Random_C
+    Maglev = Maglev_C
+    hash64 = hash64_C
+    hash_key = hash_key_C
     ChunkedScanner = ChunkedScanner_C
     rewrite_request_head = rewrite_request_head_C
     rewrite_response_head = rewrite_response_head_C
@@ -45,8 +67,16 @@ if _c is not None:
     IMPL = "c"
 else:
     RoundRobin_C = ChunkedScanner_C = rewrite_request_head_C = rewrite_response_head_C = None
-    find_head_end_C = None
+    WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
+    hash64_C = hash_key_C = find_head_end_C = None
     RoundRobin = RoundRobin_Py
+    WeightedRoundRobin = WeightedRoundRobin_Py
+    LeastConn = LeastConn_Py
+    P2C = P2C_Py
+    Random = Random_Py
+    Maglev = Maglev_Py
+    hash64 = hash64_Py
+    hash_key = hash_key_Py
     ChunkedScanner = ChunkedScanner_Py
     rewrite_request_head = rewrite_request_head_Py
     rewrite_response_head = rewrite_response_head_Py

@@ -135,6 +135,7 @@ async def _demo(args):
     finally:
         lb.close()
         proxy.close()
+        await proxy.wait_closed()
         for srv in servers:
             srv.close()
     return 0 if errors == 0 else 1

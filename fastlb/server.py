@@ -5,6 +5,7 @@ import logging
 import signal
 
 from fastlb import core
+from fastlb.health import HealthConfig
 from fastlb.proxy import ClientProtocol, Proxy
 
 log = logging.getLogger("fastlb")
@@ -27,6 +28,7 @@ class Options:
     access_log: str = "off"              # "-", a path, or "off"
     via: bool = True
     retries: int = 2                     # more backends tried after a failure (see README)
+    health: object = None                # fastlb.health.HealthConfig; None: defaults
     backlog: int = 1024
 
 
@@ -38,6 +40,7 @@ async def start(opts, loop=None):
         lambda: ClientProtocol(proxy), opts.listen_host, opts.listen_port,
         reuse_address=True, backlog=opts.backlog)
     proxy.start()
+    proxy.start_health(opts.health if opts.health is not None else HealthConfig())
     return proxy, server
 
 
@@ -58,6 +61,7 @@ async def serve(opts, ready=None):
     finally:
         server.close()
         proxy.close()
+        await proxy.wait_closed()
         await server.wait_closed()
 
 

@@ -120,6 +120,7 @@ class Balancer:
         async def down():
             self.server.close()
             self.proxy.close()
+            await self.proxy.wait_closed()
             try:
                 await asyncio.wait_for(self.server.wait_closed(), 3)
             except asyncio.TimeoutError:
@@ -537,11 +538,22 @@ class FastlbProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        finally:
+            self._close_pipes()
 
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        self._close_pipes()
+
+    def _close_pipes(self):
+        drain = getattr(self, "_drain", None)
+        if drain is not None:
+            drain.join(5)
+        for f in (self.proc.stderr, self.proc.stdout):
+            if f is not None and not f.closed and (drain is None or not drain.is_alive()):
+                f.close()
 
 
 # ---------------------------------------------------------------- raw sockets

@@ -1,5 +1,13 @@
-"""RoundRobin, on both cores (the ``core`` fixture)."""
+"""The selectors (and hash_key, the registry), on both cores (the ``core`` fixture).
+
+Maglev has its own file, test_core_maglev.py.
+"""
+import collections
+import itertools
+
 import pytest
+
+from fastlb import errors, selection
 
 
 def picks(rr, k):
@@ -58,7 +66,7 @@ def test_single_backend(core):
     assert picks(rr, 3) == [0, 0, 0]
 
 
-def test_release_is_a_noop(core):
+def test_release_does_not_change_rotation(core):
     rr = core.RoundRobin([1, 1])
     rr.select()
     rr.release(0)
@@ -87,3 +95,359 @@ def test_large_pool(core):
     got = picks(rr, n)
     assert got[:3] == [7, 9, 11]
     assert sorted(set(got)) == list(range(1, n, 2))
+
+
+# ---------------------------------------------------------------- common surface
+
+NON_HASHED = ["RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random"]
+ALL = NON_HASHED + ["Maglev"]
+
+
+def make(core, cls, weights, seed=0):
+    if cls == "Maglev":
+        names = [b"10.0.0.%d:80" % i for i in range(len(weights))]
+        return core.Maglev(weights, names, seed, table_size=251)
+    return getattr(core, cls)(weights, seed)
+
+
+def sel(b, cls, i=0):
+    return b.select(b"key-%d" % i) if cls == "Maglev" else b.select()
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_in_flight_counting(core, cls):
+    b = make(core, cls, [1, 2, 3])
+    got = [sel(b, cls, i) for i in range(30)]
+    assert all(0 <= g < 3 for g in got)
+    counts = collections.Counter(got)
+    assert [b.in_flight(i) for i in range(3)] == [counts[i] for i in range(3)]
+    for g in got:
+        b.release(g)
+    assert [b.in_flight(i) for i in range(3)] == [0, 0, 0]
+    b.release(0)  # never below 0
+    assert b.in_flight(0) == 0
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_surface_errors(core, cls):
+    b = make(core, cls, [1, 1, 1])
+    assert b.n == 3
+    for idx in (-1, 3, 10**30):
+        for fn, args in ((b.release, ()), (b.in_flight, ()), (b.is_eligible, ()),
+                         (b.set_eligible, (True,)), (b.set_weight, (1,))):
+            with pytest.raises(IndexError, match="backend index out of range"):
+                fn(idx, *args)
+    with pytest.raises(ValueError, match="weight must be between 0 and 1000000, got -1"):
+        b.set_weight(0, -1)
+    with pytest.raises(ValueError, match="got 1000001"):
+        b.set_weight(0, 1000001)
+    with pytest.raises(TypeError, match="weight must be an integer, got 1.5"):
+        b.set_weight(0, 1.5)
+    with pytest.raises(ValueError, match="at least one backend"):
+        make(core, cls, [])
+
+
+@pytest.mark.parametrize("cls", [c for c in ALL if c != "RoundRobin"])
+def test_constructor_weights_checked(core, cls):
+    with pytest.raises(TypeError, match="weight must be an integer"):
+        make(core, cls, [1, 1.5])
+    with pytest.raises(ValueError, match="weight must be between"):
+        make(core, cls, [1, -2])
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_eligibility_and_zero_weight(core, cls):
+    b = make(core, cls, [1, 0, 1, 1])
+    for i in range(40):
+        assert sel(b, cls, i) in (0, 2, 3)
+    b.set_eligible(2, False)
+    assert not b.is_eligible(2) and b.is_eligible(1)
+    for i in range(40):
+        assert sel(b, cls, i) in (0, 3)
+    b.set_weight(1, 5)
+    b.set_eligible(0, False)
+    b.set_eligible(3, False)
+    assert {sel(b, cls, i) for i in range(40)} == {1}
+    b.set_weight(1, 0)
+    assert sel(b, cls) == -1
+    b.set_eligible(2, True)
+    assert {sel(b, cls, i) for i in range(40)} == {2}
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_all_zero(core, cls):
+    b = make(core, cls, [0, 0])
+    assert sel(b, cls) == -1
+    b.set_weight(1, 3)
+    assert sel(b, cls) == 1
+
+
+@pytest.mark.parametrize("cls", NON_HASHED)
+def test_key_ignored(core, cls):
+    a, b = make(core, cls, [1, 2, 3], seed=4), make(core, cls, [1, 2, 3], seed=4)
+    assert [a.select() for _ in range(20)] == [b.select(b"k%d" % i) for i in range(20)]
+
+
+# ---------------------------------------------------------------- round robin
+
+def test_rr_set_weight(core):
+    rr = core.RoundRobin([1, 1, 1])
+    rr.set_weight(1, 0)
+    assert picks(rr, 4) == [0, 2, 0, 2]
+    rr.set_weight(1, 7)
+    assert picks(rr, 3) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- smooth WRR
+
+def test_wrr_nginx_sequence(core):
+    w = core.WeightedRoundRobin([5, 1, 1])
+    assert picks(w, 14) == [0, 0, 1, 0, 2, 0, 0] * 2
+
+
+def test_wrr_shares(core):
+    w = core.WeightedRoundRobin([3, 2, 1, 0])
+    got = picks(w, 600)
+    c = collections.Counter(got)
+    assert (c[0], c[1], c[2], c[3]) == (300, 200, 100, 0)
+    # smooth: the heaviest backend never gets more than 2 picks in a row here
+    assert max(len(list(g)) for _, g in itertools.groupby(got)) <= 2
+
+
+def test_wrr_seed_rotates_ties(core):
+    assert picks(core.WeightedRoundRobin([1, 1, 1], seed=0), 6) == [0, 1, 2, 0, 1, 2]
+    assert picks(core.WeightedRoundRobin([1, 1, 1], seed=1), 6) == [1, 2, 0, 1, 2, 0]
+    assert picks(core.WeightedRoundRobin([1, 1, 1], seed=-1), 3) == [2, 0, 1]
+
+
+def test_wrr_set_weight_resets(core):
+    w = core.WeightedRoundRobin([5, 1, 1])
+    picks(w, 3)
+    w.set_weight(0, 1)
+    w.set_weight(2, 5)
+    assert picks(w, 7) == [2, 2, 0, 2, 1, 2, 2]
+
+
+def test_wrr_ineligible(core):
+    w = core.WeightedRoundRobin([5, 1, 1])
+    w.set_eligible(0, False)
+    assert picks(w, 4) == [1, 2, 1, 2]
+
+
+# ---------------------------------------------------------------- least-conn
+
+def test_least_conn_prefers_idle(core):
+    lc = core.LeastConn([1, 1, 1, 1])
+    assert picks(lc, 4) == [0, 1, 2, 3]          # ties: rotation
+    for _ in range(3):
+        lc.release(2)                            # 2 finished (and never goes below 0)
+    assert lc.in_flight(2) == 0
+    assert lc.select() == 2                      # the idle one
+    assert lc.select() == 3                      # all at 1: rotation resumes after 2
+
+
+def test_least_conn_rotation_and_skew(core):
+    lc = core.LeastConn([1, 1, 1])
+    assert picks(lc, 6) == [0, 1, 2, 0, 1, 2]
+    lc = core.LeastConn([1, 1, 1])
+    for _ in range(10):
+        assert lc.select() != -1
+    # skew: 1 and 2 finish everything, 0 keeps its requests
+    while lc.in_flight(1):
+        lc.release(1)
+    while lc.in_flight(2):
+        lc.release(2)
+    got = picks(lc, 6)
+    assert 0 not in got and collections.Counter(got) == {1: 3, 2: 3}
+
+
+def test_least_conn_weighted(core):
+    lc = core.LeastConn([3, 1])
+    got = picks(lc, 40)
+    assert collections.Counter(got) == {0: 30, 1: 10}
+    assert [lc.in_flight(0), lc.in_flight(1)] == [30, 10]
+
+
+def test_least_conn_seed(core):
+    assert picks(core.LeastConn([1, 1, 1], seed=2), 3) == [2, 0, 1]
+
+
+# ---------------------------------------------------------------- p2c
+
+def test_p2c_prefers_idle(core):
+    p = core.P2C([1] * 4, seed=3)
+    for _ in range(200):
+        p.select()
+    while p.in_flight(3):
+        p.release(3)
+    # 3 is idle; every draw that includes it picks it, until it catches up
+    got = picks(p, 20)
+    assert got.count(3) >= 8
+    assert p.in_flight(3) <= max(p.in_flight(i) for i in range(3))
+
+
+def test_p2c_balances(core):
+    p = core.P2C([1] * 5, seed=11)
+    picks(p, 1000)
+    loads = [p.in_flight(i) for i in range(5)]
+    assert sum(loads) == 1000 and max(loads) - min(loads) <= 2
+
+
+def test_p2c_weighted(core):
+    p = core.P2C([4, 1], seed=5)
+    picks(p, 500)
+    assert abs(p.in_flight(0) - 400) <= 2
+
+
+def test_p2c_distinct_and_single(core):
+    p = core.P2C([1, 1, 1], seed=1)
+    p.set_eligible(0, False)
+    p.set_eligible(2, False)
+    assert picks(p, 3) == [1, 1, 1]
+    # two live backends: the two candidates are always both, so each pair of picks
+    # covers both (the first of a pair is a tie, broken at random)
+    p = core.P2C([1, 1], seed=9)
+    got = picks(p, 40)
+    assert all(sorted(got[i:i + 2]) == [0, 1] for i in range(0, 40, 2))
+    assert len(set(got[0::2])) == 2
+
+
+def test_p2c_seed_reproducible(core):
+    a, b = core.P2C([1] * 8, seed=42), core.P2C([1] * 8, seed=42)
+    assert picks(a, 50) == picks(b, 50)
+
+
+# ---------------------------------------------------------------- random
+
+def test_random_golden(core):
+    # pins splitmix64 and the draw: any change shows up here (and in the parity test)
+    r = core.Random([1, 1, 1, 1, 1, 1, 1, 1], seed=1)
+    assert picks(r, 12) == [1, 7, 6, 3, 1, 0, 5, 5, 0, 6, 1, 6]
+
+
+def test_random_shares(core):
+    r = core.Random([1, 3, 0, 6], seed=7)
+    c = collections.Counter(picks(r, 20000))
+    assert c[2] == 0
+    assert abs(c[0] - 2000) < 250 and abs(c[1] - 6000) < 400 and abs(c[3] - 12000) < 500
+
+
+def test_random_seeds_differ(core):
+    assert picks(core.Random([1] * 10, seed=1), 20) != picks(core.Random([1] * 10, seed=2), 20)
+
+
+# ---------------------------------------------------------------- hash_key
+
+HEAD = (b"GET /a/b%20c?x=1&user=al%20ice&flag&y=&user=bob#frag HTTP/1.1\r\n"
+        b"Host: example.com\r\n"
+        b"X-Session:  \t abc 123 \t\r\n"
+        b"x-session: second\r\n"
+        b"Cookie: theme=dark; sid=\"q1\"; empty=\r\n"
+        b"Empty:\r\n"
+        b"cookie: sid=late; other = v2 ;bare\r\n"
+        b"\r\n")
+
+
+@pytest.mark.parametrize("kind,name,want", [
+    ("path", b"", b"/a/b%20c"),
+    ("path", b"ignored", b"/a/b%20c"),
+    ("query", b"x", b"1"),
+    ("query", b"user", b"al%20ice"),
+    ("query", "user", b"al%20ice"),
+    ("query", b"flag", b""),
+    ("query", b"y", b""),
+    ("query", b"frag", b""),
+    ("query", b"missing", b""),
+    ("query", b"USER", b""),
+    ("header", b"x-session", b"abc 123"),
+    ("header", b"X-SESSION", b"abc 123"),
+    ("header", "Host", b"example.com"),
+    ("header", b"empty", b""),
+    ("header", b"Host:", b""),
+    ("header", b"missing", b""),
+    ("cookie", b"theme", b"dark"),
+    ("cookie", b"sid", b'"q1"'),
+    ("cookie", b"empty", b""),
+    ("cookie", b"other", b"v2"),
+    ("cookie", b"bare", b""),
+    ("cookie", b"Theme", b""),
+    ("cookie", b"missing", b""),
+])
+def test_hash_key(core, kind, name, want):
+    assert core.hash_key(HEAD, kind, name) == want
+
+
+@pytest.mark.parametrize("target,path,query_q", [
+    (b"/", b"/", b""),
+    (b"/p?q=v", b"/p", b"v"),
+    (b"/p?a=1&q=2&q=3", b"/p", b"2"),
+    (b"/p#x?q=1", b"/p", b"1"),
+    (b"*", b"*", b""),
+    (b"http://h.example:8080/x/y?q=9", b"/x/y", b"9"),
+    (b"https://h", b"/", b""),
+    (b"http://h?q=1", b"/", b"1"),
+    (b"/?q", b"/", b""),
+    (b"/?=&q=a=b", b"/", b"a=b"),
+])
+def test_hash_key_targets(core, target, path, query_q):
+    head = b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert core.hash_key(head, "path") == path
+    assert core.hash_key(head, "query", b"q") == query_q
+
+
+def test_hash_key_no_fields_and_garbage(core):
+    assert core.hash_key(b"GET / HTTP/1.1\r\n\r\n", "header", b"host") == b""
+    assert core.hash_key(b"", "path") == b""
+    assert core.hash_key(b"garbage", "header", b"x") == b""
+    assert core.hash_key(b"GET /x HTTP/1.1\r\nA: 1", "header", b"a") == b"1"
+    assert core.hash_key(b"GET /x HTTP/1.1\r\nCookie: a=1\r\n\r\nCookie: b=2\r\n",
+                         "cookie", b"b") == b""
+
+
+def test_hash_key_errors(core):
+    with pytest.raises(ValueError, match="unknown hash key kind: 'ip'"):
+        core.hash_key(HEAD, "ip", b"x")
+    with pytest.raises(ValueError, match="a header hash key needs a name"):
+        core.hash_key(HEAD, "header", b"")
+    with pytest.raises(TypeError, match="head must be bytes"):
+        core.hash_key(bytearray(HEAD), "path")
+    with pytest.raises(TypeError, match="name must be bytes or str"):
+        core.hash_key(HEAD, "header", 5)
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_builds_each():
+    from fastlb import core as switch
+    assert selection.ALGORITHMS == ("round-robin", "weighted-round-robin", "least-conn", "p2c",
+                                    "random", "maglev")
+    classes = ["RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev"]
+    names = [b"a:1", b"b:1", b"c:1"]
+    for name, cls in zip(selection.ALGORITHMS, classes):
+        b = selection.make_balancer(name, [1, 2, 3], names, seed=5)
+        assert type(b) is getattr(switch, cls)   # follows the switch
+        assert b.n == 3
+        got = b.select(b"k")
+        assert 0 <= got < 3
+        b.release(got)
+        assert b.in_flight(got) == 0
+    m = selection.make_balancer("maglev", [1, 1], ["a", "b"], table_size=7, balance_factor=1.5)
+    assert (m.table_size, m.balance_factor) == (7, 1.5)
+    assert m.select(b"") == -2
+
+
+@pytest.mark.parametrize("args,kw,msg", [
+    (("leastconn", [1], [b"a"]), {}, "unknown balancing algorithm 'leastconn'"),
+    ((None, [1], [b"a"]), {}, "unknown balancing algorithm None"),
+    (("p2c", [1], [b"a"]), {"table_size": 7}, "unknown option 'table_size' for p2c"),
+    (("maglev", [1], [b"a"]), {"size": 7}, "unknown option 'size' for maglev"),
+    (("maglev", [1], [b"a"]), {"table_size": 100}, "maglev: table_size must be a prime.*got 100"),
+    (("maglev", [1], [b"a"]), {"balance_factor": 0.5}, "balance_factor must be 0 .* got 0.5"),
+    (("maglev", [1, 1], [b"a", b"a"]), {}, "names must be distinct"),
+    (("weighted-round-robin", [1, -1], [b"a", b"b"]), {}, "weighted-round-robin: weight .* got -1"),
+    (("random", [], []), {}, "random: a balancer needs at least one backend"),
+    (("least-conn", [1, 1], [b"a"]), {}, "least-conn: 1 names for 2 backends"),
+])
+def test_registry_errors(args, kw, msg):
+    with pytest.raises(errors.ConfigError, match=msg):
+        selection.make_balancer(*args, **kw)

@@ -205,7 +205,8 @@ def test_public_names(C):
                   if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not n.name.startswith("_")}
     c_names = {n for n in dir(C) if not n.startswith("_")}
     assert c_names == set(P.__all__) == stub_names == set(C.__all__)
-    for cls in ("RoundRobin", "ChunkedScanner"):
+    for cls in ("RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
+                "ChunkedScanner"):
         py_members = {m for m in dir(getattr(P, cls)) if not m.startswith("_")}
         c_members = {m for m in dir(getattr(C, cls)) if not m.startswith("_")}
         assert py_members == c_members, cls
@@ -280,3 +281,106 @@ def test_round_robin(C):
             else:
                 idx = rng.randrange(-1, n + 1)
                 assert outcome(a.is_eligible, idx) == outcome(b.is_eligible, idx)
+
+
+# ---------------------------------------------------------------- selectors
+
+SELECTORS = ["RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev"]
+N_SELECT_RUNS = max(20, N_CASES // 30)
+
+
+def build(mod, cls, weights, names, seed, table_size, factor):
+    if cls == "Maglev":
+        return outcome(mod.Maglev, weights, names, seed, table_size, factor)
+    return outcome(getattr(mod, cls), weights, seed)
+
+
+@pytest.mark.parametrize("cls", SELECTORS)
+def test_selectors(C, cls):
+    """Seeded random sequences of select / release / set_eligible / set_weight / in_flight."""
+    rng = random.Random(SELECTORS.index(cls) * 7919 + 1)
+    made = 0
+    for run in range(N_SELECT_RUNS):
+        n = rng.randint(1, 12)
+        weights = [rng.choice([0, 1, 1, 1, 2, 3, 10, 1000]) for _ in range(n)]
+        if rng.random() < 0.03:
+            weights[rng.randrange(n)] = rng.choice([-1, 1.5, 10**6 + 1])
+        names = [b"10.0.%d.%d:%d" % (rng.randrange(3), rng.randrange(9), rng.choice([80, 8080]))
+                 for _ in range(n)]
+        if rng.random() < 0.95:  # mostly distinct, in a random order
+            names = [nm + b"/%d" % i for i, nm in enumerate(names)]
+            rng.shuffle(names)
+        seed = rng.choice([0, 1, -3, rng.randrange(2**70)])
+        table_size = rng.choice([n, 13, 97, 101, 251, 1009, 1009, 100])
+        factor = rng.choice([0.0, 0.0, 1.0, 1.25, 2.0, 1.25, 0.5])
+        ra = build(P, cls, weights, names, seed, table_size, factor)
+        rb = build(C, cls, weights, names, seed, table_size, factor)
+        assert (ra[0], ra[1:] if ra[0] != "ok" else None) == \
+            (rb[0], rb[1:] if rb[0] != "ok" else None), (run, weights, names, table_size, factor)
+        if ra[0] != "ok":
+            continue
+        made += 1
+        a, b = ra[1], rb[1]
+        assert a.n == b.n == n
+        outstanding = []
+        for step in range(300):
+            op = rng.random()
+            if op < 0.55:
+                key = rng.choice([b"", b"k", b"user-%d" % rng.randrange(50), bytes(rng.randrange(256)
+                                  for _ in range(rng.randrange(40)))])
+                x, y = outcome(a.select, key), outcome(b.select, key)
+                assert x == y, (run, step, key)
+                if x[0] == "ok" and x[1] >= 0:
+                    outstanding.append(x[1])
+            elif op < 0.75:
+                if outstanding and rng.random() < 0.9:
+                    idx = outstanding.pop(rng.randrange(len(outstanding)))
+                else:
+                    idx = rng.randrange(-1, n + 1)
+                assert outcome(a.release, idx) == outcome(b.release, idx), (run, step)
+            elif op < 0.88:
+                idx = rng.randrange(-1, n + 1)
+                ok = rng.random() < 0.6
+                assert outcome(a.set_eligible, idx, ok) == outcome(b.set_eligible, idx, ok)
+            elif op < 0.93:
+                idx = rng.randrange(-1, n + 1)
+                w = rng.choice([0, 1, 2, 5, 1000, -1, 1.0])
+                assert outcome(a.set_weight, idx, w) == outcome(b.set_weight, idx, w)
+            else:
+                idx = rng.randrange(-1, n + 1)
+                assert outcome(a.in_flight, idx) == outcome(b.in_flight, idx)
+                assert outcome(a.is_eligible, idx) == outcome(b.is_eligible, idx)
+        assert [a.in_flight(i) for i in range(n)] == [b.in_flight(i) for i in range(n)]
+    assert made > N_SELECT_RUNS // 2
+
+
+def test_hash64(C):
+    rng = random.Random(64)
+    for i in range(N_CASES):
+        data = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 4, 7, 8, 15, 31, 32,
+                                                                    33, 63, 64, 100, 300])))
+        seed = rng.choice([0, 1, -1, rng.randrange(2**64), rng.randrange(2**80)])
+        assert P.hash64(data, seed) == C.hash64(data, seed), (data, seed)
+
+
+HK_NAMES = [b"x", b"q", b"user", b"sid", b"Host", b"host", b"cookie", b"X-Custom", b"a",
+            b"theme", "user", b"", b"=", b"a b"]
+
+
+def test_hash_key(C):
+    rng = random.Random(5150)
+    for i in range(N_CASES):
+        raw = rand_request(rng)
+        if rng.random() < 0.5:
+            target = rng.choice([b"/p?x=1&q=&user=bob", b"/a?q", b"http://h:1/z?sid=1#f", b"/?&&x",
+                                 b"https://h", b"*", b"/p#x?q=2", b"/?x==y&x=2"])
+            cookie = rng.choice([b"Cookie: sid=1; theme=dark\r\n", b"Cookie:a=1;;b\r\ncookie: sid = 2 \r\n",
+                                 b"COOKIE: sid=\"x\"; user=u\r\n", b""])
+            raw = raw.replace(b" ", b" " + target + b" ", 1) if rng.random() < 0.2 else \
+                b"GET " + target + b" HTTP/1.1\r\n" + cookie + raw.partition(b"\r\n")[2]
+        if rng.random() < 0.1:
+            raw = mutate(rng, raw)
+        kind = rng.choice(["path", "query", "header", "cookie", "ip"])
+        name = rng.choice(HK_NAMES)
+        assert outcome(P.hash_key, raw, kind, name) == outcome(C.hash_key, raw, kind, name), \
+            (i, raw, kind, name)

@@ -43,6 +43,7 @@ class BackendProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(5)
+        self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -89,6 +90,8 @@ async def _load(port, clients, per_client, during=None):
                 status, backend = await asyncio.wait_for(_get(reader, writer), 10)
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
                 errors += 1
+                if writer is not None:
+                    writer.close()
                 writer = None
                 continue
             if status == 200:
@@ -115,19 +118,31 @@ async def _load(port, clients, per_client, during=None):
 def _sequence(port, n):
     async def go():
         reader, writer = await asyncio.open_connection(HOST, port)
-        out = []
-        for _ in range(n):
-            out.append((await _get(reader, writer))[1])
-        writer.close()
-        return out
+        try:
+            return [(await _get(reader, writer))[1] for _ in range(n)]
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
 
     return asyncio.run(go())
 
 
+MODES = {
+    # active checks as in the challenge: probe /health every second
+    "active": ["--health-path", "/health", "--health-interval", "1"],
+    # no active checks: only failures on real traffic eject a backend
+    "passive": ["--eject-base", "1"],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("clients,per_client", [(3, 40), (200, 10)], ids=["3-parallel", "200-parallel"])
-def test_kill_backend_under_load_no_client_errors(three_backends, clients, per_client):
+def test_kill_backend_under_load_no_client_errors(three_backends, clients, per_client, mode):
     a, b, c = three_backends
-    lb = FastlbProcess([(HOST, p.port) for p in three_backends])
+    lb = FastlbProcess([(HOST, p.port) for p in three_backends], *MODES[mode])
     try:
         assert _sequence(lb.port, 6) == ["A", "B", "C", "A", "B", "C"]
         ok, errors, seen = asyncio.run(_load(lb.port, clients, per_client, during=b.kill))
@@ -140,19 +155,103 @@ def test_kill_backend_under_load_no_client_errors(three_backends, clients, per_c
         lb.terminate()
 
 
-def test_restarted_backend_serves_again(three_backends):
+def _wait_for_backend(port, name, limit):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if name in _sequence(port, 6):
+                return time.monotonic()
+        except (asyncio.IncompleteReadError, OSError):
+            pass  # 503 while every backend is down closes the connection
+        time.sleep(0.05)
+    pytest.fail(f"backend {name} did not serve again within {limit} s")
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_restarted_backend_serves_again(three_backends, mode):
     a, b, c = three_backends
-    lb = FastlbProcess([(HOST, p.port) for p in three_backends])
+    lb = FastlbProcess([(HOST, p.port) for p in three_backends], *MODES[mode])
     try:
         b.kill()
         assert set(_sequence(lb.port, 6)) == {"A", "C"}
+        time.sleep(1.5)  # let the checks notice
         b.start()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if "B" in _sequence(lb.port, 6):
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("restarted backend B never served again")
+        t0 = time.monotonic()
+        # active: interval x rise + 1 s; passive: the 1 s ejection, then a trial request
+        _wait_for_backend(lb.port, "B", 3.5)
+        assert time.monotonic() - t0 < 3.5
     finally:
         lb.terminate()
+
+
+def _get_once(port):
+    async def go():
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(b"GET /x HTTP/1.1\r\nHost: lb\r\n\r\n")
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_all_backends_down_503_then_recovers(three_backends, mode):
+    lb = FastlbProcess([(HOST, p.port) for p in three_backends], *MODES[mode])
+    try:
+        for p in three_backends:
+            p.kill()
+        # until the checks notice, requests fail over and end in 502; then 503 at once
+        deadline = time.monotonic() + 6
+        while True:
+            t0 = time.monotonic()
+            head = _get_once(lb.port)
+            took = time.monotonic() - t0
+            if head.startswith(b"HTTP/1.1 503"):
+                break
+            assert head.startswith(b"HTTP/1.1 502"), head
+            assert time.monotonic() < deadline, "never answered 503"
+            time.sleep(0.1)
+        assert b"\r\nRetry-After: " in head
+        assert took < 0.5
+        # the process keeps serving; a restarted backend brings traffic back
+        three_backends[0].start()
+        _wait_for_backend(lb.port, "A", 4)
+    finally:
+        lb.terminate()
+
+
+def test_health_checks_carry_user_agent_and_path(tmp_path):
+    """A backend sees the probes: GET on --health-path with fastlb's User-Agent."""
+    seen = []
+
+    async def main():
+        async def handle(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        lb = await asyncio.to_thread(
+            FastlbProcess, [(HOST, port)], "--health-path", "/healthz", "--health-interval", "0.2")
+        try:
+            for _ in range(50):
+                if len(seen) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await asyncio.to_thread(lb.terminate)
+            server.close()
+
+    asyncio.run(main())
+    assert len(seen) >= 2
+    assert seen[0].startswith(b"GET /healthz HTTP/1.1\r\n")
+    assert b"\r\nUser-Agent: fastlb-health/" in seen[0]

@@ -1,0 +1,598 @@
+"""Health checking: active HTTP checks, passive ejection, slow start, admin drain.
+
+Plain asyncio, independent of the data path: it only talks to the balancer
+through ``set_eligible(idx, ok)`` and ``set_weight(idx, w)``, and is told about
+real traffic through ``on_success`` / ``on_failure`` / ``on_response``. Every
+method must be called on the event loop's thread.
+
+Per backend it keeps four independent facts; the backend is *eligible* (the
+balancer may pick it) when all four allow it::
+
+    eligible = UP (active checks) and admin-enabled and not ejected (passive)
+
+and the balancer is written only when that changes.
+
+Active checks (``HealthConfig.path`` set): one task per backend, each opening
+a fresh TCP connection (never the request pool) every ``interval`` seconds,
+sending ``GET path HTTP/1.1`` with ``Connection: close`` and reading the
+status line, the whole check bounded by ``timeout``. Counting is HAProxy's: a
+DOWN backend needs ``rise`` consecutive passing checks to come UP, an UP one
+``fall`` consecutive failing checks to go DOWN. First checks are spread at
+random over the first interval so backends are not all checked at once.
+
+Initial state: every backend starts UP and *unconfirmed*, and the first
+failed check takes an unconfirmed backend DOWN at once (``fall`` applies from
+the first check on). Starting UP means the balancer serves from the first
+second (a health check needing ``rise`` passes before any traffic would turn
+every restart into an outage of ``rise * interval``); the data path already
+fails over on a failed connect, passive ejection reacts to the first real
+failures, and the one-strike rule for the first check bounds how long a dead
+backend stays in rotation to the jitter of its first check (< ``interval``).
+
+Passive checks (``eject_after`` > 0): the data path reports each outcome on
+real traffic. After ``eject_after`` consecutive failures the backend is
+ejected for a back-off that starts at ``eject_base`` and doubles with each
+consecutive ejection up to ``eject_max``; the level goes back to the base once
+the backend has stayed in rotation ``eject_reset`` seconds since its last
+return. When the back-off ends:
+
+* with active checks on, it returns only after a check that *started after*
+  the back-off ended passes (the check is run at once, not at the next tick);
+* with active checks off, it is re-admitted on trial.
+
+Either way it comes back on trial: its first failure on traffic ejects it
+again at once (doubled back-off); its first success ends the trial.
+
+Slow start (``slow_start`` > 0): when a backend becomes eligible again (not
+at startup) its weight ramps from 10% of its configured weight to 100% in
+``SLOW_START_STEPS`` steps over ``slow_start`` seconds. Weights given to the
+balancer are ints scaled by ``WEIGHT_SCALE`` (100): configured weight ``w`` is
+``w * 100`` at full weight, so 10% of weight 1 is 10. With slow start on,
+``start()`` sets every backend's weight to ``w * WEIGHT_SCALE`` so all weights
+share the scale; with it off the checker never calls ``set_weight``.
+"""
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+import re
+from typing import Optional
+
+from fastlb.errors import ConfigError
+
+__all__ = [
+    "HealthConfig",
+    "HealthChecker",
+    "parse_expect",
+    "WEIGHT_SCALE",
+    "SLOW_START_STEPS",
+]
+
+WEIGHT_SCALE = 100          # balancer weight = configured weight * WEIGHT_SCALE
+SLOW_START_STEPS = 10       # the ramp: 10%, 19%, ..., 91%, then 100%
+_STATUS_LINE_MAX = 4096     # a longer first line is garbage
+_STATUS_RE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])[ \r\n]")
+_VISIBLE = re.compile(r"[!-~]+\Z")                 # visible ASCII, no space
+_HOST_VALUE = re.compile(r"[!-~](?:[ -~]*[!-~])?\Z")  # visible ASCII, inner spaces
+
+
+# ---------------------------------------------------------------- configuration
+
+def parse_expect(spec):
+    """Parse an expected-status spec into a tuple of inclusive ``(lo, hi)`` ranges.
+
+    ``spec`` is a comma-separated list of codes (``200``), classes (``2xx``)
+    and ranges (``200-399``), codes 100 to 599. Raises ``ConfigError`` naming
+    ``--health-expect``.
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(f"--health-expect: expected a string, got {spec!r}")
+    ranges = []
+    for item in spec.split(","):
+        item = item.strip().lower()
+        if re.fullmatch(r"[1-5]xx", item):
+            lo = int(item[0]) * 100
+            ranges.append((lo, lo + 99))
+            continue
+        m = re.fullmatch(r"([0-9]{3})(?:\s*-\s*([0-9]{3}))?", item)
+        if m is None:
+            raise ConfigError(
+                f"--health-expect {spec!r}: {item or 'an empty item'!s} is not a status code, "
+                "class (2xx) or range (200-399)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        if not (100 <= lo <= 599 and 100 <= hi <= 599):
+            raise ConfigError(f"--health-expect {spec!r}: status codes are 100 to 599")
+        if hi < lo:
+            raise ConfigError(f"--health-expect {spec!r}: empty range {item}")
+        ranges.append((lo, hi))
+    return tuple(ranges)
+
+
+def _check_number(flag, value, *, integer=False, minimum=0.0, strict=False):
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value != value:
+        raise ConfigError(f"{flag}: expected {'an integer' if integer else 'a number'}, "
+                          f"got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        rel = "greater than" if strict else "at least"
+        raise ConfigError(f"{flag}: must be {rel} {minimum:g}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    """Health-check settings; validated on construction (``ConfigError`` names the flag).
+
+    Suggested flags in brackets.
+    """
+
+    path: Optional[str] = None      # [--health-path] None: active checks off
+    interval: float = 10.0          # [--health-interval] seconds between check starts
+    timeout: Optional[float] = None  # [--health-timeout] whole check; None: min(2, interval)
+    rise: int = 2                   # [--health-rise] passes for DOWN -> UP
+    fall: int = 3                   # [--health-fall] failures for UP -> DOWN
+    expect: str = "200"             # [--health-expect] "200", "2xx", "200-399", "200,204"
+    host: Optional[str] = None      # [--health-host] Host header; None: backend host:port
+    slow_start: float = 0.0         # [--slow-start] seconds of weight ramp; 0: off
+    eject_after: int = 3            # [--eject-after] consecutive traffic failures; 0: off
+    eject_base: float = 5.0         # [--eject-base] first ejection, doubled each time
+    eject_max: float = 300.0        # [--eject-max] longest ejection
+    eject_reset: float = 60.0       # [--eject-reset] back in rotation this long: back-off reset
+    eject_5xx: bool = False         # [--eject-5xx] count 5xx responses as failures
+    expect_ranges: tuple = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.path is not None:
+            if not isinstance(self.path, str) or not self.path.startswith("/") \
+                    or not _VISIBLE.match(self.path):
+                raise ConfigError(f"--health-path {self.path!r}: expected an absolute path "
+                                  "such as /healthz (visible ASCII, no spaces)")
+        _check_number("--health-interval", self.interval, strict=True)
+        timeout = self.timeout
+        if timeout is None:
+            timeout = min(2.0, float(self.interval))
+            object.__setattr__(self, "timeout", timeout)
+        _check_number("--health-timeout", timeout, strict=True)
+        if timeout > self.interval:
+            raise ConfigError(f"--health-timeout {timeout:g}: must not exceed "
+                              f"--health-interval {self.interval:g}")
+        _check_number("--health-rise", self.rise, integer=True, minimum=1)
+        _check_number("--health-fall", self.fall, integer=True, minimum=1)
+        object.__setattr__(self, "expect_ranges", parse_expect(self.expect))
+        if self.host is not None and (not isinstance(self.host, str)
+                                      or not _HOST_VALUE.match(self.host)):
+            raise ConfigError(f"--health-host {self.host!r}: expected a host name "
+                              "(visible ASCII)")
+        _check_number("--slow-start", self.slow_start)
+        _check_number("--eject-after", self.eject_after, integer=True)
+        _check_number("--eject-base", self.eject_base, strict=True)
+        _check_number("--eject-max", self.eject_max, strict=True)
+        if self.eject_max < self.eject_base:
+            raise ConfigError(f"--eject-max {self.eject_max:g}: must be at least "
+                              f"--eject-base {self.eject_base:g}")
+        _check_number("--eject-reset", self.eject_reset, strict=True)
+        if not isinstance(self.eject_5xx, bool):
+            raise ConfigError(f"--eject-5xx: expected a bool, got {self.eject_5xx!r}")
+
+    @property
+    def active(self):
+        """Active checks are on."""
+        return self.path is not None
+
+    @property
+    def passive(self):
+        """Passive ejection is on."""
+        return self.eject_after > 0
+
+    def status_ok(self, status):
+        """Whether a health-check response status matches ``expect``."""
+        for lo, hi in self.expect_ranges:
+            if lo <= status <= hi:
+                return True
+        return False
+
+
+# ---------------------------------------------------------------- the checker
+
+class _State:
+    """What the checker knows about one backend."""
+
+    __slots__ = (
+        "index", "url", "host", "port", "request", "weight", "cur_weight",
+        "up", "confirmed", "oks", "fails", "admin", "eligible",
+        "pfails", "ejected", "ejected_until", "eject_count", "awaiting", "trial",
+        "readmitted_at", "timer", "ramp", "ramp_step", "wake", "last_failure",
+    )
+
+    def __init__(self, backend, weight, request):
+        self.index = backend.index
+        self.url = backend.url
+        self.host = backend.host
+        self.port = backend.port
+        self.request = request
+        self.weight = weight         # configured (unscaled)
+        self.cur_weight = None       # last value given to set_weight
+        self.up = True
+        self.confirmed = False       # no check has completed yet
+        self.oks = 0                 # consecutive passing checks
+        self.fails = 0               # consecutive failing checks
+        self.admin = True
+        self.eligible = True         # last value given to set_eligible
+        self.pfails = 0              # consecutive failures on real traffic
+        self.ejected = False         # out by passive ejection (incl. waiting for a check)
+        self.ejected_until = 0.0     # loop.time() the current back-off ends
+        self.eject_count = 0         # consecutive ejections (back-off level)
+        self.awaiting = False        # back-off over, waiting for a passing check
+        self.trial = False           # back from ejection: next failure re-ejects
+        self.readmitted_at = 0.0
+        self.timer = None            # back-off end (TimerHandle)
+        self.ramp = None             # next slow-start step (TimerHandle)
+        self.ramp_step = 0
+        self.wake = asyncio.Event()  # set: run a check now
+        self.last_failure = None
+
+
+def _times(n, word):
+    return f"{n} consecutive {word}" if n == 1 else f"{n} consecutive {word}s"
+
+
+def _netloc(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class HealthChecker:
+    """Active and passive health of ``backends``, applied to ``balancer``.
+
+    ``backends``: objects with ``.index`` (0..n-1, the balancer index),
+    ``.host``, ``.port``, ``.url``. ``balancer``: ``set_eligible(idx, ok)``,
+    ``is_eligible(idx)``, and ``set_weight(idx, w)`` (ints) when slow start is
+    on. ``weights``: configured weights (default all 1). ``seed`` seeds the
+    first-check jitter. ``logger`` defaults to ``logging.getLogger("fastlb.health")``.
+    """
+
+    def __init__(self, backends, balancer, config, loop, logger=None, weights=None,
+                 seed=None):
+        from fastlb import __version__
+
+        backends = list(backends)
+        if weights is None:
+            weights = [1] * len(backends)
+        weights = list(weights)
+        if len(weights) != len(backends):
+            raise ValueError("one weight per backend")
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+                raise ValueError(f"weights are non-negative ints, got {w!r}")
+        self.config = config
+        self._loop = loop
+        self._bal = balancer
+        self._log = logger if logger is not None else logging.getLogger("fastlb.health")
+        self._rng = random.Random(seed)
+        self._states = []
+        for pos, (b, w) in enumerate(zip(backends, weights)):
+            if b.index != pos:
+                raise ValueError("backends must be given in index order 0..n-1")
+            host = config.host if config.host is not None else _netloc(b.host, b.port)
+            request = (f"GET {config.path} HTTP/1.1\r\nHost: {host}\r\n"
+                       f"User-Agent: fastlb-health/{__version__}\r\n"
+                       "Connection: close\r\n\r\n").encode("ascii") if config.active else b""
+            self._states.append(_State(b, w, request))
+        self._n_eligible = len(self._states)
+        self._tasks = []
+        self._started = False
+        self._stopped = False
+
+    # -------------------------------------------------------- lifecycle
+
+    def start(self):
+        """Start the active checks (if any); sync weights for slow start."""
+        if self._started:
+            raise RuntimeError("HealthChecker already started")
+        self._started = True
+        cfg = self.config
+        for st in self._states:
+            # The balancer starts with every backend eligible; keep it in step.
+            if self._bal.is_eligible(st.index) != st.eligible:
+                self._bal.set_eligible(st.index, st.eligible)
+            if cfg.slow_start > 0:
+                self._set_weight(st, st.weight * WEIGHT_SCALE)
+        if cfg.active:
+            now = self._loop.time()
+            for st in self._states:
+                first = now + self._rng.uniform(0.0, cfg.interval)
+                self._tasks.append(self._loop.create_task(
+                    self._check_loop(st, first), name=f"fastlb-health {st.url}"))
+
+    async def stop(self):
+        """Cancel checks and timers and wait for the check tasks to end."""
+        self._stopped = True
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for st in self._states:
+            if st.timer is not None:
+                st.timer.cancel()
+                st.timer = None
+            if st.ramp is not None:
+                self._cancel_ramp(st)
+                self._set_weight(st, st.weight * WEIGHT_SCALE)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -------------------------------------------------------- queries
+
+    def all_down(self):
+        """True when no backend is eligible (answer 503 + Retry-After at once)."""
+        return self._n_eligible == 0
+
+    def retry_after(self):
+        """Whole seconds (at least 1) a client told 503 might wait: the nearest
+        end of an ejection, else one check interval (active checks), else 1."""
+        now = self._loop.time()
+        best = None
+        for st in self._states:
+            if st.ejected and not st.awaiting and st.admin and st.up:
+                left = st.ejected_until - now
+                if best is None or left < best:
+                    best = left
+        if best is None:
+            best = self.config.interval if self.config.active else 1.0
+        return max(1, math.ceil(best))
+
+    def is_eligible(self, idx):
+        return self._states[idx].eligible
+
+    def snapshot(self):
+        """One dict per backend, for the status page and the admin API."""
+        now = self._loop.time()
+        out = []
+        for st in self._states:
+            out.append({
+                "index": st.index,
+                "url": st.url,
+                "state": "UP" if st.up else "DOWN",
+                "checked": st.confirmed,
+                "eligible": st.eligible,
+                "admin": "enabled" if st.admin else "disabled",
+                "ejected": st.ejected,
+                "ejected_until": st.ejected_until if st.ejected else None,
+                "eject_remaining": max(0.0, st.ejected_until - now) if st.ejected else 0.0,
+                "awaiting_check": st.awaiting,
+                "trial": st.trial,
+                "ejections": st.eject_count,
+                "consecutive_successes": st.oks,
+                "consecutive_failures": st.fails,
+                "passive_failures": st.pfails,
+                "last_failure": st.last_failure,
+                "weight": st.weight,
+                "effective_weight": st.cur_weight,
+            })
+        return out
+
+    # -------------------------------------------------------- admin
+
+    def set_admin(self, idx, enabled):
+        """Drain (``enabled=False``) or re-enable a backend; checks keep running."""
+        st = self._states[idx]
+        enabled = bool(enabled)
+        if st.admin == enabled:
+            return
+        st.admin = enabled
+        self._log.info(f"backend {st.url} {'enabled' if enabled else 'disabled'} by admin")
+        self._update(st)
+
+    # -------------------------------------------------------- passive
+
+    def on_success(self, idx):
+        """A request to backend ``idx`` succeeded (response head received and valid)."""
+        st = self._states[idx]
+        if st.pfails:
+            st.pfails = 0
+        if st.trial:
+            st.trial = False
+
+    def on_failure(self, idx, reason="failure"):
+        """A request to backend ``idx`` failed: connect failure, reset, timeout,
+        invalid response (or a 5xx when ``eject_5xx``)."""
+        cfg = self.config
+        if cfg.eject_after <= 0 or self._stopped:
+            return
+        st = self._states[idx]
+        if not st.eligible:
+            return  # already out (down, drained or ejected): leftovers in flight
+        st.pfails += 1
+        st.last_failure = reason
+        if st.trial:
+            self._eject(st, f"failed again after returning ({reason})")
+        elif st.pfails >= cfg.eject_after:
+            self._eject(st, f"{_times(st.pfails, 'failure')} ({reason})")
+
+    def on_response(self, idx, status):
+        """A final response status from backend ``idx``: a failure if it is a
+        5xx and ``eject_5xx`` is set, else a success."""
+        if status >= 500 and self.config.eject_5xx:
+            self.on_failure(idx, f"status {status}")
+        else:
+            self.on_success(idx)
+
+    def _eject(self, st, why):
+        cfg = self.config
+        now = self._loop.time()
+        if st.eject_count and now - st.readmitted_at >= cfg.eject_reset:
+            st.eject_count = 0
+        backoff = min(cfg.eject_base * 2.0 ** min(st.eject_count, 62), cfg.eject_max)
+        st.eject_count += 1
+        st.ejected = True
+        st.oks = 0          # only checks after the ejection count towards ending it
+        st.trial = False
+        st.awaiting = False
+        st.pfails = 0
+        st.ejected_until = now + backoff
+        if st.timer is not None:
+            st.timer.cancel()
+        st.timer = self._loop.call_at(st.ejected_until, self._eject_expired, st)
+        self._log.warning(f"backend {st.url} ejected for {backoff:g}s: {why}")
+        self._update(st)
+
+    def _eject_expired(self, st):
+        st.timer = None
+        if self._stopped or not st.ejected:
+            return
+        if self.config.active:
+            st.awaiting = True
+            st.wake.set()  # check now rather than at the next tick
+            return
+        self._readmit(st, "re-admitted on trial after ejection")
+
+    def _readmit(self, st, why):
+        st.ejected = False
+        st.awaiting = False
+        st.trial = True
+        st.readmitted_at = self._loop.time()
+        self._log.info(f"backend {st.url} {why}")
+        self._update(st)
+
+    # -------------------------------------------------------- active
+
+    async def _check_loop(self, st, first):
+        loop = self._loop
+        interval = self.config.interval
+        next_at = first
+        wake = st.wake
+        while True:
+            delay = next_at - loop.time()
+            if delay > 0 and not wake.is_set():
+                try:
+                    async with asyncio.timeout(delay):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+            wake.clear()
+            started = loop.time()
+            ok, reason = await self._probe(st)
+            self._record_check(st, ok, reason, started)
+            next_at = started + interval
+
+    async def _probe(self, st):
+        """One check: ``(True, None)`` or ``(False, reason)``."""
+        cfg = self.config
+        writer = None
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                reader, writer = await asyncio.open_connection(
+                    st.host, st.port, limit=_STATUS_LINE_MAX)
+                writer.write(st.request)
+                line = await reader.readuntil(b"\n")
+        except TimeoutError:
+            return False, f"timed out after {cfg.timeout:g}s"
+        except ConnectionRefusedError:
+            return False, "connection refused"
+        except ConnectionResetError:
+            return False, "connection reset"
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                return False, "invalid status line"
+            return False, "closed without a response"
+        except asyncio.LimitOverrunError:
+            return False, "invalid status line"
+        except OSError as e:
+            return False, e.strerror or str(e) or type(e).__name__
+        except Exception as e:  # never let a check kill its task
+            return False, f"check error: {e!r}"
+        finally:
+            if writer is not None:
+                writer.close()
+        m = _STATUS_RE.match(line)
+        if m is None:
+            return False, "invalid status line"
+        status = int(m.group(1))
+        if not cfg.status_ok(status):
+            return False, f"status {status}, expected {cfg.expect}"
+        return True, None
+
+    def _record_check(self, st, ok, reason, started):
+        if self._stopped:
+            return
+        cfg = self.config
+        if ok:
+            st.fails = 0
+            st.oks += 1
+            if not st.up and st.oks >= cfg.rise:
+                st.up = True
+                self._log.info(f"backend {st.url} is UP: {_times(st.oks, 'successful check')}")
+            if st.ejected and st.oks >= cfg.rise:
+                # With active checks the checks judge, as in HAProxy: ``rise``
+                # passing checks in a row since the ejection end it, back-off
+                # or not (so a restarted backend is back within interval x rise).
+                if st.timer is not None:
+                    st.timer.cancel()
+                    st.timer = None
+                self._readmit(st, f"back after ejection: {_times(st.oks, 'successful check')}")
+            elif st.awaiting and started >= st.ejected_until:
+                self._readmit(st, "back after ejection: passed a health check")
+        else:
+            st.oks = 0
+            st.fails += 1
+            st.last_failure = reason
+            if st.up and (st.fails >= cfg.fall or not st.confirmed):
+                st.up = False
+                if st.confirmed:
+                    why = _times(st.fails, "failed check")
+                else:
+                    why = "first check failed"
+                self._log.warning(f"backend {st.url} is DOWN: {why} ({reason})")
+        st.confirmed = True
+        self._update(st)
+
+    # -------------------------------------------------------- eligibility and weights
+
+    def _update(self, st):
+        ok = st.up and st.admin and not st.ejected
+        if ok == st.eligible:
+            return
+        st.eligible = ok
+        st.pfails = 0
+        self._bal.set_eligible(st.index, ok)
+        if ok:
+            self._n_eligible += 1
+            if self._n_eligible == 1:
+                self._log.info("a backend is available again")
+            if self.config.slow_start > 0:
+                self._start_ramp(st)
+        else:
+            self._n_eligible -= 1
+            self._cancel_ramp(st)
+            if self._n_eligible == 0:
+                self._log.warning("no backend is available: all are down, ejected or disabled")
+
+    def _set_weight(self, st, w):
+        if w != st.cur_weight:
+            st.cur_weight = w
+            self._bal.set_weight(st.index, w)
+
+    def _start_ramp(self, st):
+        self._cancel_ramp(st)
+        if st.weight == 0 or self._stopped:
+            return
+        st.ramp_step = 0
+        self._ramp_tick(st)
+
+    def _ramp_tick(self, st):
+        st.ramp = None
+        full = st.weight * WEIGHT_SCALE
+        k = st.ramp_step
+        if k >= SLOW_START_STEPS:
+            self._set_weight(st, full)
+            return
+        # 10% at k=0, +90%/STEPS per step: 100% at k=STEPS
+        pct = 10 + 90 * k // SLOW_START_STEPS
+        self._set_weight(st, max(1, full * pct // 100))
+        st.ramp_step = k + 1
+        st.ramp = self._loop.call_later(self.config.slow_start / SLOW_START_STEPS,
+                                        self._ramp_tick, st)
+
+    def _cancel_ramp(self, st):
+        if st.ramp is not None:
+            st.ramp.cancel()
+            st.ramp = None

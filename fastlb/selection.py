@@ -1,0 +1,59 @@
+"""The balancing algorithms by name: the registry the CLI and the data path use.
+
+``make_balancer(name, weights, names, seed=0, **opts)`` builds a selector
+from ``fastlb.core`` (so it follows the compiled/pure switch). Every selector
+has the surface described in ``fastlb._core_py``: ``select(key=b"") -> int``
+(a backend index; -1: no backend eligible; -2, Maglev only: empty key, fall
+back to another algorithm), ``release(idx)`` once per request that select
+gave ``idx >= 0``, ``set_eligible``, ``is_eligible``, ``set_weight``,
+``in_flight`` and ``n``.
+"""
+from fastlb import core
+from fastlb.errors import ConfigError
+
+ALGORITHMS = ("round-robin", "weighted-round-robin", "least-conn", "p2c", "random", "maglev")
+
+# name -> (class name in fastlb.core, options accepted besides seed)
+_REGISTRY = {
+    "round-robin": ("RoundRobin", ()),
+    "weighted-round-robin": ("WeightedRoundRobin", ()),
+    "least-conn": ("LeastConn", ()),
+    "p2c": ("P2C", ()),
+    "random": ("Random", ()),
+    "maglev": ("Maglev", ("table_size", "balance_factor")),
+}
+
+# Algorithms that hash a key (the caller passes one to select; -2 means "no key").
+HASHED = frozenset(["maglev"])
+
+
+def make_balancer(name, weights, names, seed=0, **opts):
+    """A selector for ``name`` (one of ``ALGORITHMS``) over ``len(weights)`` backends.
+
+    ``names`` are the backends' ids as bytes (e.g. b"10.0.0.1:8080"), used by
+    the hash-based algorithms so every node builds the same table; the others
+    ignore them. ``opts`` are the algorithm's options (maglev: ``table_size``,
+    ``balance_factor``). Raises ``ConfigError`` naming the bad value for an
+    unknown algorithm, an option it does not take, or a bad weight/option.
+    """
+    try:
+        cls_name, accepted = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown balancing algorithm {name!r} "
+                          f"(choose from {', '.join(ALGORITHMS)})") from None
+    for opt in opts:
+        if opt not in accepted:
+            if accepted:
+                raise ConfigError(f"unknown option {opt!r} for {name} "
+                                  f"(it takes {', '.join(accepted)})")
+            raise ConfigError(f"unknown option {opt!r} for {name} (it takes none)")
+    cls = getattr(core, cls_name)
+    try:
+        if cls_name == "Maglev":
+            names = [n.encode("latin-1") if isinstance(n, str) else n for n in names]
+            return cls(weights, names, seed, **opts)
+        if names is not None and len(names) != len(weights):
+            raise ValueError(f"{len(names)} names for {len(weights)} backends")
+        return cls(weights, seed)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {e}") from None
