@@ -12,6 +12,7 @@ cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
 cdef object _rewrite_request_head, _rewrite_response_head, _ChunkedScanner, _find_head_end
+cdef object _hash_key
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
 cdef dict _ERRORS
 
@@ -25,7 +26,13 @@ cdef class Proxy:
     """State shared by every connection of one balancer (read on every request)."""
     cdef public object opts, loop
     cdef public list backends
-    cdef public object balancer
+    cdef public object balancer       # the selector (fastlb.selection)
+    cdef public object fallback       # hashing algorithms: picks for requests without a key
+    cdef public object balancers      # both, kept in step (health checks steer this)
+    cdef public list weights          # configured weights
+    cdef public int hash_kind         # 0: no key, 1: client address, 2: hash_key(head, ...)
+    cdef public object hash_what      # "path", "query", "header" or "cookie"
+    cdef public bytes hash_name
     cdef public set clients
     cdef public double connect_timeout, response_timeout, header_timeout, keepalive_timeout
     cdef public double now            # the ticker's clock: deadlines are computed from it
@@ -126,12 +133,13 @@ cdef class ClientProtocol:
     cdef public object line           # request line, for the access log
     cdef public long long gen         # request number: stale connect attempts check it
     cdef public bint holding          # this request counts against backend in the balancer
+    cdef public object held_by        # ... in that balancer
     cdef public int tries             # backends tried for this request
 
     cpdef data_received(self, data)
     @cython.locals(proxy=Proxy, buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
                    end=Py_ssize_t, c=int, idx=int, flags=int, framing=int, length="long long",
-                   backend=Backend)
+                   backend=Backend, hash_kind=int)
     cdef _head(self, bytes data)
     @cython.locals(proxy=Proxy, n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
                    piece=bytes, rest=bytes)

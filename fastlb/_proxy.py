@@ -54,6 +54,7 @@ import httptools
 
 from fastlb import core
 from fastlb.accesslog import AccessLog
+from fastlb.selection import HASHED, BalancerSet, make_balancer
 from fastlb.errors import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -77,6 +78,7 @@ _rewrite_request_head = core.rewrite_request_head
 _rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
 _find_head_end = core.find_head_end
+_hash_key = core.hash_key
 
 U_IDLE = 0   # in the pool
 U_HEAD = 1   # waiting for (the rest of) a response head
@@ -457,6 +459,7 @@ class ClientProtocol:
         self.line = None        # request line, for the access log
         self.gen = 0            # request number: stale connect attempts check it
         self.holding = False    # this request counts against self.backend in the balancer
+        self.held_by = None     # ... in that balancer (the main one or the hash fallback)
         self.tries = 0          # backends tried for this request
 
     # -------------------------------------------------------- asyncio callbacks
@@ -580,13 +583,23 @@ class ClientProtocol:
             self._reject(400)
             return
 
-        idx = proxy.balancer.select()
+        balancer = proxy.balancer
+        hash_kind = proxy.hash_kind
+        if hash_kind == 0:
+            idx = balancer.select()
+        else:
+            idx = balancer.select(self.client_ip if hash_kind == 1 else
+                                  _hash_key(head, proxy.hash_what, proxy.hash_name))
+            if idx == -2:       # the request has no key: the fallback algorithm picks
+                balancer = proxy.fallback
+                idx = balancer.select()
         if idx < 0:
             self._reject(503)
             return
         backend = proxy.backends[idx]
         self.backend = backend
         self.holding = True
+        self.held_by = balancer
         try:
             out, flags, framing, length = _rewrite_request_head(
                 head, self.client_ip, proxy.proto, proxy.via, backend.authority)
@@ -730,7 +743,8 @@ class ClientProtocol:
         self._release()
         if self.tries >= proxy.max_tries:
             return None
-        balancer = proxy.balancer
+        # retries go by the fallback of a hashing algorithm: the key's backend failed
+        balancer = proxy.balancer if proxy.fallback is None else proxy.fallback
         for _ in range(len(proxy.backends)):
             idx = balancer.select()
             if idx < 0:
@@ -739,6 +753,7 @@ class ClientProtocol:
                 balancer.release(idx)
                 continue
             self.holding = True
+            self.held_by = balancer
             self.tries += 1
             return proxy.backends[idx]
         return None
@@ -812,7 +827,7 @@ class ClientProtocol:
         """End this request's claim on its backend (least-connections counts)."""
         if self.holding:
             self.holding = False
-            self.proxy.balancer.release(self.backend.index)
+            self.held_by.release(self.backend.index)
 
     def write_response(self, data):
         self.sent += len(data)
@@ -834,7 +849,7 @@ class ClientProtocol:
         backend = self.backend
         if self.holding:
             self.holding = False
-            proxy.balancer.release(backend.index)
+            self.held_by.release(backend.index)
         if status >= 500 and proxy.eject_5xx:
             proxy.note_failure(backend, "status %d" % status)
         elif backend.fail_streak:
@@ -949,7 +964,26 @@ class Proxy:
         self.loop = loop
         self.backends = [Backend(i, h, p, opts.upstream_max_idle)
                          for i, (h, p) in enumerate(opts.backends)]
-        self.balancer = core.RoundRobin([1] * len(self.backends))
+        n = len(self.backends)
+        self.weights = list(opts.weights) if opts.weights else [1] * n
+        names = [b.authority for b in self.backends]
+        algo_opts = {}
+        if opts.algorithm in HASHED:
+            algo_opts["balance_factor"] = opts.hash_balance_factor
+        self.balancer = make_balancer(opts.algorithm, self.weights, names, **algo_opts)
+        # Hashing: where the key comes from, and the algorithm for requests without one.
+        self.hash_kind = 0
+        self.hash_what = None
+        self.hash_name = b""
+        self.fallback = None
+        self.balancers = self.balancer  # what health checks and the admin side steer
+        if opts.algorithm in HASHED:
+            kind, _, name = opts.hash_key.partition(":")
+            self.hash_kind = 1 if kind == "ip" else 2
+            self.hash_what = kind
+            self.hash_name = name.encode("latin-1")
+            self.fallback = make_balancer("weighted-round-robin", self.weights, names)
+            self.balancers = BalancerSet(self.balancer, self.fallback)
         self.clients = set()
         self.connect_timeout = opts.connect_timeout
         self.response_timeout = opts.response_timeout
@@ -1034,15 +1068,15 @@ class Proxy:
 
     # -------------------------------------------------------- shutdown
 
-    def start_health(self, config, weights=None):
+    def start_health(self, config):
         """Start active and passive health checks (``fastlb.health.HealthConfig``)."""
         from fastlb.health import HealthChecker
 
         if not (config.active or config.passive):
             return
         self.eject_5xx = config.eject_5xx
-        self.health = HealthChecker(self.backends, self.balancer, config, self.loop,
-                                    weights=weights)
+        self.health = HealthChecker(self.backends, self.balancers, config, self.loop,
+                                    weights=self.weights)
         self.health.start()
 
     async def wait_closed(self):

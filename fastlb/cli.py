@@ -69,6 +69,34 @@ def parse_listen(text):
     return host, int(port)
 
 
+def parse_backend_spec(text):
+    """``URL[,weight=N]`` -> ((host, port), weight)."""
+    url, sep, opt = text.partition(",")
+    weight = 1
+    if sep:
+        key, eq, value = opt.partition("=")
+        if key.strip() != "weight" or not eq:
+            raise ConfigError(f"--backend {text!r}: expected URL or URL,weight=N")
+        try:
+            weight = int(value)
+        except ValueError:
+            raise ConfigError(f"--backend {text!r}: weight must be a whole number") from None
+        if not 0 <= weight <= 10000:
+            raise ConfigError(f"--backend {text!r}: weight must be from 0 to 10000")
+    return parse_backend(url), weight
+
+
+def parse_hash_key(text):
+    """``ip``, ``path``, ``header:NAME``, ``cookie:NAME`` or ``query:NAME``."""
+    kind, sep, name = text.partition(":")
+    if kind in ("ip", "path") and not sep:
+        return text
+    if kind in ("header", "cookie", "query") and name and all(33 <= ord(c) < 127 for c in name):
+        return text
+    raise ConfigError(f"--hash-key {text!r}: expected ip, path, header:NAME, cookie:NAME "
+                      "or query:NAME")
+
+
 def parse_backend(text):
     """``http://HOST[:PORT]`` (or ``HOST:PORT``) -> (host, port)."""
     url = text if "://" in text else "http://" + text
@@ -87,8 +115,19 @@ def parse_backend(text):
 
 
 def _add_common(p):
+    from fastlb.selection import ALGORITHMS
+
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="[HOST:]PORT",
                    help="address to accept clients on (default 127.0.0.1:8080)")
+    b = p.add_argument_group("balancing (see README)")
+    b.add_argument("--algorithm", default="round-robin", choices=ALGORITHMS,
+                   help="how a backend is chosen (default round-robin)")
+    b.add_argument("--hash-key", default="ip", metavar="KEY",
+                   help="maglev: ip, path, header:NAME, cookie:NAME or query:NAME (default ip); "
+                        "requests without the key go by weighted round robin")
+    b.add_argument("--hash-balance-factor", type=_non_negative_float, default=0.0, metavar="F",
+                   help="maglev: a key moves on when its backend has more than F times the "
+                        "mean in-flight requests (0, the default: off; else >= 1)")
     t = p.add_argument_group("timeouts (seconds) and limits")
     t.add_argument("--connect-timeout", type=_positive(float), default=5.0,
                    help="upstream connect timeout (default 5)")
@@ -147,8 +186,9 @@ def build_parser():
                         version=f"fastlb {__version__} ({core.IMPL} core, {proxy.IMPL} data path)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="balance requests over backends")
-    serve.add_argument("--backend", action="append", default=[], metavar="URL",
-                       help="backend as http://HOST:PORT; repeat for more")
+    serve.add_argument("--backend", action="append", default=[], metavar="URL[,weight=N]",
+                       help="backend as http://HOST:PORT, optionally with a weight "
+                            "(default 1); repeat for more")
     _add_common(serve)
     demo = sub.add_parser("demo", help="run three demo backends behind the balancer and load them")
     _add_common(demo)
@@ -162,11 +202,15 @@ def build_parser():
     return parser
 
 
-def options_from_args(args, backends):
+def options_from_args(args, backends, weights=()):
     from fastlb.health import HealthConfig
     from fastlb.server import Options
 
     host, port = parse_listen(args.listen)
+    hash_key = parse_hash_key(args.hash_key)
+    if args.hash_balance_factor and args.hash_balance_factor < 1:
+        raise ConfigError(f"--hash-balance-factor {args.hash_balance_factor:g}: "
+                          "must be 0 (off) or at least 1")
     health = HealthConfig(
         path=args.health_path, interval=args.health_interval, timeout=args.health_timeout,
         rise=args.health_rise, fall=args.health_fall, expect=args.health_expect,
@@ -185,6 +229,8 @@ def options_from_args(args, backends):
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_idle=args.upstream_max_idle, max_header_size=args.max_header_size,
         access_log=args.access_log, via=args.via, retries=args.retries, health=health,
+        weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
+        hash_balance_factor=args.hash_balance_factor,
     )
 
 
@@ -200,7 +246,8 @@ def main(argv=None):
         if args.command == "serve":
             if not args.backend:
                 raise ConfigError("serve: give at least one --backend http://HOST:PORT")
-            opts = options_from_args(args, [parse_backend(b) for b in args.backend])
+            specs = [parse_backend_spec(b) for b in args.backend]
+            opts = options_from_args(args, [s[0] for s in specs], [s[1] for s in specs])
             return _run_serve(opts)
         from fastlb.demo import run_demo
 

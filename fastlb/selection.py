@@ -57,3 +57,23 @@ def make_balancer(name, weights, names, seed=0, **opts):
         return cls(weights, seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{name}: {e}") from None
+
+
+class BalancerSet:
+    """Several selectors over the same backends, kept in step: what health
+    checks (and the admin interface to come) steer. Not on the per-request path."""
+
+    def __init__(self, *balancers):
+        self.balancers = balancers
+        self.n = balancers[0].n
+
+    def set_eligible(self, idx, ok):
+        for b in self.balancers:
+            b.set_eligible(idx, ok)
+
+    def set_weight(self, idx, w):
+        for b in self.balancers:
+            b.set_weight(idx, w)
+
+    def is_eligible(self, idx):
+        return self.balancers[0].is_eligible(idx)

@@ -29,6 +29,10 @@ class Options:
     via: bool = True
     retries: int = 2                     # more backends tried after a failure (see README)
     health: object = None                # fastlb.health.HealthConfig; None: defaults
+    weights: tuple = ()                  # per backend; () = all 1
+    algorithm: str = "round-robin"       # one of fastlb.selection.ALGORITHMS
+    hash_key: str = "ip"                 # hashing: ip, path, header:NAME, cookie:NAME, query:NAME
+    hash_balance_factor: float = 0.0     # hashing: bounded load (0 = off, else >= 1)
     backlog: int = 1024
 
 
