@@ -162,6 +162,7 @@ cdef class ClientProtocol:
     cdef write_response2(self, bytes head, bytes body)
     @cython.locals(proxy=Proxy, backend=Backend)
     cdef response_done(self, bint keep_alive, int status)
+    cdef _next_request(self)
     cdef _reject(self, int status)
     cdef _fail(self, int status)
     cpdef timed_out(self, double now)

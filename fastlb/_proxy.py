@@ -859,8 +859,13 @@ class ClientProtocol:
         if self.state != R_DONE or self.eof or not keep_alive:
             self._close()
             return
+        self._next_request()
+
+    def _next_request(self):
+        """The exchange is over and the connection stays open: read the next
+        request, starting with any that were pipelined behind this one."""
         self.state = R_HEAD
-        self.deadline = proxy.now + proxy.keepalive_timeout
+        self.deadline = self.proxy.now + self.proxy.keepalive_timeout
         if self.pending:
             data = self.pending
             self.pending = b""
@@ -903,13 +908,7 @@ class ClientProtocol:
         if not keep:
             self._close()
             return
-        self.state = R_HEAD
-        self.deadline = proxy.now + proxy.keepalive_timeout
-        if self.pending:
-            data = self.pending
-            self.pending = b""
-            self.resume_reading_for(P_PIPELINE)
-            self._head(data)
+        self._next_request()
 
     def timed_out(self, now):
         """Called by the ticker once ``deadline`` has passed."""
@@ -1075,6 +1074,9 @@ class Proxy:
         if not (config.active or config.passive):
             return
         self.eject_5xx = config.eject_5xx
+        if config.slow_start and self.opts.algorithm == "round-robin":
+            log.warning("--slow-start has no effect with round-robin, which ignores weights; "
+                        "use weighted-round-robin")
         self.health = HealthChecker(self.backends, self.balancers, config, self.loop,
                                     weights=self.weights)
         self.health.start()
