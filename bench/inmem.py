@@ -1,0 +1,109 @@
+"""The data path in memory: requests through ClientProtocol/UpstreamProtocol with
+stand-in transports, so no socket, no syscall and no other process is measured.
+
+    python bench/inmem.py [--algorithm NAME] [--hash-key KEY] [--requests N]
+
+prints the CPU time per request of fastlb's own user-space work (the core,
+httptools, the data path and CPython). Under valgrind it gives the steadiest
+figure this machine has, instructions per request::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/inmem.py -n 2000
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/inmem.py -n 12000
+
+(the difference of the two totals, divided by 10000). The active switch
+applies: FASTLB_NO_EXTENSIONS=1 measures the pure-Python core and data path.
+"""
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastlb import core, proxy  # noqa: E402
+from fastlb.server import Options  # noqa: E402
+
+# The 9-header browser request of the end-to-end benchmark, and a small response.
+REQUEST = (
+    b"GET /index.html?q=1 HTTP/1.1\r\nHost: www.example.com\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
+    b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+    b"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\n"
+    b"Connection: keep-alive\r\n"
+    b"Cookie: session=abcdef0123456789abcdef0123456789; theme=dark; lang=en\r\n"
+    b"Upgrade-Insecure-Requests: 1\r\nCache-Control: max-age=0\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Fri, 27 Nov 2026 01:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 16\r\nConnection: keep-alive\r\n\r\n"
+    b"0123456789abcde\n"
+)
+
+
+class NullTransport:
+    """Accepts writes and discards them; reports a fixed peer."""
+
+    def write(self, data):
+        pass
+
+    def writelines(self, data):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return ("10.1.2.3", 50000) if name == "peername" else default
+
+    def close(self):
+        pass
+
+    def abort(self):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+def build(algorithm="round-robin", hash_key="ip", backends=3):
+    """A Proxy over ``backends`` pooled upstream connections and one client.
+    Returns ``run(n)``, which sends n keep-alive requests through it."""
+    loop = asyncio.new_event_loop()
+    opts = Options(backends=tuple(("127.0.0.1", 9000 + i) for i in range(backends)),
+                   algorithm=algorithm, hash_key=hash_key)
+    p = proxy.Proxy(opts, loop)
+    for b in p.backends:
+        up = proxy.UpstreamProtocol(b, p)
+        up.connection_made(NullTransport())
+        b.push_idle(up, 0.0)
+    client = proxy.ClientProtocol(p)
+    client.connection_made(NullTransport())
+
+    def run(n, req=REQUEST, resp=RESPONSE):
+        for _ in range(n):
+            client.data_received(req)
+            client.up.data_received(resp)
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--algorithm", default="round-robin")
+    ap.add_argument("--hash-key", default="ip")
+    ap.add_argument("-n", "--requests", type=int, default=100000)
+    args = ap.parse_args()
+    run = build(args.algorithm, args.hash_key)
+    run(200)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        run(args.requests)
+        best = min(best, time.process_time() - t0)
+    print(f"{args.algorithm} ({core.IMPL} core, {proxy.IMPL} data path): "
+          f"{best / args.requests * 1e6:.3f} us of CPU per request, user space only")
+
+
+if __name__ == "__main__":
+    main()
