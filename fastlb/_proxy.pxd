@@ -39,6 +39,7 @@ cdef class Proxy:
     cdef public double tick
     cdef public Py_ssize_t max_header_size
     cdef public int max_tries         # backends tried for one request, at most
+    cdef public double retry_timeout  # no new try this long after the request arrived
     cdef public object health         # HealthChecker or None
     cdef public bint eject_5xx        # 5xx responses count as backend failures
     cdef public object _health_stop
@@ -135,6 +136,7 @@ cdef class ClientProtocol:
     cdef public bint holding          # this request counts against backend in the balancer
     cdef public object held_by        # ... in that balancer
     cdef public int tries             # backends tried for this request
+    cdef public double t0             # when the request head arrived (ticker clock)
 
     cpdef data_received(self, data)
     @cython.locals(proxy=Proxy, buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,

@@ -461,6 +461,7 @@ class ClientProtocol:
         self.holding = False    # this request counts against self.backend in the balancer
         self.held_by = None     # ... in that balancer (the main one or the hash fallback)
         self.tries = 0          # backends tried for this request
+        self.t0 = 0.0           # when the request head arrived (ticker clock)
 
     # -------------------------------------------------------- asyncio callbacks
 
@@ -612,6 +613,7 @@ class ClientProtocol:
         self.sent = 0
         self.tried = None
         self.tries = 1
+        self.t0 = proxy.now
         self.retried = False
         if framing == BODY_NONE:
             if not self.ll_done:
@@ -741,7 +743,7 @@ class ClientProtocol:
             tried = self.tried = set()
         tried.add(self.backend.index)
         self._release()
-        if self.tries >= proxy.max_tries:
+        if self.tries >= proxy.max_tries or proxy.now - self.t0 > proxy.retry_timeout:
             return None
         # retries go by the fallback of a hashing algorithm: the key's backend failed
         balancer = proxy.balancer if proxy.fallback is None else proxy.fallback
@@ -990,6 +992,7 @@ class Proxy:
         self.keepalive_timeout = opts.keepalive_timeout
         self.max_header_size = opts.max_header_size
         self.max_tries = 1 + opts.retries
+        self.retry_timeout = opts.retry_timeout
         self.health = None      # fastlb.health.HealthChecker, when checks are on
         self.eject_5xx = False  # 5xx responses count as backend failures
         self._health_stop = None

@@ -145,6 +145,8 @@ def _add_common(p):
                    help="largest request head in bytes; larger gets 431 (default 65536)")
     t.add_argument("--retries", type=_non_negative_int, default=2,
                    help="other backends tried for a failed request (default 2)")
+    t.add_argument("--retry-timeout", type=_positive(float), default=10.0, metavar="S",
+                   help="no new try starts this long after the request arrived (default 10)")
     h = p.add_argument_group("health checks (see README)")
     h.add_argument("--health-path", metavar="PATH",
                    help="URL path probed on every backend; active checks are off without it")
@@ -228,7 +230,8 @@ def options_from_args(args, backends, weights=()):
         header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_idle=args.upstream_max_idle, max_header_size=args.max_header_size,
-        access_log=args.access_log, via=args.via, retries=args.retries, health=health,
+        access_log=args.access_log, via=args.via, retries=args.retries,
+        retry_timeout=args.retry_timeout, health=health,
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
         hash_balance_factor=args.hash_balance_factor,
     )

@@ -28,6 +28,7 @@ class Options:
     access_log: str = "off"              # "-", a path, or "off"
     via: bool = True
     retries: int = 2                     # more backends tried after a failure (see README)
+    retry_timeout: float = 10.0          # no new try this long after the request arrived
     health: object = None                # fastlb.health.HealthConfig; None: defaults
     weights: tuple = ()                  # per backend; () = all 1
     algorithm: str = "round-robin"       # one of fastlb.selection.ALGORITHMS
