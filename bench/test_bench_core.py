@@ -132,6 +132,62 @@ def test_algo_maglev_bounded(benchmark, core):
     _bench_picks(benchmark, core.Maglev([1] * 10, MAGLEV_NAMES, balance_factor=1.25), keyed=True)
 
 
+# ---------------------------------------------------------------- picks as the data path makes them
+#
+# The same algorithms and backends, 1000 picks per benchmarked call, but the
+# loop is ``pick_many(sel, 1000, key)``: in the compiled core a C loop calling
+# the cpdef Selector.select/release through the vtable (how the compiled data
+# path calls them), in the pure core a plain Python loop. Maglev: one fixed
+# 16-byte key.
+
+MAGLEV_KEY = MAGLEV_KEYS[0]
+
+
+def _bench_pick_many(benchmark, core, balancer, key=b""):
+    pick_many = core.pick_many
+    total = benchmark(pick_many, balancer, N_SELECT, key)
+    assert all(balancer.in_flight(i) == 0 for i in range(balancer.n))
+    assert 0 <= total <= N_SELECT * (balancer.n - 1)
+
+
+def test_pick_round_robin(benchmark, core):
+    """pick_many(RoundRobin, 1000), 4 backends."""
+    rr = core.RoundRobin(BALANCER_WEIGHTS)
+    _bench_pick_many(benchmark, core, rr)
+    assert core.pick_many(rr, 4) == 0 + 1 + 2 + 3
+
+
+def test_pick_weighted_round_robin(benchmark, core):
+    """pick_many(WeightedRoundRobin, 1000), 4 backends."""
+    _bench_pick_many(benchmark, core, core.WeightedRoundRobin(BALANCER_WEIGHTS))
+
+
+def test_pick_least_conn(benchmark, core):
+    """pick_many(LeastConn, 1000), 4 backends."""
+    _bench_pick_many(benchmark, core, core.LeastConn(BALANCER_WEIGHTS))
+
+
+def test_pick_p2c(benchmark, core):
+    """pick_many(P2C, 1000), 4 backends."""
+    _bench_pick_many(benchmark, core, core.P2C(BALANCER_WEIGHTS, seed=1))
+
+
+def test_pick_random(benchmark, core):
+    """pick_many(Random, 1000), 4 backends."""
+    _bench_pick_many(benchmark, core, core.Random(BALANCER_WEIGHTS, seed=1))
+
+
+def test_pick_maglev(benchmark, core):
+    """pick_many(Maglev, 1000, key), 10 backends, table 65537, one 16-byte key."""
+    _bench_pick_many(benchmark, core, core.Maglev([1] * 10, MAGLEV_NAMES), MAGLEV_KEY)
+
+
+def test_pick_maglev_bounded(benchmark, core):
+    """As test_pick_maglev with balance_factor=1.25 (bounded load)."""
+    _bench_pick_many(benchmark, core, core.Maglev([1] * 10, MAGLEV_NAMES, balance_factor=1.25),
+                     MAGLEV_KEY)
+
+
 def test_hash_key_cookie(benchmark, core, request_head):
     """Benchmark 100 calls to hash_key(head, "cookie", b"sessionid") on the browser request."""
     hash_key = core.hash_key

@@ -4,6 +4,7 @@ from typing import Callable, Optional, Union
 _Buffer = Union[bytes, bytearray, memoryview]
 
 __all__ = [
+    "Selector",
     "RoundRobin",
     "WeightedRoundRobin",
     "LeastConn",
@@ -16,12 +17,13 @@ __all__ = [
     "rewrite_request_head",
     "rewrite_response_head",
     "find_head_end",
+    "pick_many",
 ]
 
 _Weights = Union[list[int], tuple[int, ...]]
 
-class _Balancer:
-    """The surface every selector shares (not exported).
+class Selector:
+    """The surface every selector shares: the base class of the six algorithms.
 
     Backends are indices 0..n-1 with a weight (an int, 0..1_000_000; 0: never
     picked), an eligibility flag (initially True) and a count of requests in
@@ -31,6 +33,9 @@ class _Balancer:
     once when that request ends. Derived state (lists, tables) is rebuilt only
     by ``set_weight``/``set_eligible``, never per request. Out-of-range
     indices raise IndexError("backend index out of range").
+
+    Compiled code can ``from fastlb._core cimport Selector`` (``_core.pxd``):
+    ``select`` and ``release`` are cpdef, called in C through the vtable.
     """
 
     n: int
@@ -60,7 +65,7 @@ class _Balancer:
         TypeError for a non-integer, ValueError when out of range.
         """
 
-class RoundRobin(_Balancer):
+class RoundRobin(Selector):
     """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
 
     Other weights only count as "above 0" (any comparable number is accepted
@@ -70,7 +75,7 @@ class RoundRobin(_Balancer):
     def __init__(self, weights: "list[float] | tuple[float, ...]", seed: int = 0) -> None:
         """Raise ValueError when ``weights`` is empty."""
 
-class WeightedRoundRobin(_Balancer):
+class WeightedRoundRobin(Selector):
     """Smooth weighted round robin (nginx's): weights 5, 1, 1 give a a b a c a a.
 
     Ties go to the first backend in scan order, which starts at ``seed % n``.
@@ -80,7 +85,7 @@ class WeightedRoundRobin(_Balancer):
     def __init__(self, weights: _Weights, seed: int = 0) -> None:
         """ValueError when ``weights`` is empty or a weight is out of range; TypeError for a non-int."""
 
-class LeastConn(_Balancer):
+class LeastConn(Selector):
     """Fewest requests in flight per unit of weight (compared exactly, by cross-multiplication).
 
     Ties go to the first in rotation: the scan starts just after the last pick
@@ -90,7 +95,7 @@ class LeastConn(_Balancer):
     def __init__(self, weights: _Weights, seed: int = 0) -> None:
         """As ``WeightedRoundRobin``."""
 
-class P2C(_Balancer):
+class P2C(Selector):
     """Power of two random choices: two distinct live backends drawn with a splitmix64
     generator seeded by ``seed``; the one with fewer requests in flight per unit of
     weight wins (the first drawn on a tie). Identical answers on both cores.
@@ -99,7 +104,7 @@ class P2C(_Balancer):
     def __init__(self, weights: _Weights, seed: int = 0) -> None:
         """As ``WeightedRoundRobin``."""
 
-class Random(_Balancer):
+class Random(Selector):
     """Weighted random (splitmix64 seeded by ``seed``): backend i with probability
     weight_i / total live weight. Identical answers on both cores.
     """
@@ -107,7 +112,7 @@ class Random(_Balancer):
     def __init__(self, weights: _Weights, seed: int = 0) -> None:
         """As ``WeightedRoundRobin``."""
 
-class Maglev(_Balancer):
+class Maglev(Selector):
     """Maglev consistent hashing (Envoy's weighted variant) with optional bounded load.
 
     ``names`` (distinct bytes, e.g. b"10.0.0.1:8080") give each backend's
@@ -140,6 +145,14 @@ class Maglev(_Balancer):
         """The backend for ``key`` (counted in flight); -2 when ``key`` is empty, -1 when
         no backend is live. TypeError unless ``key`` is bytes.
         """
+
+def pick_many(selector: Selector, n: int, key: bytes = b"") -> int:
+    """``n`` picks (``select(key)``, then ``release(idx)`` if ``idx >= 0``); the sum of the indices.
+
+    The compiled core loops in C, calling the cpdef methods through ``Selector``
+    (as the compiled data path does). TypeError unless ``selector`` is a
+    ``Selector`` or ``n`` an integer; ValueError when ``n`` is negative.
+    """
 
 def hash64(data: bytes, seed: int = 0) -> int:
     """XXH64 of ``data`` with ``seed`` (modulo 2**64): an int in [0, 2**64). TypeError unless bytes."""

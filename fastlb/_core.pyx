@@ -21,6 +21,7 @@ from operator import index as _index
 from fastlb import errors as _errors
 
 __all__ = [
+    "Selector",
     "RoundRobin",
     "WeightedRoundRobin",
     "LeastConn",
@@ -33,6 +34,7 @@ __all__ = [
     "rewrite_request_head",
     "rewrite_response_head",
     "find_head_end",
+    "pick_many",
 ]
 
 _BadRequest = _errors.BadRequest
@@ -1324,12 +1326,13 @@ cdef inline uint64_t _splitmix(uint64_t* state) noexcept nogil:
     return z ^ (z >> 31)
 
 
-cdef class _Balancer:
-    cdef readonly Py_ssize_t n
-    cdef unsigned char* _eligible
-    cdef unsigned char* _live
-    cdef int64_t* _weight
-    cdef int64_t* _inflight
+cdef class Selector:
+    """The surface every selector shares; see ``fastlb._core_py.Selector`` (its twin).
+
+    Declared in ``_core.pxd``: ``select`` and ``release`` are cpdef, so
+    compiled code that cimports ``Selector`` calls them in C, dispatched to
+    the subclass through the vtable (see ``pick_many``).
+    """
 
     def __dealloc__(self):
         self._free_base()
@@ -1378,7 +1381,15 @@ cdef class _Balancer:
     cdef int _changed(self) except -1:
         return 0
 
-    def release(self, idx):
+    cpdef Py_ssize_t select(self, key=b"") except -3:
+        """A live backend's index (counted in flight), or -1 when none is live.
+
+        ``key`` is ignored except by Maglev (which returns -2 for b"").
+        """
+        raise NotImplementedError(f"{type(self).__name__}.select")
+
+    cpdef release(self, idx):
+        """End of one request on backend ``idx``: its in-flight count drops by 1 (never below 0)."""
         cdef Py_ssize_t i = self._index(idx)
         if self._inflight[i] > 0:
             self._inflight[i] -= 1
@@ -1404,7 +1415,7 @@ cdef class _Balancer:
         self._changed()
 
 
-cdef class RoundRobin(_Balancer):
+cdef class RoundRobin(Selector):
     """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
 
     See ``fastlb._core_py.RoundRobin``: this is its compiled twin.
@@ -1416,7 +1427,7 @@ cdef class RoundRobin(_Balancer):
         self._setup(weights, False)
         self._next = seed % self.n
 
-    def select(self, key=b""):
+    cpdef Py_ssize_t select(self, key=b"") except -3:
         cdef Py_ssize_t n = self.n, i = self._next, k
         cdef const unsigned char* u = self._live
         for k in range(n):
@@ -1428,7 +1439,7 @@ cdef class RoundRobin(_Balancer):
         return -1
 
 
-cdef class WeightedRoundRobin(_Balancer):
+cdef class WeightedRoundRobin(Selector):
     """Smooth weighted round robin (nginx's): weights 5, 1, 1 give a a b a c a a.
 
     See ``fastlb._core_py.WeightedRoundRobin``: this is its compiled twin.
@@ -1454,11 +1465,11 @@ cdef class WeightedRoundRobin(_Balancer):
 
     def set_weight(self, idx, w):
         cdef Py_ssize_t i
-        _Balancer.set_weight(self, idx, w)
+        Selector.set_weight(self, idx, w)
         for i in range(self.n):
             self._current[i] = 0
 
-    def select(self, key=b""):
+    cpdef Py_ssize_t select(self, key=b"") except -3:
         cdef Py_ssize_t n = self.n, i = self._start, k, best = -1
         cdef int64_t total = 0, c, bestc = 0, w
         cdef const unsigned char* live = self._live
@@ -1481,7 +1492,7 @@ cdef class WeightedRoundRobin(_Balancer):
         return best
 
 
-cdef class LeastConn(_Balancer):
+cdef class LeastConn(Selector):
     """Fewest requests in flight per unit of weight; ties to the first in rotation.
 
     See ``fastlb._core_py.LeastConn``: this is its compiled twin.
@@ -1493,7 +1504,7 @@ cdef class LeastConn(_Balancer):
         self._setup(weights, True)
         self._next = seed % self.n
 
-    def select(self, key=b""):
+    cpdef Py_ssize_t select(self, key=b"") except -3:
         cdef Py_ssize_t n = self.n, i = self._next, k, best = -1
         cdef int64_t bf = 0, bw = 1, f, w
         cdef const unsigned char* live = self._live
@@ -1515,7 +1526,7 @@ cdef class LeastConn(_Balancer):
         return best
 
 
-cdef class _Seeded(_Balancer):
+cdef class _Seeded(Selector):
     cdef uint64_t _rng
     cdef Py_ssize_t* _usable
     cdef Py_ssize_t _m
@@ -1555,7 +1566,7 @@ cdef class P2C(_Seeded):
         self._setup(weights, True)
         self._seeded(seed)
 
-    def select(self, key=b""):
+    cpdef Py_ssize_t select(self, key=b"") except -3:
         cdef Py_ssize_t m = self._m, a, b
         cdef uint64_t i, j
         cdef int64_t* inf = self._inflight
@@ -1607,7 +1618,7 @@ cdef class Random(_Seeded):
             self._cum[k] = t
         return 0
 
-    def select(self, key=b""):
+    cpdef Py_ssize_t select(self, key=b"") except -3:
         cdef Py_ssize_t m = self._m, a, lo, hi, mid
         cdef uint64_t r
         if m == 0:
@@ -1629,7 +1640,7 @@ cdef class Random(_Seeded):
         return a
 
 
-cdef class Maglev(_Balancer):
+cdef class Maglev(Selector):
     """Maglev consistent hashing (Envoy's weighted variant), with optional bounded load.
 
     See ``fastlb._core_py.Maglev``: this is its compiled twin.
@@ -1779,14 +1790,14 @@ cdef class Maglev(_Balancer):
                 self._build()
         self._changed()
 
-    def release(self, idx):
+    cpdef release(self, idx):
         cdef Py_ssize_t i = self._index(idx)
         if self._inflight[i] > 0:
             self._inflight[i] -= 1
             if self._live[i]:
                 self._lf -= 1
 
-    def select(self, key=b""):
+    cpdef Py_ssize_t select(self, key=b"") except -3:
         if type(key) is not bytes:
             raise TypeError("key must be bytes")
         cdef Py_ssize_t kl = PyBytes_GET_SIZE(key)
@@ -1828,6 +1839,29 @@ cdef class Maglev(_Balancer):
         inf[pick] += 1
         self._lf += 1
         return pick
+
+
+def pick_many(selector, n, key=b""):
+    """``n`` picks (``select(key)``, then ``release(idx)`` if ``idx >= 0``); the sum of the indices.
+
+    See ``fastlb._core_py.pick_many``: this is its compiled twin. The loop runs
+    in C and calls the cpdef ``Selector.select``/``release`` through the
+    vtable, as the compiled data path does (no Python call per pick).
+    """
+    if not isinstance(selector, Selector):
+        raise TypeError(f"selector must be a Selector, not {type(selector).__name__}")
+    cdef Selector sel = <Selector>selector
+    n = _index(n)
+    if n < 0:
+        raise ValueError("n must not be negative")
+    cdef Py_ssize_t count = n, k, idx
+    cdef long long total = 0
+    for k in range(count):
+        idx = sel.select(key)
+        if idx >= 0:
+            sel.release(idx)
+            total += idx
+    return total
 
 
 # ---------------------------------------------------------------- framing

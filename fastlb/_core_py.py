@@ -9,8 +9,9 @@ Everything here is per-request, CPU-only and I/O-free:
   surface: ``select(key=b"") -> int`` (-1 when no backend is eligible;
   Maglev: -2 for an empty key), ``release(idx)``, ``set_eligible(idx, ok)``,
   ``is_eligible(idx)``, ``set_weight(idx, w)``, ``in_flight(idx)`` and
-  ``n`` (see the "selection" section). Walks over ineligible backends are
-  bounded by ``n`` (Maglev: by its table size).
+  ``n`` (see the "selection" section), all subclasses of ``Selector``.
+  Walks over ineligible backends are bounded by ``n`` (Maglev: by its table
+  size). ``pick_many`` runs n picks (select + release) in a row.
 * ``hash64`` (XXH64) and ``hash_key`` (the bytes of a request to hash).
 * ``rewrite_request_head``: validates a raw request head and writes the head
   sent upstream (hop-by-hop fields removed, X-Forwarded-*, Via, Host).
@@ -44,6 +45,7 @@ from bisect import bisect_right as _bisect_right
 from operator import index as _index
 
 __all__ = [
+    "Selector",
     "RoundRobin",
     "WeightedRoundRobin",
     "LeastConn",
@@ -56,6 +58,7 @@ __all__ = [
     "rewrite_request_head",
     "rewrite_response_head",
     "find_head_end",
+    "pick_many",
 ]
 
 # ---------------------------------------------------------------- characters
@@ -750,7 +753,20 @@ def _is_prime(m):
     return True
 
 
-class _Balancer:
+class Selector:
+    """The surface every selector shares: the base class of the six algorithms.
+
+    Backends are indices 0..n-1 with a weight (an int, 0..1_000_000; 0: never
+    picked), an eligibility flag (initially True) and a count of requests in
+    flight. A backend is *live* when eligible with a weight above 0; only live
+    backends are picked. Every ``select`` returning ``idx >= 0`` counts one
+    request in flight on ``idx``; the caller calls ``release(idx)`` exactly
+    once when that request ends. Out-of-range indices raise
+    IndexError("backend index out of range"). Subclasses override ``select``
+    (the compiled twin's ``Selector`` is declared in ``_core.pxd``, for
+    compiled callers to cimport).
+    """
+
     __slots__ = ("n", "_eligible", "_weight", "_inflight", "_live")
 
     def _setup(self, weights, checked=True):
@@ -774,16 +790,26 @@ class _Balancer:
     def _changed(self):
         pass
 
+    def select(self, key=b""):
+        """A live backend's index (counted in flight), or -1 when none is live.
+
+        ``key`` is ignored except by Maglev (which returns -2 for b"").
+        """
+        raise NotImplementedError(f"{type(self).__name__}.select")
+
     def release(self, idx):
+        """End of one request on backend ``idx``: its in-flight count drops by 1 (never below 0)."""
         self._check(idx)
         if self._inflight[idx] > 0:
             self._inflight[idx] -= 1
 
     def in_flight(self, idx):
+        """Requests in flight on backend ``idx`` (selected and not yet released)."""
         self._check(idx)
         return self._inflight[idx]
 
     def set_eligible(self, idx, ok):
+        """Mark backend ``idx`` eligible or not (e.g. from health checks)."""
         self._check(idx)
         ok = bool(ok)
         if ok != self._eligible[idx]:
@@ -792,10 +818,12 @@ class _Balancer:
             self._changed()
 
     def is_eligible(self, idx):
+        """Whether backend ``idx`` is eligible."""
         self._check(idx)
         return self._eligible[idx]
 
     def set_weight(self, idx, w):
+        """Set backend ``idx``'s weight (an int, 0..1_000_000; 0: never picked); rebuilds tables."""
         self._check(idx)
         w = _check_weight(w)
         self._weight[idx] = w
@@ -803,7 +831,7 @@ class _Balancer:
         self._changed()
 
 
-class RoundRobin(_Balancer):
+class RoundRobin(Selector):
     """Round robin over ``len(weights)`` backends; a weight of 0 is never picked.
 
     Other weights are only "above 0" (use WeightedRoundRobin for shares).
@@ -829,7 +857,7 @@ class RoundRobin(_Balancer):
         return -1
 
 
-class WeightedRoundRobin(_Balancer):
+class WeightedRoundRobin(Selector):
     """Smooth weighted round robin (nginx's): weights 5, 1, 1 give a a b a c a a.
 
     Each pick adds every live backend's weight to its current weight, takes
@@ -846,7 +874,7 @@ class WeightedRoundRobin(_Balancer):
         self._start = seed % self.n
 
     def set_weight(self, idx, w):
-        _Balancer.set_weight(self, idx, w)
+        Selector.set_weight(self, idx, w)
         self._current = [0] * self.n
 
     def select(self, key=b""):
@@ -875,7 +903,7 @@ class WeightedRoundRobin(_Balancer):
         return best
 
 
-class LeastConn(_Balancer):
+class LeastConn(Selector):
     """Fewest requests in flight per unit of weight (in_flight / weight, compared exactly).
 
     Ties go to the first in rotation: the scan starts just after the last
@@ -913,7 +941,7 @@ class LeastConn(_Balancer):
         return best
 
 
-class _Seeded(_Balancer):
+class _Seeded(Selector):
     """A live-backend list (ascending index) and a splitmix64 generator seeded with ``seed``."""
 
     __slots__ = ("_rng", "_usable")
@@ -1004,7 +1032,7 @@ class Random(_Seeded):
         return a
 
 
-class Maglev(_Balancer):
+class Maglev(Selector):
     """Maglev consistent hashing (Eisenbud et al., NSDI 2016; Envoy's weighted variant).
 
     ``names`` are the backends' ids (distinct bytes, e.g. b"10.0.0.1:8080"):
@@ -1166,6 +1194,30 @@ class Maglev(_Balancer):
         inf[pick] += 1
         self._lf += 1
         return pick
+
+
+def pick_many(selector, n, key=b""):
+    """``n`` picks (``select(key)``, then ``release(idx)`` if ``idx >= 0``); the sum of the indices.
+
+    What the data path does per request, ``n`` times in a row (the compiled
+    twin loops in C, calling the selector's methods as C calls). TypeError
+    unless ``selector`` is a ``Selector`` or ``n`` an integer; ValueError when
+    ``n`` is negative; whatever ``select`` raises (Maglev: a non-bytes key).
+    """
+    if not isinstance(selector, Selector):
+        raise TypeError(f"selector must be a Selector, not {type(selector).__name__}")
+    n = _index(n)
+    if n < 0:
+        raise ValueError("n must not be negative")
+    select = selector.select
+    release = selector.release
+    total = 0
+    for _ in range(n):
+        idx = select(key)
+        if idx >= 0:
+            release(idx)
+            total += idx
+    return total
 
 
 # ---------------------------------------------------------------- framing

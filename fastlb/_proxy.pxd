@@ -4,6 +4,8 @@
 # fields and calls methods without dictionary lookups.
 cimport cython
 
+from fastlb._core cimport Selector   # the selectors' C-level select/release
+
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING, P_CLIENT
@@ -26,8 +28,8 @@ cdef class Proxy:
     """State shared by every connection of one balancer (read on every request)."""
     cdef public object opts, loop
     cdef public list backends
-    cdef public object balancer       # the selector (fastlb.selection)
-    cdef public object fallback       # hashing algorithms: picks for requests without a key
+    cdef public Selector balancer     # the selector (fastlb.selection)
+    cdef public Selector fallback     # hashing algorithms: picks for requests without a key
     cdef public object balancers      # both, kept in step (health checks steer this)
     cdef public list weights          # configured weights
     cdef public int hash_kind         # 0: no key, 1: client address, 2: hash_key(head, ...)
@@ -126,6 +128,7 @@ cdef class ClientProtocol:
     cdef public bint retried
     cdef public int paused            # P_* bits
     cdef public bint wpaused
+    cdef public Py_ssize_t wmark      # client write buffer size when last seen paused
     cdef public double deadline
     cdef public long long sent        # response bytes written to the client (this request)
     cdef public long long served
@@ -134,7 +137,7 @@ cdef class ClientProtocol:
     cdef public object line           # request line, for the access log
     cdef public long long gen         # request number: stale connect attempts check it
     cdef public bint holding          # this request counts against backend in the balancer
-    cdef public object held_by        # ... in that balancer
+    cdef public Selector held_by      # ... in that balancer
     cdef public int tries             # backends tried for this request
     cdef public double t0             # when the request head arrived (ticker clock)
 

@@ -175,10 +175,16 @@ class UpstreamProtocol:
         self.state = U_DONE
         client = self.client
         if client is None:
-            return  # idle in the pool: pop_idle skips it
+            if state == U_IDLE:
+                # closed while pooled: leave room for a live one
+                try:
+                    self.backend.idle.remove(self)
+                except ValueError:
+                    pass
+            return
         self.client = None
         self.backend.active -= 1
-        if state == U_BODY and self.framing == BODY_CLOSE:
+        if state == U_BODY and self.framing == BODY_CLOSE and exc is None:
             client.response_done(False, self.status)
         elif not self.got_bytes:
             client.upstream_failed(self, "closed before responding")
@@ -225,7 +231,7 @@ class UpstreamProtocol:
                 self._bad(client, "response head too large")
                 return
             req_flags = client.req_flags
-            if client.state != R_DONE or client.eof:
+            if client.state != R_DONE or (client.eof and not client.pending):
                 # The client connection closes after this response: say so.
                 req_flags &= ~REQ_KEEP_ALIVE
             try:
@@ -238,7 +244,7 @@ class UpstreamProtocol:
                 # 1xx: relay (never to HTTP/1.0 clients, RFC 9110 15.2),
                 # then wait for the final response.
                 if not req_flags & REQ_HTTP10:
-                    client.write_response(out)
+                    client.write(out)   # not counted in ``sent``: a 502 may still follow
                 pos = end
                 continue
             self.status = status
@@ -451,6 +457,7 @@ class ClientProtocol:
         self.retried = False
         self.paused = 0         # P_* bits
         self.wpaused = False
+        self.wmark = 0          # client write buffer size when last seen paused
         self.deadline = 0.0
         self.sent = 0           # response bytes written to the client (this request)
         self.served = 0
@@ -497,12 +504,15 @@ class ClientProtocol:
 
     def pause_writing(self):
         self.wpaused = True
+        self.wmark = self.transport.get_write_buffer_size()
         up = self.up
         if up is not None:
             up.pause_reading()
 
     def resume_writing(self):
         self.wpaused = False
+        # the client is reading again: that is progress for the response timeout
+        self.deadline = self.proxy.now + self.proxy.response_timeout
         up = self.up
         if up is not None:
             up.resume_reading()
@@ -713,6 +723,8 @@ class ClientProtocol:
                 backend.active += 1
                 backend.requests += 1
                 self.up = up
+                if self.wpaused:
+                    up.pause_reading()
                 up.write(out)
                 return
         self.outq = [out]
@@ -729,6 +741,8 @@ class ClientProtocol:
                 self.outq = None
                 up.bind(self)
                 self.up = up
+                if self.wpaused:
+                    up.pause_reading()
                 up.transport.writelines(outq)
                 self.resume_reading_for(P_CONNECTING)
                 return
@@ -770,6 +784,8 @@ class ClientProtocol:
         self.outq = None
         up.bind(self)
         self.up = up
+        if self.wpaused:
+            up.pause_reading()
         up.transport.writelines(outq)
         self.resume_reading_for(P_CONNECTING)
 
@@ -858,7 +874,7 @@ class ClientProtocol:
             proxy.note_success(backend)
         if proxy.log is not None:
             proxy.log_request(self, status)
-        if self.state != R_DONE or self.eof or not keep_alive:
+        if self.state != R_DONE or not keep_alive or (self.eof and not self.pending):
             self._close()
             return
         self._next_request()
@@ -867,12 +883,17 @@ class ClientProtocol:
         """The exchange is over and the connection stays open: read the next
         request, starting with any that were pipelined behind this one."""
         self.state = R_HEAD
+        self.sent = 0
         self.deadline = self.proxy.now + self.proxy.keepalive_timeout
+        # pauses that belonged to the finished exchange end with it
+        self.resume_reading_for(P_CONNECTING | P_UPSTREAM)
         if self.pending:
             data = self.pending
             self.pending = b""
             self.resume_reading_for(P_PIPELINE)
             self._head(data)
+        if self.eof and self.state == R_HEAD:
+            self._close()   # half-closed, and no complete request left
 
     # -------------------------------------------------------- errors, flow, close
 
@@ -927,6 +948,18 @@ class ClientProtocol:
             else:
                 self._reject(408)
         elif state == R_DONE:
+            if self.wpaused:
+                # The backend is waiting for us, not the other way round. A
+                # client that still drains the response (its write buffer
+                # shrank) gets more time, as nginx's send_timeout; one that
+                # stopped reading is dropped, and the backend is not blamed.
+                size = self.transport.get_write_buffer_size()
+                if size < self.wmark:
+                    self.wmark = size
+                    self.deadline = now + self.proxy.response_timeout
+                else:
+                    self._close()
+                return
             if self.up is not None:
                 self.proxy.note_failure(self.backend, "response timeout")
             self.outq = None
@@ -1047,6 +1080,12 @@ class Proxy:
         if self.health is not None:
             self.health.on_failure(backend.index, reason)
 
+    def _on_trial(self, idx):
+        # a backend back on trial: report its next success to the checker
+        backend = self.backends[idx]
+        if backend.fail_streak == 0:
+            backend.fail_streak = 1
+
     def note_success(self, backend):
         """A response completed on a backend that had failed since its last success."""
         backend.fail_streak = 0
@@ -1081,7 +1120,7 @@ class Proxy:
             log.warning("--slow-start has no effect with round-robin, which ignores weights; "
                         "use weighted-round-robin")
         self.health = HealthChecker(self.backends, self.balancers, config, self.loop,
-                                    weights=self.weights)
+                                    weights=self.weights, on_trial=self._on_trial)
         self.health.start()
 
     async def wait_closed(self):

@@ -11,10 +11,11 @@ import os
 
 from fastlb import _core_py
 
-_NAMES = ("RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
+_NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
           "hash64", "hash_key", "ChunkedScanner", "rewrite_request_head", "rewrite_response_head",
-          "find_head_end")
+          "find_head_end", "pick_many")
 
+Selector_Py = _core_py.Selector
 RoundRobin_Py = _core_py.RoundRobin
 WeightedRoundRobin_Py = _core_py.WeightedRoundRobin
 LeastConn_Py = _core_py.LeastConn
@@ -27,6 +28,7 @@ ChunkedScanner_Py = _core_py.ChunkedScanner
 rewrite_request_head_Py = _core_py.rewrite_request_head
 rewrite_response_head_Py = _core_py.rewrite_response_head
 find_head_end_Py = _core_py.find_head_end
+pick_many_Py = _core_py.pick_many
 
 _c = None
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
@@ -40,6 +42,7 @@ elif os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
     raise ImportError("FASTLB_NO_EXTENSIONS=1 and FASTLB_REQUIRE_EXTENSIONS=1 contradict each other")
 
 if _c is not None:
+    Selector_C = _c.Selector
     RoundRobin_C = _c.RoundRobin
     WeightedRoundRobin_C = _c.WeightedRoundRobin
     LeastConn_C = _c.LeastConn
@@ -52,6 +55,8 @@ if _c is not None:
     rewrite_request_head_C = _c.rewrite_request_head
     rewrite_response_head_C = _c.rewrite_response_head
     find_head_end_C = _c.find_head_end
+    pick_many_C = _c.pick_many
+    Selector = Selector_C
     RoundRobin = RoundRobin_C
     WeightedRoundRobin = WeightedRoundRobin_C
     LeastConn = LeastConn_C
@@ -64,11 +69,13 @@ if _c is not None:
     rewrite_request_head = rewrite_request_head_C
     rewrite_response_head = rewrite_response_head_C
     find_head_end = find_head_end_C
+    pick_many = pick_many_C
     IMPL = "c"
 else:
     RoundRobin_C = ChunkedScanner_C = rewrite_request_head_C = rewrite_response_head_C = None
     WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
-    hash64_C = hash_key_C = find_head_end_C = None
+    hash64_C = hash_key_C = find_head_end_C = Selector_C = pick_many_C = None
+    Selector = Selector_Py
     RoundRobin = RoundRobin_Py
     WeightedRoundRobin = WeightedRoundRobin_Py
     LeastConn = LeastConn_Py
@@ -81,6 +88,7 @@ else:
     rewrite_request_head = rewrite_request_head_Py
     rewrite_response_head = rewrite_response_head_Py
     find_head_end = find_head_end_Py
+    pick_many = pick_many_Py
     IMPL = "py"
 
 

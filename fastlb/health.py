@@ -252,7 +252,7 @@ class HealthChecker:
     """
 
     def __init__(self, backends, balancer, config, loop, logger=None, weights=None,
-                 seed=None):
+                 seed=None, on_trial=None):
         from fastlb import __version__
 
         backends = list(backends)
@@ -279,6 +279,9 @@ class HealthChecker:
                        "Connection: close\r\n\r\n").encode("ascii") if config.active else b""
             self._states.append(_State(b, w, request))
         self._n_eligible = len(self._states)
+        # called with the index of a backend put back on trial: the data path
+        # then reports its next success, which ends the trial
+        self._on_trial = on_trial
         self._tasks = []
         self._started = False
         self._stopped = False
@@ -450,6 +453,8 @@ class HealthChecker:
         st.awaiting = False
         st.trial = True
         st.readmitted_at = self._loop.time()
+        if self._on_trial is not None:
+            self._on_trial(st.index)
         self._log.info(f"backend {st.url} {why}")
         self._update(st)
 

@@ -21,7 +21,17 @@ if os.environ.get("FASTLB_NO_EXTENSIONS") == "1":
         sys.modules[_name] = _mod
         _spec.loader.exec_module(_mod)
 else:
-    from fastlb import _proxy as _mod
+    try:
+        from fastlb import _proxy as _mod
+    except ImportError:
+        # the compiled data path needs the compiled core; without it, run the source
+        if os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":
+            raise
+        _spec = importlib.util.spec_from_file_location(
+            "fastlb._proxy", os.path.join(os.path.dirname(__file__), "_proxy.py"))
+        _mod = importlib.util.module_from_spec(_spec)
+        sys.modules["fastlb._proxy"] = _mod
+        _spec.loader.exec_module(_mod)
 
 IMPL = "py" if _mod.__file__.endswith(".py") else "c"
 if IMPL == "py" and os.environ.get("FASTLB_REQUIRE_EXTENSIONS") == "1":

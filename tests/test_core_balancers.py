@@ -415,6 +415,105 @@ def test_hash_key_errors(core):
         core.hash_key(HEAD, "header", 5)
 
 
+# ---------------------------------------------------------------- Selector, pick_many
+
+@pytest.mark.parametrize("cls", ALL)
+def test_selector_base(core, cls):
+    b = make(core, cls, [1, 1])
+    assert isinstance(b, core.Selector)
+    assert issubclass(getattr(core, cls), core.Selector)
+
+
+def test_selector_select_is_abstract(core):
+    with pytest.raises(NotImplementedError, match="Selector.select"):
+        core.Selector().select()
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_pick_many_matches_select_release(core, cls):
+    """pick_many(b, n, key) == n x (select, release) done by hand on a twin selector."""
+    a, b = make(core, cls, [1, 2, 3, 0, 5]), make(core, cls, [1, 2, 3, 0, 5])
+    a.set_eligible(2, False)
+    b.set_eligible(2, False)
+    for key in (b"k1", b"user-7", b"k1"):
+        want = 0
+        for _ in range(50):
+            idx = a.select(key)
+            if idx >= 0:
+                a.release(idx)
+                want += idx
+        assert core.pick_many(b, 50, key) == want
+        assert [b.in_flight(i) for i in range(5)] == [0] * 5
+        idx = b.select(key)
+        assert idx == a.select(key)  # the same state afterwards
+        a.release(idx)
+        b.release(idx)
+
+
+def test_pick_many_round_robin(core):
+    rr = core.RoundRobin([1, 1, 1, 1])
+    assert core.pick_many(rr, 8) == 2 * (0 + 1 + 2 + 3)
+    assert core.pick_many(rr, 0) == 0
+    assert core.pick_many(rr, 1, key=b"ignored") == 0
+    assert rr.select() == 1 and rr.in_flight(1) == 1
+    for i in range(4):
+        rr.set_eligible(i, False)
+    assert core.pick_many(rr, 10) == 0  # every select is -1: nothing picked, nothing released
+    assert rr.in_flight(1) == 1
+
+
+def test_pick_many_maglev_keys(core):
+    m = make(core, "Maglev", [1, 1, 1])
+    idx = m.select(b"session-1")
+    m.release(idx)
+    assert core.pick_many(m, 10, b"session-1") == 10 * idx
+    assert core.pick_many(m, 10) == 0  # empty key: -2 every time
+    assert core.pick_many(m, 10, b"") == 0
+    with pytest.raises(TypeError, match="key must be bytes"):
+        core.pick_many(m, 1, "session-1")
+    assert core.pick_many(m, 0, "not checked") == 0
+
+
+def test_pick_many_errors(core):
+    rr = core.RoundRobin([1, 1])
+    with pytest.raises(TypeError, match="selector must be a Selector, not list"):
+        core.pick_many([1, 1], 1)
+    with pytest.raises(TypeError, match="selector must be a Selector, not NoneType"):
+        core.pick_many(None, 1)
+    with pytest.raises(ValueError, match="n must not be negative"):
+        core.pick_many(rr, -1)
+    with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+        core.pick_many(rr, 1.5)
+    assert core.pick_many(rr, True) == 0
+
+
+def test_pick_many_python_subclass(core):
+    """A Python subclass overriding select/release is honoured (compiled: cpdef dispatch)."""
+    calls = []
+
+    class Logged(core.RoundRobin):
+        def select(self, key=b""):
+            idx = super().select(key)
+            calls.append(("select", key, idx))
+            return idx
+
+        def release(self, idx):
+            calls.append(("release", idx))
+            super().release(idx)
+
+    lb = Logged([1, 1, 1])
+    assert core.pick_many(lb, 4, b"k") == 0 + 1 + 2 + 0
+    assert calls[:2] == [("select", b"k", 0), ("release", 0)]
+    assert len(calls) == 8
+
+    class Broken(core.RoundRobin):
+        def select(self, key=b""):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        core.pick_many(Broken([1]), 3)
+
+
 # ---------------------------------------------------------------- registry
 
 def test_registry_builds_each():

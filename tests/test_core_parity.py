@@ -205,8 +205,8 @@ def test_public_names(C):
                   if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not n.name.startswith("_")}
     c_names = {n for n in dir(C) if not n.startswith("_")}
     assert c_names == set(P.__all__) == stub_names == set(C.__all__)
-    for cls in ("RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
-                "ChunkedScanner"):
+    for cls in ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random",
+                "Maglev", "ChunkedScanner"):
         py_members = {m for m in dir(getattr(P, cls)) if not m.startswith("_")}
         c_members = {m for m in dir(getattr(C, cls)) if not m.startswith("_")}
         assert py_members == c_members, cls
@@ -352,6 +352,66 @@ def test_selectors(C, cls):
                 assert outcome(a.is_eligible, idx) == outcome(b.is_eligible, idx)
         assert [a.in_flight(i) for i in range(n)] == [b.in_flight(i) for i in range(n)]
     assert made > N_SELECT_RUNS // 2
+
+
+@pytest.mark.parametrize("cls", SELECTORS)
+def test_pick_many(C, cls):
+    """Seeded runs of pick_many (keys, counts) interleaved with the other operations:
+    the same sums, exceptions and in-flight counts on both cores."""
+    rng = random.Random(SELECTORS.index(cls) * 104729 + 5)
+    made = 0
+    for run in range(N_SELECT_RUNS):
+        n = rng.randint(1, 12)
+        weights = [rng.choice([0, 1, 1, 2, 3, 10, 1000]) for _ in range(n)]
+        names = [b"10.1.%d.%d:80" % (run, i) for i in range(n)]
+        rng.shuffle(names)
+        seed = rng.choice([0, 1, -3, rng.randrange(2**70)])
+        table_size = rng.choice([13, 97, 101, 251, 1009])
+        factor = rng.choice([0.0, 0.0, 1.0, 1.25, 2.0])
+        ra = build(P, cls, weights, names, seed, table_size, factor)
+        rb = build(C, cls, weights, names, seed, table_size, factor)
+        assert ra[0] == rb[0], (run, weights, table_size)
+        if ra[0] != "ok":
+            continue
+        made += 1
+        a, b = ra[1], rb[1]
+        held = []
+        for step in range(60):
+            op = rng.random()
+            if op < 0.5:
+                key = rng.choice([b"", b"k", b"user-%d" % rng.randrange(50),
+                                  bytes(rng.randrange(256) for _ in range(rng.randrange(40))),
+                                  "str-key"])
+                count = rng.choice([0, 1, 2, 7, 50, 300, -1])
+                x, y = outcome(P.pick_many, a, count, key), outcome(C.pick_many, b, count, key)
+                assert x == y, (run, step, key, count)
+            elif op < 0.7:
+                key = b"h-%d" % rng.randrange(20)
+                x, y = outcome(a.select, key), outcome(b.select, key)
+                assert x == y, (run, step)
+                if x[0] == "ok" and x[1] >= 0:
+                    held.append(x[1])
+            elif op < 0.8 and held:
+                idx = held.pop(rng.randrange(len(held)))
+                assert outcome(a.release, idx) == outcome(b.release, idx)
+            elif op < 0.92:
+                idx = rng.randrange(n)
+                ok = rng.random() < 0.6
+                assert outcome(a.set_eligible, idx, ok) == outcome(b.set_eligible, idx, ok)
+            else:
+                idx = rng.randrange(n)
+                w = rng.choice([0, 1, 2, 5, 1000])
+                assert outcome(a.set_weight, idx, w) == outcome(b.set_weight, idx, w)
+            assert [a.in_flight(i) for i in range(n)] == [b.in_flight(i) for i in range(n)]
+    assert made > N_SELECT_RUNS // 2
+
+
+def test_pick_many_errors(C):
+    rr_a, rr_b = P.RoundRobin([1, 1]), C.RoundRobin([1, 1])
+    for sel_a, sel_b, count, key in ((rr_a, rr_b, 1.5, b""), (rr_a, rr_b, -5, b""),
+                                     (rr_a, rr_b, "3", b""), ([1], [1], 1, b""),
+                                     (None, None, 1, b""), (rr_b, rr_a, 1, b"")):
+        assert outcome(P.pick_many, sel_a, count, key) == outcome(C.pick_many, sel_b, count, key)
 
 
 def test_hash64(C):

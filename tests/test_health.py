@@ -343,7 +343,7 @@ def test_down_when_refused_then_up_after_rise(loop):
             await hb.close()
             t0 = time.monotonic()
             assert await until(lambda: bal.eligible_calls() == [False])
-            assert time.monotonic() - t0 < 3 * interval + 0.5
+            assert time.monotonic() - t0 < 3 * interval + 1.0
             snap = hc.snapshot()[0]
             assert snap["state"] == "DOWN" and not snap["eligible"]
             assert snap["consecutive_failures"] == 3
@@ -357,7 +357,7 @@ def test_down_when_refused_then_up_after_rise(loop):
             await hb.start(port)
             t0 = time.monotonic()
             assert await until(lambda: bal.eligible_calls() == [False, True])
-            assert time.monotonic() - t0 < 2 * interval + 0.5
+            assert time.monotonic() - t0 < 2 * interval + 1.0
             assert not hc.all_down()
             assert log.lines("is UP") == [
                 f"backend http://{HOST}:{port} is UP: 2 consecutive successful checks"]
@@ -378,7 +378,7 @@ def test_hanging_backend_marked_down_within_timeout():
             hb.mode = "hang"
             t0 = time.monotonic()
             assert await until(lambda: bal.eligible_calls() == [False])
-            assert time.monotonic() - t0 < 2 * 0.1 + 0.05 + 0.5
+            assert time.monotonic() - t0 < 2 * 0.1 + 0.05 + 1.0
             assert hc.snapshot()[0]["last_failure"] == "timed out after 0.05s"
             assert log.lines("DOWN") == [
                 f"backend {hb.backend(0).url} is DOWN: 2 consecutive failed checks "
@@ -529,7 +529,7 @@ def test_passive_ejection_backoff_and_trial():
             snap = hc.snapshot()[0]
             assert snap["ejected"] and not snap["eligible"] and snap["ejections"] == 1
             assert snap["state"] == "UP" and snap["last_failure"] == "connection reset"
-            assert 0.08 < snap["ejected_until"] - loop.time() <= 0.1
+            assert 0.08 < snap["ejected_until"] - loop.time() <= 0.1 + 1e-6
             assert log.lines() == [f"backend {url} ejected for 0.1s: "
                                    "3 consecutive failures (connection reset)"]
             hc.on_failure(0, "late")  # in flight when ejected: ignored
@@ -540,7 +540,7 @@ def test_passive_ejection_backoff_and_trial():
                 t0 = time.monotonic()
                 expect.append(True)
                 assert await until(lambda: bal.eligible_calls() == expect)
-                assert backoff - 0.02 < time.monotonic() - t0 < backoff + 0.3
+                assert backoff - 0.02 < time.monotonic() - t0 < backoff + 0.8
                 assert hc.snapshot()[0]["trial"]
                 if backoff == 0.4 and len(expect) == 8:
                     break
@@ -589,23 +589,23 @@ def test_ejected_backend_must_pass_an_active_check():
     async def go():
         hb = await HB().start()
         # fall is high: failing checks alone never take it DOWN here
-        cfg = HealthConfig(path="/h", interval=0.4, timeout=0.1, fall=100, rise=1,
+        cfg = HealthConfig(path="/h", interval=1.5, timeout=0.1, fall=100, rise=1,
                            eject_after=2, eject_base=0.1, eject_max=1.0)
         async with checking([hb], cfg) as (hc, bal, log):
-            assert await until(lambda: hc.snapshot()[0]["checked"], timeout=1)
+            assert await until(lambda: hc.snapshot()[0]["checked"], timeout=2.5)
             hb.status = 500
             hc.on_failure(0, "connection reset")
             hc.on_failure(0, "connection reset")
             assert bal.eligible_calls() == [False]
             n = len(hb.heads)
             # the back-off ends: a check runs at once, fails, and it stays out
-            assert await until(lambda: len(hb.heads) > n, timeout=0.3)
+            assert await until(lambda: len(hb.heads) > n, timeout=0.8)
             await asyncio.sleep(0.05)
             snap = hc.snapshot()[0]
             assert snap["awaiting_check"] and snap["ejected"] and not snap["eligible"]
             assert bal.eligible_calls() == [False]
             hb.status = 200  # the next regular check readmits it
-            assert await until(lambda: bal.eligible_calls() == [False, True], timeout=1)
+            assert await until(lambda: bal.eligible_calls() == [False, True], timeout=2.5)
             assert hc.snapshot()[0]["trial"]
             assert log.lines("back after ejection") == [
                 f"backend {hb.backend(0).url} back after ejection: 1 consecutive successful check"]
@@ -617,7 +617,7 @@ def test_ejected_backend_must_pass_an_active_check():
             hc.on_failure(0, "connection reset")
             assert bal.eligible_calls() == [False, True, False]
             assert await until(lambda: bal.eligible_calls() == [False, True, False, True])
-            assert time.monotonic() - t0 < 0.2 + 0.15
+            assert time.monotonic() - t0 < 0.2 + 0.6
         await hb.close()
 
     run(go)
