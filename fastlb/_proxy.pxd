@@ -174,3 +174,4 @@ cdef class ClientProtocol:
     cdef pause_reading_for(self, int reason)
     cdef resume_reading_for(self, int reason)
     cdef _close(self)
+    cdef _drop_upstream(self)

@@ -486,11 +486,7 @@ class ClientProtocol:
         self._release()
         self.state = R_CLOSED
         self.proxy.clients.discard(self)
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.backend.active -= 1
-            up.abort()
+        self._drop_upstream()
 
     def eof_received(self):
         # Keep the write side open while a request is in flight, then close.
@@ -912,11 +908,7 @@ class ClientProtocol:
     def _fail(self, status):
         """The backend side failed: answer ``status`` if the client can still get it."""
         self._release()
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.backend.active -= 1
-            up.abort()
+        self._drop_upstream()
         if self.sent:
             self.state = R_CLOSED
             self.transport.abort()
@@ -980,12 +972,16 @@ class ClientProtocol:
         self._release()
         self.state = R_CLOSED
         self.proxy.clients.discard(self)
+        self._drop_upstream()
+        self.transport.close()
+
+    def _drop_upstream(self):
+        """Abort the upstream connection of an exchange cut short (its state is unknown)."""
         up = self.up
         if up is not None:
             self.up = None
             up.backend.active -= 1
             up.abort()
-        self.transport.close()
 
 
 # ---------------------------------------------------------------- shared state

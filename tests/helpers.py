@@ -100,6 +100,23 @@ class LoopThread:
         self.thread.join(10)
 
 
+def stop_servers(lt, servers):
+    """Close asyncio servers running on LoopThread ``lt``, cancel their
+    connection tasks, and stop the loop."""
+    async def down():
+        for srv in servers:
+            srv.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        lt.call(down())
+    finally:
+        lt.stop()
+
+
 # ---------------------------------------------------------------- balancer in process
 
 class Balancer:

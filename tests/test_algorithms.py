@@ -14,6 +14,7 @@ from helpers import (  # noqa: F401  (fixtures are used by name)
     backend_loop,
     make_backend,
     make_lb,
+    stop_servers,
 )
 
 pytestmark = pytest.mark.usefixtures("active_core")
@@ -101,18 +102,7 @@ class DelayBackends:
         return await asyncio.start_server(handle, HOST, 0)
 
     def stop(self):
-        async def down():
-            for s in self.servers:
-                s.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        try:
-            self.lt.call(down())
-        finally:
-            self.lt.stop()
+        stop_servers(self.lt, self.servers)
 
 
 @pytest.mark.parametrize("algo", ["least-conn", "p2c"])

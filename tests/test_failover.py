@@ -115,17 +115,21 @@ async def _load(port, clients, per_client, during=None):
     return ok, errors, seen
 
 
+async def _close(writer):
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+
+
 def _sequence(port, n):
     async def go():
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
             return [(await _get(reader, writer))[1] for _ in range(n)]
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+            await _close(writer)
 
     return asyncio.run(go())
 
@@ -191,11 +195,7 @@ def _get_once(port):
             writer.write(b"GET /x HTTP/1.1\r\nHost: lb\r\n\r\n")
             return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+            await _close(writer)
 
     return asyncio.run(go())
 

@@ -13,6 +13,7 @@ from helpers import (  # noqa: F401  (fixtures are used by name)
     free_dead_port,
     make_backend,
     make_lb,
+    stop_servers,
 )
 
 pytestmark = pytest.mark.usefixtures("active_core")
@@ -40,17 +41,7 @@ class ClosingBackend:
         self.addr = (HOST, self.server.sockets[0].getsockname()[1])
 
     def stop(self):
-        async def down():
-            self.server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        try:
-            self.lt.call(down())
-        finally:
-            self.lt.stop()
+        stop_servers(self.lt, [self.server])
 
 
 @pytest.fixture
