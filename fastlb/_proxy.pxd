@@ -10,6 +10,7 @@ cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING, P_CLIENT
 cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT
+cdef double LINGER
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
@@ -174,4 +175,5 @@ cdef class ClientProtocol:
     cdef pause_reading_for(self, int reason)
     cdef resume_reading_for(self, int reason)
     cdef _close(self)
+    cdef _linger(self)
     cdef _drop_upstream(self)

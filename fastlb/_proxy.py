@@ -397,6 +397,7 @@ P_CONNECTING = 4    # body bytes are queued until the upstream connects
 P_CLIENT = 8        # the client's own write buffer is full (backpressure on responses)
 
 PIPELINE_LIMIT = 65536
+LINGER = 2.0        # seconds a lingering close reads and discards
 CONNECT_QUEUE_LIMIT = 262144
 
 _HttpRequestParser = httptools.HttpRequestParser
@@ -870,7 +871,10 @@ class ClientProtocol:
             proxy.note_success(backend)
         if proxy.log is not None:
             proxy.log_request(self, status)
-        if self.state != R_DONE or not keep_alive or (self.eof and not self.pending):
+        if self.state != R_DONE:
+            self._linger()      # answered before the client finished sending
+            return
+        if not keep_alive or (self.eof and not self.pending):
             self._close()
             return
         self._next_request()
@@ -903,7 +907,26 @@ class ClientProtocol:
         if self.proxy.log is not None:
             self.proxy.log_request(self, status)
         self.transport.write(msg)
-        self._close()
+        self._linger()
+
+    def _linger(self):
+        """Close after an answer without losing it, as nginx's lingering close:
+        closing a socket with unread input resets it, and the reset can destroy
+        the answer in flight. So shut our side only, then read and discard what
+        the client still sends, for at most LINGER seconds."""
+        self._release()
+        self._drop_upstream()
+        self.state = R_CLOSED
+        self.pending = b""
+        transport = self.transport
+        if self.eof or transport.is_closing() or not transport.can_write_eof():
+            self._close()
+            return
+        transport.write_eof()
+        if self.paused:
+            self.paused = 0
+            transport.resume_reading()
+        self.deadline = self.proxy.now + LINGER
 
     def _fail(self, status):
         """The backend side failed: answer ``status`` if the client can still get it."""
@@ -921,7 +944,7 @@ class ClientProtocol:
             proxy.log_request(self, status)
         self.transport.write(msg)
         if not keep:
-            self._close()
+            self._linger()
             return
         self._next_request()
 
@@ -939,6 +962,8 @@ class ClientProtocol:
                 self._close()
             else:
                 self._reject(408)
+        elif state == R_CLOSED:
+            self._close()           # the end of a lingering close
         elif state == R_DONE:
             if self.wpaused:
                 # The backend is waiting for us, not the other way round. A

@@ -197,3 +197,25 @@ def test_trial_ends_with_the_first_success():
         srv.close()
 
     run(go)
+
+
+def test_error_answer_survives_unread_input():
+    """A request refused while the client is still sending (here: 431 for a
+    head with 1 MiB more behind it) must still reach the client: fastlb shuts
+    its side and drains instead of closing with unread input (a reset)."""
+    async def go():
+        srv, bport = await path_echo_backend()
+        proxy, server, port = await balancer([bport], max_header_size=1024)
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20))
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        data = await asyncio.wait_for(reader.read(), 10)
+        assert data.startswith(b"HTTP/1.1 431 "), data[:60]
+        writer.close()
+        await stop(proxy, server)
+        srv.close()
+
+    run(go)
