@@ -8,7 +8,7 @@ from fastlb._core cimport Selector   # the selectors' C-level select/release
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
-cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING, P_CLIENT
+cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
 cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT
 cdef double LINGER
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE

@@ -106,14 +106,6 @@ class Backend:
         self.failures = 0
         self.fail_streak = 0    # consecutive failures on real traffic
 
-    def pop_idle(self):
-        idle = self.idle
-        while idle:
-            up = idle.pop()
-            if up.state == U_IDLE:
-                return up
-        return None
-
     def push_idle(self, up, now):
         if len(self.idle) >= self.max_idle:
             up.close()
@@ -394,7 +386,6 @@ R_CLOSED = 3
 P_UPSTREAM = 1      # the upstream transport's write buffer is full
 P_PIPELINE = 2      # pipelined requests are waiting
 P_CONNECTING = 4    # body bytes are queued until the upstream connects
-P_CLIENT = 8        # the client's own write buffer is full (backpressure on responses)
 
 PIPELINE_LIMIT = 65536
 LINGER = 2.0        # seconds a lingering close reads and discards
