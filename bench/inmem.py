@@ -7,8 +7,8 @@ prints the CPU time per request of fastlb's own user-space work (the core,
 httptools, the data path and CPython). Under valgrind it gives the steadiest
 figure this machine has, instructions per request::
 
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/inmem.py -n 2000
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/inmem.py -n 12000
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/inmem.py -r 1 -n 2000
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/inmem.py -r 1 -n 12000
 
 (the difference of the two totals, divided by 10000). The active switch
 applies: FASTLB_NO_EXTENSIONS=1 measures the pure-Python core and data path.
@@ -93,11 +93,12 @@ def main():
     ap.add_argument("--algorithm", default="round-robin")
     ap.add_argument("--hash-key", default="ip")
     ap.add_argument("-n", "--requests", type=int, default=100000)
+    ap.add_argument("-r", "--rounds", type=int, default=3, help="timed rounds; the best is shown")
     args = ap.parse_args()
     run = build(args.algorithm, args.hash_key)
     run(200)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(args.rounds):
         t0 = time.process_time()
         run(args.requests)
         best = min(best, time.process_time() - t0)

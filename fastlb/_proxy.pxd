@@ -86,7 +86,6 @@ cdef class UpstreamProtocol:
     cdef public int resp_flags, status
     cdef public bint reused, got_bytes, paused
     cdef public double idle_since
-    cdef public Py_ssize_t max_head
 
     @cython.locals(client=ClientProtocol, pos=Py_ssize_t, end=Py_ssize_t, req_flags=int,
                    flags=int, framing=int, status=int, length="long long")
@@ -111,7 +110,6 @@ cdef class ClientProtocol:
     cdef public object parser         # httptools.HttpRequestParser: the strict validator
     cdef public object feed           # parser.feed_data, bound once
     cdef public object write          # transport.write, bound once
-    cdef public object peer
     cdef public bytes client_ip
     cdef public int state             # R_*
     cdef public bytes buf             # the part of a head received so far
@@ -125,6 +123,7 @@ cdef class ClientProtocol:
     cdef public UpstreamProtocol up   # serving the request in flight
     cdef public Backend backend
     cdef public list outq             # bytes waiting for the upstream connection
+    cdef public Py_ssize_t queued     # body bytes of this request put in outq
     cdef public object tried
     cdef public bint retried
     cdef public int paused            # P_* bits
@@ -132,7 +131,6 @@ cdef class ClientProtocol:
     cdef public Py_ssize_t wmark      # client write buffer size when last seen paused
     cdef public double deadline
     cdef public long long sent        # response bytes written to the client (this request)
-    cdef public long long served
     cdef public bint eof
     cdef public double started
     cdef public object line           # request line, for the access log

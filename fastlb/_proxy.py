@@ -153,7 +153,6 @@ class UpstreamProtocol:
         self.got_bytes = False  # any byte of the response arrived
         self.idle_since = 0.0
         self.paused = False
-        self.max_head = proxy.max_header_size
         self.write = None       # transport.write, bound once
 
     # -------------------------------------------------------- asyncio callbacks
@@ -214,12 +213,12 @@ class UpstreamProtocol:
         while True:
             end = _find_head_end(data, pos)
             if end < 0:
-                if len(data) - pos > self.max_head:
+                if len(data) - pos > self.proxy.max_header_size:
                     self._bad(client, "response head too large")
                     return
                 self.buf = data[pos:]
                 return
-            if end - pos > self.max_head:
+            if end - pos > self.proxy.max_header_size:
                 self._bad(client, "response head too large")
                 return
             req_flags = client.req_flags
@@ -431,7 +430,6 @@ class ClientProtocol:
         self.parser = _HttpRequestParser(self)
         self.feed = self.parser.feed_data
         self.write = None       # transport.write, bound once
-        self.peer = None
         self.client_ip = b""
         self.state = R_HEAD
         self.buf = b""          # the part of a head received so far
@@ -445,6 +443,7 @@ class ClientProtocol:
         self.up = None          # UpstreamProtocol serving the request in flight
         self.backend = None
         self.outq = None        # bytes waiting for the upstream connection
+        self.queued = 0         # body bytes of this request put in outq
         self.tried = None       # backends that failed this request
         self.retried = False
         self.paused = 0         # P_* bits
@@ -452,7 +451,6 @@ class ClientProtocol:
         self.wmark = 0          # client write buffer size when last seen paused
         self.deadline = 0.0
         self.sent = 0           # response bytes written to the client (this request)
-        self.served = 0
         self.eof = False
         self.started = 0.0
         self.line = None        # request line, for the access log
@@ -469,7 +467,7 @@ class ClientProtocol:
         self.write = transport.write
         proxy = self.proxy
         proxy.clients.add(self)
-        self.peer = peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0].encode("ascii")
         self.deadline = proxy.now + proxy.header_timeout
@@ -607,6 +605,7 @@ class ClientProtocol:
             return
         self.req_flags = flags
         self.gen += 1
+        self.queued = 0
         self.framing = framing
         self.sent = 0
         self.tried = None
@@ -686,7 +685,8 @@ class ClientProtocol:
             up.write(piece)
         elif self.outq is not None:
             self.outq.append(piece)
-            if sum(map(len, self.outq)) > CONNECT_QUEUE_LIMIT:
+            self.queued += len(piece)
+            if self.queued > CONNECT_QUEUE_LIMIT:
                 self.pause_reading_for(P_CONNECTING)
         # else: the request already failed; the bytes are dropped with it
 
@@ -850,7 +850,6 @@ class ClientProtocol:
     def response_done(self, keep_alive, status):
         """The upstream delivered the whole response."""
         self.up = None
-        self.served += 1
         proxy = self.proxy
         backend = self.backend
         if self.holding:

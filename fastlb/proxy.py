@@ -41,4 +41,3 @@ Backend = _mod.Backend
 Proxy = _mod.Proxy
 ClientProtocol = _mod.ClientProtocol
 UpstreamProtocol = _mod.UpstreamProtocol
-error_response = _mod.error_response
