@@ -10,7 +10,8 @@ cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
 cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT
-cdef double LINGER
+cdef double LINGER, STALL, LOCAL_LOG_EVERY
+cdef frozenset _LOCAL_ERRNOS
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
@@ -41,6 +42,12 @@ cdef class Proxy:
     cdef public double now            # the ticker's clock: deadlines are computed from it
     cdef public double tick
     cdef public Py_ssize_t max_header_size
+    cdef public int max_interim       # 1xx responses relayed per request, at most
+    cdef public bint draining         # stopping: responses close their connections
+    cdef public bint closed
+    cdef public long long local_errors, stalls
+    cdef public double _local_logged
+    cdef public long long _local_quiet
     cdef public int max_tries         # backends tried for one request, at most
     cdef public double retry_timeout  # no new try this long after the request arrived
     cdef public object health         # HealthChecker or None
@@ -54,6 +61,9 @@ cdef class Proxy:
 
     cpdef connect(self, Backend backend, ClientProtocol client, long long gen)
     cpdef log_request(self, ClientProtocol client, int status)
+    cpdef local_error(self, reason)
+    @cython.locals(c=ClientProtocol)
+    cpdef start_drain(self)
 
 
 @cython.final
@@ -85,6 +95,7 @@ cdef class UpstreamProtocol:
     cdef public object scanner         # ChunkedScanner of a chunked response
     cdef public int resp_flags, status
     cdef public bint reused, got_bytes, paused
+    cdef public int interim            # 1xx responses relayed for this request
     cdef public double idle_since
 
     @cython.locals(client=ClientProtocol, pos=Py_ssize_t, end=Py_ssize_t, req_flags=int,
@@ -101,6 +112,7 @@ cdef class UpstreamProtocol:
     cpdef resume_reading(self)
     cpdef close(self)
     cpdef abort(self)
+    cpdef drop_idle(self)
 
 
 @cython.final
@@ -159,6 +171,7 @@ cdef class ClientProtocol:
     cdef _release(self)
     cpdef upstream_connected(self, UpstreamProtocol up, long long gen)
     cpdef upstream_connect_failed(self, Backend backend, reason, long long gen)
+    cpdef upstream_local_error(self, reason, long long gen)
     cdef upstream_failed(self, UpstreamProtocol up, reason)
     cdef response_aborted(self, UpstreamProtocol up, reason, bint invalid=*)
     cdef write_response(self, bytes data)
@@ -173,5 +186,7 @@ cdef class ClientProtocol:
     cdef pause_reading_for(self, int reason)
     cdef resume_reading_for(self, int reason)
     cdef _close(self)
+    cdef _abort(self)
+    cpdef bint in_flight(self)
     cdef _linger(self)
     cdef _drop_upstream(self)

@@ -48,6 +48,7 @@ States of a bound connection::
       +--------- no body (HEAD, 204, 304, CL 0) -+
 """
 import asyncio
+import errno
 import logging
 
 import httptools
@@ -151,6 +152,7 @@ class UpstreamProtocol:
         self.status = 0
         self.reused = False     # came from the pool (may have gone stale)
         self.got_bytes = False  # any byte of the response arrived
+        self.interim = 0        # 1xx responses relayed for this request
         self.idle_since = 0.0
         self.paused = False
         self.write = None       # transport.write, bound once
@@ -198,12 +200,13 @@ class UpstreamProtocol:
     def data_received(self, data):
         client = self.client
         if client is None:
-            # Idle connections must stay silent: bytes now are a protocol error.
-            self.close()
+            # Idle connections must stay silent: bytes now are a protocol
+            # error. Out of the pool at once, and dropped.
+            self.drop_idle()
             return
         self.got_bytes = True
-        client.deadline = self.proxy.now + self.proxy.response_timeout
         if self.state == U_BODY:
+            client.deadline = self.proxy.now + self.proxy.response_timeout
             self._body(data, 0, client, None)
             return
         if self.buf:
@@ -222,7 +225,8 @@ class UpstreamProtocol:
                 self._bad(client, "response head too large")
                 return
             req_flags = client.req_flags
-            if client.state != R_DONE or (client.eof and not client.pending):
+            if client.state != R_DONE or (client.eof and not client.pending) \
+                    or self.proxy.draining:
                 # The client connection closes after this response: say so.
                 req_flags &= ~REQ_KEEP_ALIVE
             try:
@@ -233,7 +237,13 @@ class UpstreamProtocol:
                 return
             if flags & RESP_INFORMATIONAL:
                 # 1xx: relay (never to HTTP/1.0 clients, RFC 9110 15.2),
-                # then wait for the final response.
+                # then wait for the final response. The response timeout
+                # still runs from the end of the request: interim responses
+                # do not extend it, and there are at most ``max_interim``.
+                self.interim += 1
+                if self.interim > self.proxy.max_interim:
+                    self._bad(client, "more than %d interim responses" % self.proxy.max_interim)
+                    return
                 if not req_flags & REQ_HTTP10:
                     client.write(out)   # not counted in ``sent``: a 502 may still follow
                 pos = end
@@ -242,6 +252,7 @@ class UpstreamProtocol:
             self.resp_flags = flags
             self.framing = framing
             self.state = U_BODY
+            client.deadline = self.proxy.now + self.proxy.response_timeout
             if framing == BODY_LENGTH:
                 if len(data) - end == length:
                     # The common case: the whole response in one read.
@@ -347,6 +358,7 @@ class UpstreamProtocol:
         self.client = client
         self.state = U_HEAD
         self.got_bytes = False
+        self.interim = 0
         self.buf = b""
         self.backend.active += 1
         self.backend.requests += 1
@@ -366,6 +378,15 @@ class UpstreamProtocol:
         t = self.transport
         if t is not None:
             t.close()
+
+    def drop_idle(self):
+        """A pooled connection that spoke out of turn: out of the pool, and aborted."""
+        if self.state == U_IDLE:
+            try:
+                self.backend.idle.remove(self)
+            except ValueError:
+                pass
+        self.abort()
 
     def abort(self):
         """Drop the connection at once (its state is unknown)."""
@@ -389,6 +410,11 @@ P_CONNECTING = 4    # body bytes are queued until the upstream connects
 PIPELINE_LIMIT = 65536
 LINGER = 2.0        # seconds a lingering close reads and discards
 CONNECT_QUEUE_LIMIT = 262144
+STALL = 1.0         # a tick this late means the event loop itself was stalled
+LOCAL_LOG_EVERY = 10.0  # seconds between two log lines about fastlb's own shortages
+
+# connect() errors that are fastlb's own shortage, never the backend's fault
+_LOCAL_ERRNOS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
 
 _HttpRequestParser = httptools.HttpRequestParser
 _HttpParserError = httptools.HttpParserError
@@ -708,6 +734,7 @@ class ClientProtocol:
                 up.client = self
                 up.state = U_HEAD
                 up.got_bytes = False
+                up.interim = 0
                 backend.active += 1
                 backend.requests += 1
                 self.up = up
@@ -777,6 +804,15 @@ class ClientProtocol:
         up.transport.writelines(outq)
         self.resume_reading_for(P_CONNECTING)
 
+    def upstream_local_error(self, reason, gen):
+        """fastlb itself could not open a connection (no fds, no buffers): the
+        backend is not to blame, and another backend would fail the same way."""
+        self.proxy.local_error(reason)
+        if gen != self.gen or self.outq is None or self.state == R_CLOSED:
+            return
+        self.outq = None
+        self._fail(503)
+
     def upstream_connect_failed(self, backend, reason, gen):
         """A fresh connection to ``backend`` could not be made: nothing reached it,
         so any request may go to the next backend."""
@@ -798,7 +834,10 @@ class ClientProtocol:
             return
         if self.req_head is None or not self.req_flags & REQ_IDEMPOTENT:
             # A body we did not keep, or a method that must not run twice.
-            self.proxy.note_failure(up.backend, reason)
+            # On a reused pooled connection this is the keep-alive race (the
+            # backend closed it as we reused it), not a backend fault.
+            if not up.reused:
+                self.proxy.note_failure(up.backend, reason)
             self._fail(502)
             return
         if up.reused and not self.retried:
@@ -872,6 +911,9 @@ class ClientProtocol:
     def _next_request(self):
         """The exchange is over and the connection stays open: read the next
         request, starting with any that were pipelined behind this one."""
+        if self.proxy.draining:
+            self._close()
+            return
         self.state = R_HEAD
         self.sent = 0
         self.deadline = self.proxy.now + self.proxy.keepalive_timeout
@@ -947,13 +989,21 @@ class ClientProtocol:
             else:
                 self._close()       # idle keep-alive connection
         elif state == R_BODY:
-            # The client stopped sending its body.
-            if self.sent:
-                self._close()
+            if self.paused & P_UPSTREAM:
+                # The backend stopped reading the body (its socket is full):
+                # the backend's fault, not the client's.
+                self.proxy.note_failure(self.backend, "stopped reading the request body")
+                self.outq = None
+                self._fail(504)
+            elif self.sent:
+                self._abort()       # the client stopped sending its body
             else:
                 self._reject(408)
         elif state == R_CLOSED:
-            self._close()           # the end of a lingering close
+            if self.transport.is_closing():
+                self._abort()       # a close whose buffer never drained
+            else:
+                self._close()       # the end of a lingering close
         elif state == R_DONE:
             if self.wpaused:
                 # The backend is waiting for us, not the other way round. A
@@ -965,7 +1015,7 @@ class ClientProtocol:
                     self.wmark = size
                     self.deadline = now + self.proxy.response_timeout
                 else:
-                    self._close()
+                    self._abort()
                 return
             if self.up is not None:
                 self.proxy.note_failure(self.backend, "response timeout")
@@ -984,11 +1034,31 @@ class ClientProtocol:
                 self.transport.resume_reading()
 
     def _close(self):
+        """Close after the last response: what is still buffered is flushed,
+        but for ``response_timeout`` at most (the ticker then aborts)."""
+        self._release()
+        self.state = R_CLOSED
+        self._drop_upstream()
+        transport = self.transport
+        if transport.get_write_buffer_size():
+            self.deadline = self.proxy.now + self.proxy.response_timeout
+        else:
+            self.proxy.clients.discard(self)
+        transport.close()
+
+    def _abort(self):
+        """Drop the connection at once: a client that is gone or stopped
+        reading keeps neither its socket nor its buffers."""
         self._release()
         self.state = R_CLOSED
         self.proxy.clients.discard(self)
         self._drop_upstream()
-        self.transport.close()
+        self.transport.abort()
+
+    def in_flight(self):
+        """A request is being read or answered on this connection."""
+        return self.state == R_BODY or self.state == R_DONE or (
+            self.state == R_HEAD and bool(self.buf))
 
     def _drop_upstream(self):
         """Abort the upstream connection of an exchange cut short (its state is unknown)."""
@@ -1035,6 +1105,7 @@ class Proxy:
         self.header_timeout = opts.header_timeout
         self.keepalive_timeout = opts.keepalive_timeout
         self.max_header_size = opts.max_header_size
+        self.max_interim = opts.max_interim
         self.max_tries = 1 + opts.retries
         self.retry_timeout = opts.retry_timeout
         self.health = None      # fastlb.health.HealthChecker, when checks are on
@@ -1044,6 +1115,12 @@ class Proxy:
         self.via = b"fastlb" if opts.via else None
         self.log = None if opts.access_log == "off" else AccessLog(opts.access_log)
         self.now = loop.time()
+        self.draining = False   # stopping: every response closes its connection
+        self.closed = False
+        self.local_errors = 0   # fastlb's own shortages (fds, buffers) since start
+        self.stalls = 0         # event-loop stalls that pushed deadlines back
+        self._local_logged = -LOCAL_LOG_EVERY
+        self._local_quiet = 0   # shortages not logged since the last line
         self.tick = min(0.25, opts.header_timeout / 4, opts.response_timeout / 4,
                         opts.keepalive_timeout / 4, opts.upstream_idle_timeout / 4)
         self._ticker = None
@@ -1055,9 +1132,20 @@ class Proxy:
         self._ticker = self.loop.call_later(self.tick, self._tick)
 
     def _tick(self):
-        now = self.now = self.loop.time()
-        for client in [c for c in self.clients if c.deadline < now]:
-            client.timed_out(now)
+        now = self.loop.time()
+        late = now - self.now - self.tick
+        self.now = now
+        if late > STALL:
+            # The loop itself was stalled (a blocked thread, a suspended
+            # process): deadlines that passed meanwhile say nothing about
+            # clients or backends. Push them back by the stall.
+            self.stalls += 1
+            log.warning("event loop stalled for %.1fs: deadlines pushed back", late)
+            for c in self.clients:
+                c.deadline += late
+        else:
+            for client in [c for c in self.clients if c.deadline < now]:
+                client.timed_out(now)
         cutoff = now - self.opts.upstream_idle_timeout
         for b in self.backends:
             if b.idle:
@@ -1096,6 +1184,29 @@ class Proxy:
         backend = self.backends[idx]
         if backend.fail_streak == 0:
             backend.fail_streak = 1
+
+    def local_error(self, reason):
+        """fastlb's own shortage (fds, buffers, memory): counted, logged at
+        most once every LOCAL_LOG_EVERY seconds, never blamed on a backend."""
+        self.local_errors += 1
+        now = self.loop.time()
+        if now - self._local_logged >= LOCAL_LOG_EVERY:
+            quiet = self._local_quiet
+            self._local_quiet = 0
+            self._local_logged = now
+            log.warning("cannot connect to backends: %s (fastlb's own limit, not the "
+                        "backends'; answering 503)%s", reason,
+                        f"; {quiet} more since the last report" if quiet else "")
+        else:
+            self._local_quiet += 1
+
+    def start_drain(self):
+        """Stop keeping connections alive: idle ones close now, busy ones
+        after their response (which says ``Connection: close``)."""
+        self.draining = True
+        for c in list(self.clients):
+            if c.state == R_HEAD and not c.buf:
+                c._close()
 
     def note_success(self, backend):
         """A response completed on a backend that had failed since its last success."""
@@ -1140,6 +1251,10 @@ class Proxy:
             await self._health_stop
 
     def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.draining = True
         if self.health is not None and self._health_stop is None:
             self._health_stop = self.loop.create_task(self.health.stop())
         if self._ticker is not None:
@@ -1158,17 +1273,26 @@ class Proxy:
 
 async def _connect(proxy, backend, client, gen):
     """Open a fresh connection to ``backend`` for request ``gen`` of ``client``."""
+    loop = proxy.loop
     backend.connecting += 1
+    started = loop.time()
     try:
         _, up = await asyncio.wait_for(
-            proxy.loop.create_connection(
+            loop.create_connection(
                 lambda: UpstreamProtocol(backend, proxy), backend.host, backend.port),
             proxy.connect_timeout)
     except asyncio.TimeoutError:
-        client.upstream_connect_failed(backend, "connect timeout", gen)
+        if loop.time() - started > proxy.connect_timeout + STALL:
+            # our own timer fired late: the loop was stalled, not the backend
+            client.upstream_local_error("event loop stalled during connect", gen)
+        else:
+            client.upstream_connect_failed(backend, "connect timeout", gen)
         return
     except OSError as e:
-        client.upstream_connect_failed(backend, e.strerror or str(e), gen)
+        if e.errno in _LOCAL_ERRNOS:
+            client.upstream_local_error(e.strerror or str(e), gen)
+        else:
+            client.upstream_connect_failed(backend, e.strerror or str(e), gen)
         return
     finally:
         backend.connecting -= 1

@@ -147,6 +147,12 @@ def _add_common(p):
                    help="other backends tried for a failed request (default 2)")
     t.add_argument("--retry-timeout", type=_positive(float), default=10.0, metavar="S",
                    help="no new try starts this long after the request arrived (default 10)")
+    t.add_argument("--max-interim", type=_non_negative_int, default=10, metavar="N",
+                   help="1xx interim responses relayed per request; more gets the client "
+                        "a 502 (default 10)")
+    t.add_argument("--drain-timeout", type=_non_negative_float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, requests in flight get this long to finish "
+                        "(default 30)")
     h = p.add_argument_group("health checks (see README)")
     h.add_argument("--health-path", metavar="PATH",
                    help="URL path probed on every backend; active checks are off without it")
@@ -232,6 +238,7 @@ def options_from_args(args, backends, weights=()):
         upstream_max_idle=args.upstream_max_idle, max_header_size=args.max_header_size,
         access_log=args.access_log, via=args.via, retries=args.retries,
         retry_timeout=args.retry_timeout, health=health,
+        max_interim=args.max_interim, drain_timeout=args.drain_timeout,
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
         hash_balance_factor=args.hash_balance_factor,
     )

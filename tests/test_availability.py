@@ -1,0 +1,361 @@
+"""Availability: failures blamed on the right party, dead connections closed,
+bounded 1xx streams, graceful stop and drain, and a listener that survives
+running out of file descriptors. Real sockets and processes throughout."""
+import asyncio
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import (
+    HANG,
+    HOST,
+    FastlbProcess,
+    Reader,
+    Reply,
+    raw_connect,
+    wait_for,
+)
+from helpers import active_core, backend_loop, make_backend, make_lb  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("active_core")
+
+
+def ok_response(body=b"ok", extra=b""):
+    return (b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+            + extra + b"\r\n" + body)
+
+
+def get(port, path="/", method="GET", body=b"", timeout=5.0, headers=b""):
+    with raw_connect(port, timeout) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: t\r\n".encode() + headers
+                  + (b"Content-Length: %d\r\n" % len(body) if body else b"") + b"\r\n" + body)
+        return Reader(s, timeout).read_response(method=method)
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# ---------------------------------------------------------------- blame
+
+def test_keepalive_race_on_reused_connection_is_not_a_backend_failure(make_backend, make_lb):
+    """A POST whose pooled connection the backend closed as it was reused gets a
+    502 (it cannot be retried), but the backend is not blamed: no ejection."""
+    def handler(be, req):
+        if req.index_on_conn >= 1:
+            return Reply(None, close=True)     # closed as fastlb reused it
+        return ok_response()
+
+    be = make_backend("A", handler=handler)
+    lb = make_lb([be])      # passive checks: 3 failures in a row eject
+    # prime the pool with several idle keep-alive connections
+    socks = [raw_connect(lb.port) for _ in range(4)]
+    for s in socks:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    for s in socks:
+        assert Reader(s).read_response().status == 200
+        s.close()
+    assert wait_for(lambda: len(lb.proxy.backends[0].idle) == 4)
+    statuses = [get(lb.port, method="POST", body=b"x" * 10).status for _ in range(4)]
+    assert statuses == [502] * 4
+    backend = lb.proxy.backends[0]
+    assert backend.failures == 0 and backend.fail_streak == 0
+    snap = lb.proxy.health.snapshot()[0]
+    assert not snap["ejected"] and snap["eligible"]
+    assert get(lb.port).status == 200
+
+
+def test_fresh_connection_closed_before_responding_counts(make_backend, make_lb):
+    """The same close on a fresh connection is the backend's fault."""
+    be = make_backend("A", handler=lambda be, req: Reply(None, close=True))
+    lb = make_lb([be])
+    assert get(lb.port, method="POST", body=b"abc").status == 502
+    assert lb.proxy.backends[0].failures == 1
+
+
+def test_stalled_upload_is_a_gateway_timeout_blamed_on_the_backend(make_backend, make_lb):
+    """A backend that stops reading an upload: 504 (not 408), and it counts."""
+    def on_head(conn, req):
+        conn.transport.pause_reading()
+
+    be = make_backend("A", on_head=on_head, handler=lambda be, req: HANG)
+    lb = make_lb([be], response_timeout=1.0)
+    s = raw_connect(lb.port, timeout=10)
+    s.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+    stop = threading.Event()
+    sent = [0]
+
+    def pump():
+        chunk = b"x" * 65536
+        while not stop.is_set():
+            try:
+                sent[0] += s.send(chunk)
+            except socket.timeout:
+                continue        # fastlb stopped reading: it waits for the backend
+            except OSError:
+                break
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        resp = Reader(s, 8).read_response()
+    finally:
+        stop.set()
+        t.join(5)
+        s.close()
+    assert resp.status == 504
+    assert sent[0] < 1 << 30
+    assert lb.proxy.backends[0].failures == 1
+
+
+# ---------------------------------------------------------------- 1xx
+
+def _early_hints_forever(conn, req):
+    loop = asyncio.get_running_loop()
+
+    def hint():
+        if conn.closed:
+            return
+        conn.transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+        loop.call_later(0.01, hint)
+
+    loop.call_soon(hint)
+
+
+def test_interim_responses_are_bounded(make_backend, make_lb):
+    be = make_backend("A", on_head=_early_hints_forever, handler=lambda be, req: HANG)
+    lb = make_lb([be], max_interim=5, response_timeout=30)
+    with raw_connect(lb.port, 5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        r = Reader(s, 5)
+        hints = [r.read_response() for _ in range(5)]
+        assert [h.status for h in hints] == [103] * 5
+        final = r.read_response()
+    assert final.status == 502
+    assert lb.proxy.backends[0].failures == 1
+
+
+def test_interim_responses_do_not_extend_the_response_timeout(make_backend, make_lb):
+    be = make_backend("A", on_head=_early_hints_forever, handler=lambda be, req: HANG)
+    lb = make_lb([be], max_interim=100000, response_timeout=1.0)
+    t0 = time.monotonic()
+    with raw_connect(lb.port, 10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        r = Reader(s, 10)
+        while True:
+            resp = r.read_response()
+            if resp.status >= 200:
+                break
+    assert resp.status == 504
+    assert time.monotonic() - t0 < 4.0
+
+
+# ---------------------------------------------------------------- close what is dead
+
+def test_idle_pooled_connection_that_speaks_leaves_the_pool_at_once(make_backend, make_lb):
+    conns = []
+
+    def on_head(conn, req):
+        conns.append(conn)
+
+    be = make_backend("A", on_head=on_head)
+    lb = make_lb([be])
+    assert get(lb.port).status == 200
+    backend = lb.proxy.backends[0]
+    assert wait_for(lambda: len(backend.idle) == 1)
+    # the backend writes garbage on the idle connection, but keeps it open
+    be.lt.call_soon(lambda: conns[0].transport.write(b"garbage"))
+    assert wait_for(lambda: len(backend.idle) == 0, timeout=2)
+    assert get(lb.port).status == 200
+
+
+def test_clients_that_stop_reading_release_their_fds(make_backend):
+    """After the response timeout, clients that stopped reading a large
+    response are aborted: fds and memory go at once."""
+    big = b"y" * (4 << 20)
+    be = make_backend("A", handler=lambda be, req: ok_response(big))
+    fl = FastlbProcess([be.addr], "--response-timeout", "1")
+    try:
+        assert get(fl.port).status == 200      # warm up (pool, imports)
+        time.sleep(0.3)
+        fds0 = open_fds(fl.proc.pid)
+        socks = []
+        for _ in range(30):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((HOST, fl.port))
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            socks.append(s)
+        assert wait_for(lambda: open_fds(fl.proc.pid) >= fds0 + 30, timeout=5)
+        # the clients never read; after the response timeout they are cut
+        assert wait_for(lambda: open_fds(fl.proc.pid) <= fds0 + 1, timeout=8), \
+            f"fds {open_fds(fl.proc.pid)} vs {fds0} at the start"
+        for s in socks:
+            s.close()
+        assert get(fl.port).status == 200
+    finally:
+        fl.terminate()
+
+
+# ---------------------------------------------------------------- fd shortage
+
+def test_listener_survives_running_out_of_fds(make_backend):
+    """accept() failing with EMFILE pauses accepting; it never kills the
+    listener, and service is back as soon as fds are."""
+    be = make_backend("A", handler=lambda be, req: ok_response())
+    fl = FastlbProcess([be.addr], "--eject-after", "1")
+    try:
+        assert get(fl.port).status == 200
+        pid = fl.proc.pid
+        hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+        low = open_fds(pid) + 8
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (low, hard))
+        socks = []
+        try:
+            for _ in range(40):
+                s = socket.create_connection((HOST, fl.port), timeout=5)
+                s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                socks.append(s)
+            time.sleep(1.0)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (4096, hard))
+        # the connections that waited in the backlog are served now
+        t0 = time.monotonic()
+        statuses = []
+        for s in socks:
+            resp = Reader(s, 5).read_response()
+            statuses.append(resp.status)
+            s.close()
+        assert set(statuses) <= {200, 503}, statuses
+        assert time.monotonic() - t0 < 5
+        # and new ones at once, with the backend not blamed
+        assert get(fl.port).status == 200
+        assert [get(fl.port).status for _ in range(5)] == [200] * 5
+        assert fl.proc.poll() is None
+    finally:
+        fl.terminate()
+    err = b"".join(fl.stderr_lines).decode()
+    assert err.count("cannot accept connections") == 1, err
+    assert "ejected" not in err, err
+
+
+# ---------------------------------------------------------------- stop and drain
+
+def _slow_handler(delay):
+    def handler(be, req):
+        conn = req.conn
+        be.lt.loop.call_later(delay, lambda: conn.closed or conn.transport.write(
+            ok_response(b"done " + req.target.encode())))
+        return HANG
+    return handler
+
+
+def _remember_conn(conn, req):
+    req.conn = conn
+
+
+def _post_in_thread(port, results, i):
+    try:
+        with raw_connect(port, 10) as s:
+            s.sendall(b"POST /%d HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi" % i)
+            resp = Reader(s, 10).read_response()
+            results[i] = (resp.status, resp.get("connection"), resp.body)
+    except Exception as e:       # recorded, asserted below
+        results[i] = e
+
+
+def test_sigterm_drains_requests_in_flight(make_backend):
+    be = make_backend("A", handler=_slow_handler(1.0), on_head=_remember_conn)
+    fl = FastlbProcess([be.addr])
+    try:
+        idle = raw_connect(fl.port, 5)      # an idle keep-alive client
+        idle.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        idle_reader = Reader(idle, 5)
+        assert idle_reader.read_response().status == 200
+        results = {}
+        threads = [threading.Thread(target=_post_in_thread, args=(fl.port, results, i))
+                   for i in range(20)]
+        for t in threads:
+            t.start()
+        # every POST reached the backend, which answers each after 1 s
+        assert wait_for(lambda: len(be.requests) == 21, timeout=5)
+        t0 = time.monotonic()
+        fl.proc.send_signal(signal.SIGTERM)
+        # the idle client is closed at once, new connections are refused
+        assert idle_reader.at_eof(timeout=1.0)
+        assert wait_for(lambda: _refused(fl.port), timeout=1.0)
+        for t in threads:
+            t.join(10)
+        assert fl.proc.wait(10) == 0
+        elapsed = time.monotonic() - t0
+    finally:
+        fl.kill()
+    for i in range(20):
+        assert results[i] == (200, "close", b"done /%d" % i), results[i]
+    assert elapsed < 3.0
+    err = b"".join(fl.stderr_lines).decode()
+    assert "SIGTERM: draining" in err and "drained" in err, err
+
+
+def _refused(port):
+    try:
+        socket.create_connection((HOST, port), timeout=0.5).close()
+    except (ConnectionRefusedError, socket.timeout):
+        return True
+    return False
+
+
+def test_second_sigint_stops_at_once(make_backend):
+    be = make_backend("A", handler=lambda be, req: HANG)
+    fl = FastlbProcess([be.addr], "--drain-timeout", "30")
+    try:
+        s = raw_connect(fl.port, 10)
+        s.sendall(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert wait_for(lambda: len(be.open_conns) == 1, timeout=5)
+        fl.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert fl.proc.poll() is None          # still draining the hanging request
+        t0 = time.monotonic()
+        fl.proc.send_signal(signal.SIGINT)
+        assert fl.proc.wait(5) == 0
+        assert time.monotonic() - t0 < 2.0
+        s.close()
+    finally:
+        fl.kill()
+    err = b"".join(fl.stderr_lines).decode()
+    assert "SIGINT again: stopping now" in err, err
+
+
+def test_drain_timeout_bounds_the_stop(make_backend):
+    be = make_backend("A", handler=lambda be, req: HANG)
+    fl = FastlbProcess([be.addr], "--drain-timeout", "1")
+    try:
+        s = raw_connect(fl.port, 10)
+        s.sendall(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert wait_for(lambda: len(be.open_conns) == 1, timeout=5)
+        t0 = time.monotonic()
+        fl.proc.send_signal(signal.SIGTERM)
+        assert fl.proc.wait(5) == 0
+        assert 0.9 < time.monotonic() - t0 < 3.0
+        s.close()
+    finally:
+        fl.kill()
+    err = b"".join(fl.stderr_lines).decode()
+    assert "still open" in err, err
+
+
+def test_sighup_does_not_stop_the_process(make_backend):
+    be = make_backend("A", handler=lambda be, req: ok_response())
+    fl = FastlbProcess([be.addr])
+    try:
+        fl.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: any(b"SIGHUP" in ln for ln in fl.stderr_lines), timeout=3)
+        assert fl.proc.poll() is None
+        assert get(fl.port).status == 200
+    finally:
+        fl.terminate()
