@@ -43,6 +43,8 @@ cdef class Proxy:
     cdef public double tick
     cdef public Py_ssize_t max_header_size
     cdef public int max_interim       # 1xx responses relayed per request, at most
+    cdef public double body_timeout   # a body is due this long after its head...
+    cdef public double body_rate_inv  # ... plus this many seconds per byte received
     cdef public bint draining         # stopping: responses close their connections
     cdef public bint closed
     cdef public long long local_errors, stalls
@@ -151,6 +153,7 @@ cdef class ClientProtocol:
     cdef public Selector held_by      # ... in that balancer
     cdef public int tries             # backends tried for this request
     cdef public double t0             # when the request head arrived (ticker clock)
+    cdef public double body_end       # the request body is due by then
 
     cpdef data_received(self, data)
     @cython.locals(proxy=Proxy, buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
@@ -158,7 +161,7 @@ cdef class ClientProtocol:
                    backend=Backend, hash_kind=int)
     cdef _head(self, bytes data)
     @cython.locals(proxy=Proxy, n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
-                   piece=bytes, rest=bytes)
+                   piece=bytes, rest=bytes, deadline=double)
     cdef _body(self, bytes data, Py_ssize_t start)
     cdef _send_up(self, bytes piece)
     cdef _stash(self, bytes data)

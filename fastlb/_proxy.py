@@ -191,6 +191,8 @@ class UpstreamProtocol:
         client = self.client
         if client is not None:
             client.pause_reading_for(1)
+            # the backend owes progress now: judged by the response timeout
+            client.deadline = self.proxy.now + self.proxy.response_timeout
 
     def resume_writing(self):
         client = self.client
@@ -485,6 +487,7 @@ class ClientProtocol:
         self.held_by = None     # ... in that balancer (the main one or the hash fallback)
         self.tries = 0          # backends tried for this request
         self.t0 = 0.0           # when the request head arrived (ticker clock)
+        self.body_end = 0.0     # the request body is due by then (ticker clock)
 
     # -------------------------------------------------------- asyncio callbacks
 
@@ -653,6 +656,12 @@ class ClientProtocol:
             self.scanner = _ChunkedScanner()
             self.req_head = None
         self.deadline = proxy.now + proxy.response_timeout
+        if self.state == R_BODY:
+            # the whole body is due within body_timeout (slow-POST defence),
+            # extended by a second per body_min_rate bytes received
+            self.body_end = proxy.now + proxy.body_timeout
+            if self.body_end < self.deadline:
+                self.deadline = self.body_end
         self._forward(backend, out)
         if rest is not None:
             if self.state == R_BODY:
@@ -664,8 +673,10 @@ class ClientProtocol:
 
     def _body(self, data, start):
         proxy = self.proxy
-        self.deadline = proxy.now + proxy.response_timeout
         n = len(data)
+        self.body_end += (n - start) * proxy.body_rate_inv
+        deadline = proxy.now + proxy.response_timeout
+        self.deadline = deadline if deadline < self.body_end else self.body_end
         rest = None
         if self.framing == BODY_LENGTH:
             left = self.left
@@ -1106,6 +1117,10 @@ class Proxy:
         self.keepalive_timeout = opts.keepalive_timeout
         self.max_header_size = opts.max_header_size
         self.max_interim = opts.max_interim
+        # a body must arrive within body_timeout of its head, plus a second
+        # per body_min_rate bytes (0: no total deadline, or no extension)
+        self.body_timeout = opts.body_timeout if opts.body_timeout > 0 else 1e300
+        self.body_rate_inv = 1.0 / opts.body_min_rate if opts.body_min_rate > 0 else 0.0
         self.max_tries = 1 + opts.retries
         self.retry_timeout = opts.retry_timeout
         self.health = None      # fastlb.health.HealthChecker, when checks are on

@@ -150,6 +150,12 @@ def _add_common(p):
     t.add_argument("--max-interim", type=_non_negative_int, default=10, metavar="N",
                    help="1xx interim responses relayed per request; more gets the client "
                         "a 502 (default 10)")
+    t.add_argument("--body-timeout", type=_non_negative_float, default=60.0, metavar="S",
+                   help="a request body must arrive within S seconds of its head, plus 1 s "
+                        "per --body-min-rate bytes; else 408 (default 60; 0: off)")
+    t.add_argument("--body-min-rate", type=_non_negative_float, default=500.0, metavar="B",
+                   help="bytes per second of body that extend --body-timeout by a second "
+                        "(default 500; 0: the timeout is a hard total)")
     t.add_argument("--drain-timeout", type=_non_negative_float, default=30.0, metavar="S",
                    help="on SIGTERM/SIGINT, requests in flight get this long to finish "
                         "(default 30)")
@@ -239,6 +245,7 @@ def options_from_args(args, backends, weights=()):
         access_log=args.access_log, via=args.via, retries=args.retries,
         retry_timeout=args.retry_timeout, health=health,
         max_interim=args.max_interim, drain_timeout=args.drain_timeout,
+        body_timeout=args.body_timeout, body_min_rate=args.body_min_rate,
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
         hash_balance_factor=args.hash_balance_factor,
     )

@@ -51,6 +51,8 @@ class Options:
     upstream_max_idle: int = 64          # idle pooled connections per backend
     max_header_size: int = 65536         # bytes; larger head -> 431
     max_interim: int = 10                # 1xx responses relayed per request, at most
+    body_timeout: float = 60.0           # a request body is due this long after its head...
+    body_min_rate: float = 500.0         # ... plus 1 s per this many bytes received (0: none)
     access_log: str = "off"              # "-", a path, or "off"
     via: bool = True
     retries: int = 2                     # more backends tried after a failure (see README)

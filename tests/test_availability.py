@@ -4,6 +4,7 @@ running out of file descriptors. Real sockets and processes throughout."""
 import asyncio
 import os
 import resource
+import select
 import signal
 import socket
 import threading
@@ -359,3 +360,50 @@ def test_sighup_does_not_stop_the_process(make_backend):
         assert get(fl.port).status == 200
     finally:
         fl.terminate()
+
+
+# ---------------------------------------------------------------- slow request bodies
+
+def _trickle(port, total, piece, every, duration):
+    """Send a POST whose body comes ``piece`` bytes every ``every`` seconds;
+    returns the response (or None if fastlb closed without one)."""
+    s = raw_connect(port, timeout=10)
+    try:
+        s.sendall(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % total)
+        sent = 0
+        t0 = time.monotonic()
+        while sent < total and time.monotonic() - t0 < duration:
+            n = min(piece, total - sent)
+            try:
+                s.sendall(b"z" * n)
+            except OSError:
+                break
+            sent += n
+            if select.select([s], [], [], every)[0]:
+                break       # an answer came (before the body was complete)
+        return Reader(s, 10).read_response()
+    finally:
+        s.close()
+
+
+def test_trickled_body_gets_408_after_the_body_timeout(make_backend, make_lb):
+    be = make_backend("A")
+    lb = make_lb([be], body_timeout=1.0, body_min_rate=500.0)
+    t0 = time.monotonic()
+    resp = _trickle(lb.port, 1000, 1, 0.2, 6)
+    assert resp.status == 408
+    assert 0.9 < time.monotonic() - t0 < 3.0
+    # the backend connection that carried the partial body is not reused
+    assert wait_for(lambda: not be.open_conns, timeout=2)
+    assert lb.proxy.backends[0].failures == 0
+    assert get(lb.port).status == 200
+
+
+def test_body_arriving_at_the_minimum_rate_is_not_cut(make_backend, make_lb):
+    be = make_backend("A")
+    lb = make_lb([be], body_timeout=1.0, body_min_rate=100.0)
+    # 100 bytes every 0.25 s (400 B/s > 100 B/s) for about 2.5 s: past the
+    # bare 1 s, within the extended deadline
+    resp = _trickle(lb.port, 1000, 100, 0.25, 10)
+    assert resp.status == 200
+    assert resp.json()["body_len"] == 1000
