@@ -126,7 +126,10 @@ cdef class ClientProtocol:
     cdef public object write          # transport.write, bound once
     cdef public bytes client_ip
     cdef public int state             # R_*
-    cdef public bytes buf             # the part of a head received so far
+    cdef public bytes buf             # the first piece of a head under way (b"": none)
+    cdef public list parts            # the pieces of that head, or None
+    cdef public Py_ssize_t plen       # their total length
+    cdef public bytes tail            # their last 3 bytes
     cdef public bytes pending         # bytes after the request in flight (pipelining)
     cdef public int framing           # BODY_* of the request
     cdef public long long left        # Content-Length bytes still to come
@@ -156,9 +159,9 @@ cdef class ClientProtocol:
     cdef public double body_end       # the request body is due by then
 
     cpdef data_received(self, data)
-    @cython.locals(proxy=Proxy, buf=bytes, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
-                   end=Py_ssize_t, c=int, idx=int, flags=int, framing=int, length="long long",
-                   backend=Backend, hash_kind=int)
+    @cython.locals(proxy=Proxy, parts=list, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
+                   probe=bytes, end=Py_ssize_t, fed=Py_ssize_t, i=Py_ssize_t, c=int, idx=int,
+                   flags=int, framing=int, length="long long", backend=Backend, hash_kind=int)
     cdef _head(self, bytes data)
     @cython.locals(proxy=Proxy, n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
                    piece=bytes, rest=bytes, deadline=double)

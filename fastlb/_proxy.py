@@ -460,7 +460,10 @@ class ClientProtocol:
         self.write = None       # transport.write, bound once
         self.client_ip = b""
         self.state = R_HEAD
-        self.buf = b""          # the part of a head received so far
+        self.buf = b""          # the first piece of a head under way (b"": none)
+        self.parts = None       # the pieces of a head under way, or None
+        self.plen = 0           # their total length
+        self.tail = b""         # the last 3 bytes of them (a CRLF CRLF may straddle)
         self.pending = b""      # bytes after the request in flight
         self.framing = BODY_NONE
         self.left = 0           # Content-Length bytes still to come
@@ -550,10 +553,33 @@ class ClientProtocol:
 
     def _head(self, data):
         proxy = self.proxy
-        buf = self.buf
-        if buf:
-            whole = buf + data
+        parts = self.parts
+        if parts is not None:
+            # A head arriving in pieces: search only the new bytes (and the
+            # three before them), and join the pieces once, at the end, so
+            # the cost stays linear in the head's size however it is cut.
+            probe = self.tail + data
+            i = _find_head_end(probe)
+            if i < 0:
+                self.plen += len(data)
+                if self.plen > proxy.max_header_size:
+                    self._reject(431)
+                    return
+                parts.append(data)
+                self.tail = probe[-3:]
+                try:
+                    self.feed(data)
+                except _HttpParserError:
+                    self._reject(400)
+                return
+            fed = self.plen
+            end = fed - len(self.tail) + i
+            parts.append(data)
+            whole = b"".join(parts)
+            self.parts = None
+            self.buf = b""
         else:
+            fed = 0
             whole = data
             c = data[0]
             if c == 13 or c == 10:
@@ -567,23 +593,24 @@ class ClientProtocol:
                 whole = data = stripped
                 if not data:
                     return
-        end = _find_head_end(whole)
-        if end < 0:
-            if len(whole) > proxy.max_header_size:
-                self._reject(431)
-                return
-            if not buf:
+            end = _find_head_end(whole)
+            if end < 0:
+                if len(whole) > proxy.max_header_size:
+                    self._reject(431)
+                    return
                 self.deadline = proxy.now + proxy.header_timeout
-            self.buf = whole
-            try:
-                self.feed(data)
-            except _HttpParserError:
-                self._reject(400)
-            return
+                self.buf = whole        # the first piece: a head is under way
+                self.parts = [whole]
+                self.plen = len(whole)
+                self.tail = whole[-3:]
+                try:
+                    self.feed(data)
+                except _HttpParserError:
+                    self._reject(400)
+                return
         if end > proxy.max_header_size:
             self._reject(431)
             return
-        self.buf = b""
         if end == len(whole):
             head = whole
             rest = None
@@ -597,7 +624,7 @@ class ClientProtocol:
         # llhttp validates exactly the bytes of this head that it has not seen.
         self.ll_done = False
         try:
-            self.feed(head[len(buf):] if buf else head)
+            self.feed(head[fed:] if fed else head)
         except _HttpParserUpgrade:
             if self.parser.get_method() == b"CONNECT":
                 self._reject(405)
