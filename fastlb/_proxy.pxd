@@ -135,6 +135,7 @@ cdef class ClientProtocol:
     cdef public long long left        # Content-Length bytes still to come
     cdef public object scanner        # ChunkedScanner of a chunked request body
     cdef public bint ll_done          # llhttp reported the end of the message
+    cdef public bint ll_skip          # llhttp ended this request at its head (Upgrade)
     cdef public int req_flags
     cdef public bytes req_head        # the rewritten head, kept to retry a bodiless request
     cdef public UpstreamProtocol up   # serving the request in flight

@@ -469,6 +469,7 @@ class ClientProtocol:
         self.left = 0           # Content-Length bytes still to come
         self.scanner = None     # ChunkedScanner of a chunked request body
         self.ll_done = False    # llhttp reported the end of the message
+        self.ll_skip = False    # llhttp does not see this body (see _body)
         self.req_flags = 0
         self.req_head = None    # the rewritten head, kept to retry a bodiless request
         self.up = None          # UpstreamProtocol serving the request in flight
@@ -678,10 +679,12 @@ class ClientProtocol:
             self.state = R_BODY
             self.left = length
             self.req_head = None
+            self.ll_skip = self.ll_done
         else:
             self.state = R_BODY
             self.scanner = _ChunkedScanner()
             self.req_head = None
+            self.ll_skip = self.ll_done
         self.deadline = proxy.now + proxy.response_timeout
         if self.state == R_BODY:
             # the whole body is due within body_timeout (slow-POST defence),
@@ -699,6 +702,10 @@ class ClientProtocol:
     # -------------------------------------------------------- request body
 
     def _body(self, data, start):
+        # ``ll_skip``: llhttp ended an Upgrade request at its head (what
+        # follows would be the new protocol), but no tunnel is made, the
+        # Upgrade field is dropped and the body is framed by fastlb's own
+        # strict Content-Length or chunked reading, so llhttp is not fed it.
         proxy = self.proxy
         n = len(data)
         self.body_end += (n - start) * proxy.body_rate_inv
@@ -729,7 +736,14 @@ class ClientProtocol:
                 rest = data[end:]
             done = end >= 0
         try:
-            self.feed(piece)
+            if not self.ll_skip:
+                self.feed(piece)
+        except _HttpParserUpgrade:
+            # llhttp signals an Upgrade request with a body once the body has
+            # ended. No tunnel is made: the Upgrade field was dropped as
+            # hop-by-hop and this is a plain request that ends here (httptools
+            # resumes parsing by itself for the next request).
+            self.ll_done = True
         except _HttpParserError:
             self._reject(400)
             return
