@@ -188,6 +188,109 @@ def test_pick_maglev_bounded(benchmark, core):
                      MAGLEV_KEY)
 
 
+# ---------------------------------------------------------------- retries: select_excluding
+#
+# The pick of a retry: select_excluding({1}) (backend 1 failed this request)
+# and its release, 1000 per benchmarked call, same algorithms and backends as
+# above. First as Python calls, then as pick_many(sel, 1000, key, {1}), the C
+# loop calling the cpdef Selector.select_excluding/release as the compiled
+# data path does. Compare with test_algo_* / test_pick_* for select.
+
+EXCLUDE = {1}
+
+
+def _bench_retry_picks(benchmark, balancer, keyed=False):
+    select_excluding = balancer.select_excluding
+    release = balancer.release
+    ex = EXCLUDE
+    if keyed:
+        keys = MAGLEV_KEYS
+
+        def run():
+            for k in keys:
+                release(select_excluding(ex, k))
+    else:
+        rng = range(N_SELECT)
+
+        def run():
+            for _ in rng:
+                release(select_excluding(ex))
+
+    benchmark(run)
+    assert all(balancer.in_flight(i) == 0 for i in range(balancer.n))
+    got = select_excluding(ex, MAGLEV_KEYS[0]) if keyed else select_excluding(ex)
+    assert 0 <= got < balancer.n and got not in ex
+
+
+def test_retry_round_robin(benchmark, core):
+    """1000 x RoundRobin select_excluding({1}) + release, 4 backends."""
+    _bench_retry_picks(benchmark, core.RoundRobin(BALANCER_WEIGHTS))
+
+
+def test_retry_weighted_round_robin(benchmark, core):
+    """1000 x WeightedRoundRobin select_excluding({1}) + release, 4 backends."""
+    _bench_retry_picks(benchmark, core.WeightedRoundRobin(BALANCER_WEIGHTS))
+
+
+def test_retry_least_conn(benchmark, core):
+    """1000 x LeastConn select_excluding({1}) + release, 4 backends."""
+    _bench_retry_picks(benchmark, core.LeastConn(BALANCER_WEIGHTS))
+
+
+def test_retry_p2c(benchmark, core):
+    """1000 x P2C select_excluding({1}) + release, 4 backends."""
+    _bench_retry_picks(benchmark, core.P2C(BALANCER_WEIGHTS, seed=1))
+
+
+def test_retry_random(benchmark, core):
+    """1000 x weighted Random select_excluding({1}) + release, 4 backends."""
+    _bench_retry_picks(benchmark, core.Random(BALANCER_WEIGHTS, seed=1))
+
+
+def test_retry_maglev(benchmark, core):
+    """1000 x Maglev select_excluding({1}, key) + release, 10 backends, 16-byte keys."""
+    _bench_retry_picks(benchmark, core.Maglev([1] * 10, MAGLEV_NAMES), keyed=True)
+
+
+def _bench_pick_many_excluding(benchmark, core, balancer, key=b""):
+    pick_many = core.pick_many
+    total = benchmark(pick_many, balancer, N_SELECT, key, EXCLUDE)
+    assert all(balancer.in_flight(i) == 0 for i in range(balancer.n))
+    assert 0 <= total <= N_SELECT * (balancer.n - 1)
+
+
+def test_pick_excluding_round_robin(benchmark, core):
+    """pick_many(RoundRobin, 1000, exclude={1}), 4 backends."""
+    rr = core.RoundRobin(BALANCER_WEIGHTS)
+    _bench_pick_many_excluding(benchmark, core, rr)
+    assert core.pick_many(rr, 3, b"", EXCLUDE) == 0 + 2 + 3
+
+
+def test_pick_excluding_weighted_round_robin(benchmark, core):
+    """pick_many(WeightedRoundRobin, 1000, exclude={1}), 4 backends."""
+    _bench_pick_many_excluding(benchmark, core, core.WeightedRoundRobin(BALANCER_WEIGHTS))
+
+
+def test_pick_excluding_least_conn(benchmark, core):
+    """pick_many(LeastConn, 1000, exclude={1}), 4 backends."""
+    _bench_pick_many_excluding(benchmark, core, core.LeastConn(BALANCER_WEIGHTS))
+
+
+def test_pick_excluding_p2c(benchmark, core):
+    """pick_many(P2C, 1000, exclude={1}), 4 backends."""
+    _bench_pick_many_excluding(benchmark, core, core.P2C(BALANCER_WEIGHTS, seed=1))
+
+
+def test_pick_excluding_random(benchmark, core):
+    """pick_many(Random, 1000, exclude={1}), 4 backends."""
+    _bench_pick_many_excluding(benchmark, core, core.Random(BALANCER_WEIGHTS, seed=1))
+
+
+def test_pick_excluding_maglev(benchmark, core):
+    """pick_many(Maglev, 1000, key, exclude={1}), 10 backends, table 65537, one 16-byte key."""
+    _bench_pick_many_excluding(benchmark, core, core.Maglev([1] * 10, MAGLEV_NAMES), MAGLEV_KEY)
+
+
 def test_hash_key_cookie(benchmark, core, request_head):
     """Benchmark 100 calls to hash_key(head, "cookie", b"sessionid") on the browser request."""
     hash_key = core.hash_key

@@ -1,5 +1,5 @@
 """Stubs of the compiled core ``fastlb._core`` (twin of ``fastlb._core_py``)."""
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 _Buffer = Union[bytes, bytearray, memoryview]
 
@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 _Weights = Union[list[int], tuple[int, ...]]
+_Indices = Iterable[int]
 
 class Selector:
     """The surface every selector shares: the base class of the six algorithms.
@@ -35,7 +36,8 @@ class Selector:
     indices raise IndexError("backend index out of range").
 
     Compiled code can ``from fastlb._core cimport Selector`` (``_core.pxd``):
-    ``select`` and ``release`` are cpdef, called in C through the vtable.
+    ``select``, ``select_excluding`` and ``release`` are cpdef, called in C
+    through the vtable.
     """
 
     n: int
@@ -45,6 +47,25 @@ class Selector:
         """A live backend's index (counted in flight), or -1 when none is live.
 
         ``key`` is ignored except by Maglev (which returns -2 for b"").
+        """
+
+    def select_excluding(self, exclude: _Indices, key: bytes = b"") -> int:
+        """As ``select``, among the live backends whose index is not in ``exclude``.
+
+        The pick of a retry (in the spirit of Pingora's ``select_with``):
+        ``exclude`` is an iterable of backend indices, usually the set of those
+        the request already failed on. Each algorithm applies its own rule to
+        the live backends left: round robin goes on with its rotation past the
+        excluded ones, weighted round robin runs its smooth pass over the
+        others only (the excluded keep their current weights), least-conn takes
+        the least loaded of the others, p2c draws its two among them, random
+        draws among them by weight, Maglev walks its table from the key's entry
+        past excluded backends. Counted in flight like ``select``; -1 when no
+        live backend is left (Maglev: -2 first for an empty key). With an empty
+        ``exclude`` it gives exactly what ``select`` gives and leaves the same
+        state. ``exclude`` is read before anything else: TypeError when it is
+        not iterable or holds a non-integer, IndexError for an index out of
+        range. The compiled core reads a ``set`` in place and costs O(n).
         """
 
     def release(self, idx: int) -> None:
@@ -146,9 +167,18 @@ class Maglev(Selector):
         no backend is live. TypeError unless ``key`` is bytes.
         """
 
-def pick_many(selector: Selector, n: int, key: bytes = b"") -> int:
+    def select_excluding(self, exclude: _Indices, key: bytes = b"") -> int:
+        """``select(key)``'s walk from the key's entry, passing backends in ``exclude``
+        too (with ``balance_factor``, the bound still uses every live backend's load).
+        -2 for an empty key, -1 when no live backend is left. (The data path
+        retries a hashed request by weighted round robin instead.)
+        """
+
+def pick_many(selector: Selector, n: int, key: bytes = b"",
+              exclude: Optional[_Indices] = None) -> int:
     """``n`` picks (``select(key)``, then ``release(idx)`` if ``idx >= 0``); the sum of the indices.
 
+    With ``exclude`` (not None) each pick is ``select_excluding(exclude, key)``.
     The compiled core loops in C, calling the cpdef methods through ``Selector``
     (as the compiled data path does). TypeError unless ``selector`` is a
     ``Selector`` or ``n`` an integer; ValueError when ``n`` is negative.

@@ -1329,9 +1329,12 @@ cdef inline uint64_t _splitmix(uint64_t* state) noexcept nogil:
 cdef class Selector:
     """The surface every selector shares; see ``fastlb._core_py.Selector`` (its twin).
 
-    Declared in ``_core.pxd``: ``select`` and ``release`` are cpdef, so
-    compiled code that cimports ``Selector`` calls them in C, dispatched to
-    the subclass through the vtable (see ``pick_many``).
+    Declared in ``_core.pxd``: ``select``, ``select_excluding`` and
+    ``release`` are cpdef, so compiled code that cimports ``Selector`` calls
+    them in C, dispatched to the subclass through the vtable (see
+    ``pick_many``). ``select_excluding`` works on ``_mask``, a scratch copy of
+    ``_live`` with the excluded backends cleared (``_exclude``), so each
+    algorithm's loop is its ``select`` loop reading the mask instead.
     """
 
     def __dealloc__(self):
@@ -1342,7 +1345,8 @@ cdef class Selector:
         free(self._live)
         free(self._weight)
         free(self._inflight)
-        self._eligible = self._live = NULL
+        free(self._mask)
+        self._eligible = self._live = self._mask = NULL
         self._weight = self._inflight = NULL
 
     cdef _setup(self, weights, bint checked):
@@ -1359,7 +1363,9 @@ cdef class Selector:
         self._live = <unsigned char*>malloc(n)
         self._weight = <int64_t*>malloc(n * sizeof(int64_t))
         self._inflight = <int64_t*>malloc(n * sizeof(int64_t))
-        if self._eligible == NULL or self._live == NULL or self._weight == NULL or self._inflight == NULL:
+        self._mask = <unsigned char*>malloc(n)
+        if (self._eligible == NULL or self._live == NULL or self._weight == NULL
+                or self._inflight == NULL or self._mask == NULL):
             raise MemoryError()
         for i in range(n):
             self._weight[i] = ws[i]
@@ -1381,12 +1387,35 @@ cdef class Selector:
     cdef int _changed(self) except -1:
         return 0
 
+    cdef Py_ssize_t _exclude(self, exclude) except -1:
+        # _mask = _live with every backend in ``exclude`` cleared; the count left.
+        # Rewritten whole on every call, so an error half-way leaves nothing behind.
+        cdef Py_ssize_t n = self.n, i, m = 0
+        cdef unsigned char* mask = self._mask
+        memcpy(mask, self._live, n)
+        if type(exclude) is set:      # the data path's: walked in place, no iterator object
+            for x in <set>exclude:
+                mask[self._index(x)] = 0
+        else:
+            for x in exclude:
+                mask[self._index(x)] = 0
+        for i in range(n):
+            m += mask[i]
+        return m
+
     cpdef Py_ssize_t select(self, key=b"") except -3:
         """A live backend's index (counted in flight), or -1 when none is live.
 
         ``key`` is ignored except by Maglev (which returns -2 for b"").
         """
         raise NotImplementedError(f"{type(self).__name__}.select")
+
+    cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
+        """As ``select``, among the live backends whose index is not in ``exclude``.
+
+        ``exclude`` is an iterable of backend indices; -1 when none is left.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.select_excluding")
 
     cpdef release(self, idx):
         """End of one request on backend ``idx``: its in-flight count drops by 1 (never below 0)."""
@@ -1430,6 +1459,18 @@ cdef class RoundRobin(Selector):
     cpdef Py_ssize_t select(self, key=b"") except -3:
         cdef Py_ssize_t n = self.n, i = self._next, k
         cdef const unsigned char* u = self._live
+        for k in range(n):
+            if u[i]:
+                self._next = i + 1 if i + 1 < n else 0
+                self._inflight[i] += 1
+                return i
+            i = i + 1 if i + 1 < n else 0
+        return -1
+
+    cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
+        self._exclude(exclude)
+        cdef Py_ssize_t n = self.n, i = self._next, k
+        cdef const unsigned char* u = self._mask
         for k in range(n):
             if u[i]:
                 self._next = i + 1 if i + 1 < n else 0
@@ -1491,6 +1532,30 @@ cdef class WeightedRoundRobin(Selector):
         self._inflight[best] += 1
         return best
 
+    cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
+        # nginx's pass over the peers not tried: excluded ones keep their current weight
+        self._exclude(exclude)
+        cdef Py_ssize_t n = self.n, i = self._start, k, best = -1
+        cdef int64_t total = 0, c, bestc = 0, w
+        cdef const unsigned char* live = self._mask
+        cdef const int64_t* weight = self._weight
+        cdef int64_t* cur = self._current
+        for k in range(n):
+            if live[i]:
+                w = weight[i]
+                c = cur[i] + w
+                cur[i] = c
+                total += w
+                if best < 0 or c > bestc:
+                    best = i
+                    bestc = c
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        cur[best] = bestc - total
+        self._inflight[best] += 1
+        return best
+
 
 cdef class LeastConn(Selector):
     """Fewest requests in flight per unit of weight; ties to the first in rotation.
@@ -1508,6 +1573,28 @@ cdef class LeastConn(Selector):
         cdef Py_ssize_t n = self.n, i = self._next, k, best = -1
         cdef int64_t bf = 0, bw = 1, f, w
         cdef const unsigned char* live = self._live
+        cdef const int64_t* weight = self._weight
+        cdef int64_t* inf = self._inflight
+        for k in range(n):
+            if live[i]:
+                f = inf[i]
+                w = weight[i]
+                if best < 0 or f * bw < bf * w:
+                    best = i
+                    bf = f
+                    bw = w
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        self._next = best + 1 if best + 1 < n else 0
+        inf[best] += 1
+        return best
+
+    cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
+        self._exclude(exclude)
+        cdef Py_ssize_t n = self.n, i = self._next, k, best = -1
+        cdef int64_t bf = 0, bw = 1, f, w
+        cdef const unsigned char* live = self._mask
         cdef const int64_t* weight = self._weight
         cdef int64_t* inf = self._inflight
         for k in range(n):
@@ -1586,6 +1673,32 @@ cdef class P2C(_Seeded):
         inf[a] += 1
         return a
 
+    cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
+        # select's draws, over the usable backends left in (the i-th and j-th of them)
+        cdef Py_ssize_t m = self._exclude(exclude), k, a = -1, b = -1
+        cdef uint64_t i = 0, j = 0, t = 0
+        cdef const unsigned char* mask = self._mask
+        cdef const Py_ssize_t* u = self._usable
+        cdef int64_t* inf = self._inflight
+        if m == 0:
+            return -1
+        if m > 1:
+            i = _splitmix(&self._rng) % <uint64_t>m
+            j = _splitmix(&self._rng) % <uint64_t>(m - 1)
+            if j >= i:
+                j += 1
+        for k in range(self._m):
+            if mask[u[k]]:
+                if t == i:
+                    a = u[k]
+                if t == j:
+                    b = u[k]
+                t += 1
+        if m > 1 and inf[b] * self._weight[a] < inf[a] * self._weight[b]:
+            a = b
+        inf[a] += 1
+        return a
+
 
 cdef class Random(_Seeded):
     """Weighted random: each live backend with probability weight / total live weight.
@@ -1636,6 +1749,29 @@ cdef class Random(_Seeded):
                 else:
                     lo = mid + 1
             a = self._usable[lo]
+        self._inflight[a] += 1
+        return a
+
+    cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
+        # select's draw, over the running weights of the usable backends left in
+        cdef Py_ssize_t m = self._exclude(exclude), k, a = -1
+        cdef uint64_t r = 0, t = 0, total = 0
+        cdef const unsigned char* mask = self._mask
+        cdef const Py_ssize_t* u = self._usable
+        cdef const int64_t* weight = self._weight
+        if m == 0:
+            return -1
+        if m > 1:
+            for k in range(self._m):
+                if mask[u[k]]:
+                    total += <uint64_t>weight[u[k]]
+            r = _splitmix(&self._rng) % total
+        for k in range(self._m):
+            if mask[u[k]]:
+                t += <uint64_t>weight[u[k]]
+                if t > r:
+                    a = u[k]
+                    break
         self._inflight[a] += 1
         return a
 
@@ -1840,13 +1976,60 @@ cdef class Maglev(Selector):
         self._lf += 1
         return pick
 
+    cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
+        # select's walk from the key's entry, passing excluded backends too; the
+        # bounded load still compares with the mean over every live backend
+        cdef Py_ssize_t left = self._exclude(exclude)
+        if type(key) is not bytes:
+            raise TypeError("key must be bytes")
+        cdef Py_ssize_t kl = PyBytes_GET_SIZE(key)
+        if kl == 0:
+            return -2
+        if left == 0 or self._table == NULL:
+            return -1
+        cdef uint64_t m = <uint64_t>self.table_size
+        cdef uint64_t c = _xxh64(<const unsigned char*>PyBytes_AS_STRING(key), kl, 0) % m
+        cdef uint64_t k
+        cdef const int32_t* table = self._table
+        cdef const unsigned char* live = self._mask
+        cdef int64_t* inf = self._inflight
+        cdef double f = self.balance_factor, lim, lw
+        cdef Py_ssize_t b, pick = -1, first = -1
+        if f == 0.0:
+            for k in range(m):
+                b = table[c]
+                if live[b]:
+                    pick = b
+                    break
+                c = c + 1 if c + 1 < m else 0
+        else:
+            lim = f * <double>(self._lf + 1)
+            lw = <double>self._lw
+            for k in range(m):
+                b = table[c]
+                if live[b]:
+                    if <double>inf[b] * lw < lim * <double>self._weight[b]:
+                        pick = b
+                        break
+                    if first < 0:
+                        first = b
+                c = c + 1 if c + 1 < m else 0
+            if pick < 0:
+                pick = first
+        if pick < 0:
+            return -1
+        inf[pick] += 1
+        self._lf += 1
+        return pick
 
-def pick_many(selector, n, key=b""):
+
+def pick_many(selector, n, key=b"", exclude=None):
     """``n`` picks (``select(key)``, then ``release(idx)`` if ``idx >= 0``); the sum of the indices.
 
     See ``fastlb._core_py.pick_many``: this is its compiled twin. The loop runs
-    in C and calls the cpdef ``Selector.select``/``release`` through the
-    vtable, as the compiled data path does (no Python call per pick).
+    in C and calls the cpdef ``Selector.select`` (with ``exclude``:
+    ``select_excluding``) and ``release`` through the vtable, as the compiled
+    data path does (no Python call per pick).
     """
     if not isinstance(selector, Selector):
         raise TypeError(f"selector must be a Selector, not {type(selector).__name__}")
@@ -1856,11 +2039,18 @@ def pick_many(selector, n, key=b""):
         raise ValueError("n must not be negative")
     cdef Py_ssize_t count = n, k, idx
     cdef long long total = 0
-    for k in range(count):
-        idx = sel.select(key)
-        if idx >= 0:
-            sel.release(idx)
-            total += idx
+    if exclude is None:
+        for k in range(count):
+            idx = sel.select(key)
+            if idx >= 0:
+                sel.release(idx)
+                total += idx
+    else:
+        for k in range(count):
+            idx = sel.select_excluding(exclude, key)
+            if idx >= 0:
+                sel.release(idx)
+                total += idx
     return total
 
 

@@ -7,7 +7,9 @@ Everything here is per-request, CPU-only and I/O-free:
   integer indices (0..n-1), weights, an eligibility mask and in-flight
   counts; they never see Backend objects. Every selector has the same
   surface: ``select(key=b"") -> int`` (-1 when no backend is eligible;
-  Maglev: -2 for an empty key), ``release(idx)``, ``set_eligible(idx, ok)``,
+  Maglev: -2 for an empty key), ``select_excluding(exclude, key=b"")`` (the
+  same pick among the backends not in ``exclude``: what retries use),
+  ``release(idx)``, ``set_eligible(idx, ok)``,
   ``is_eligible(idx)``, ``set_weight(idx, w)``, ``in_flight(idx)`` and
   ``n`` (see the "selection" section), all subclasses of ``Selector``.
   Walks over ineligible backends are bounded by ``n`` (Maglev: by its table
@@ -720,7 +722,21 @@ def hash_key(head, kind, name=b""):
 # ``in_flight(idx)`` and ``n``. A backend is *live* when it is eligible and
 # its weight is above 0; only live backends are picked. Every select that
 # returns ``idx >= 0`` counts one request in flight on ``idx``, and
-# ``release(idx)`` ends one (never below 0). Derived state (usable lists,
+# ``release(idx)`` ends one (never below 0).
+#
+# ``select_excluding(exclude, key=b"")`` is ``select`` with the backends in
+# ``exclude`` (an iterable of indices, a set in the data path) taken out for
+# this one pick, in the spirit of Pingora's ``select_with``: each algorithm runs
+# its own logic over the remaining live backends (round robin goes on with its
+# rotation, WRR runs its smooth pass over them only, least-conn takes the
+# least loaded of them, p2c draws two of them, random draws among them by
+# weight, Maglev walks its table from the key's entry past excluded backends),
+# and -1 when none remains. With an empty ``exclude`` it is exactly ``select``
+# (the same answer and the same state afterwards). Excluded backends' state is
+# left as it is (WRR: their current weights are not touched). TypeError for an
+# element that is not an integer, IndexError for one out of range.
+#
+# Derived state (usable lists,
 # cumulative weights, the Maglev table) is rebuilt on set_weight and
 # set_eligible only, never per request. Walks are bounded by ``n`` (Maglev:
 # by ``table_size``).
@@ -762,9 +778,11 @@ class Selector:
     backends are picked. Every ``select`` returning ``idx >= 0`` counts one
     request in flight on ``idx``; the caller calls ``release(idx)`` exactly
     once when that request ends. Out-of-range indices raise
-    IndexError("backend index out of range"). Subclasses override ``select``
-    (the compiled twin's ``Selector`` is declared in ``_core.pxd``, for
-    compiled callers to cimport).
+    IndexError("backend index out of range"). ``select_excluding(exclude,
+    key)`` is the same pick with the backends in ``exclude`` left out (a
+    retry's pick: never a backend the request failed on). Subclasses override
+    ``select`` and ``select_excluding`` (the compiled twin's ``Selector`` is
+    declared in ``_core.pxd``, for compiled callers to cimport).
     """
 
     __slots__ = ("n", "_eligible", "_weight", "_inflight", "_live")
@@ -796,6 +814,25 @@ class Selector:
         ``key`` is ignored except by Maglev (which returns -2 for b"").
         """
         raise NotImplementedError(f"{type(self).__name__}.select")
+
+    def select_excluding(self, exclude, key=b""):
+        """As ``select``, among the live backends whose index is not in ``exclude``.
+
+        ``exclude`` is an iterable of backend indices (the backends a request
+        already failed on); -1 when every live backend is in it.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.select_excluding")
+
+    def _exclude(self, exclude):
+        """Per backend: live and not in ``exclude``; and how many are."""
+        mask = list(self._live)
+        n = self.n
+        for x in exclude:
+            i = _index(x)
+            if not 0 <= i < n:
+                raise IndexError("backend index out of range")
+            mask[i] = False
+        return mask, mask.count(True)
 
     def release(self, idx):
         """End of one request on backend ``idx``: its in-flight count drops by 1 (never below 0)."""
@@ -856,6 +893,18 @@ class RoundRobin(Selector):
             i = i + 1 if i + 1 < n else 0
         return -1
 
+    def select_excluding(self, exclude, key=b""):
+        live, _ = self._exclude(exclude)
+        n = self.n
+        i = self._next
+        for _ in range(n):
+            if live[i]:
+                self._next = i + 1 if i + 1 < n else 0
+                self._inflight[i] += 1
+                return i
+            i = i + 1 if i + 1 < n else 0
+        return -1
+
 
 class WeightedRoundRobin(Selector):
     """Smooth weighted round robin (nginx's): weights 5, 1, 1 give a a b a c a a.
@@ -902,6 +951,34 @@ class WeightedRoundRobin(Selector):
         self._inflight[best] += 1
         return best
 
+    def select_excluding(self, exclude, key=b""):
+        # nginx's pass over the peers not tried yet: excluded backends neither
+        # gain their weight nor count in the total, so their current weights
+        # stay as they were and the current weights still sum to what they did.
+        live, _ = self._exclude(exclude)
+        n = self.n
+        i = self._start
+        weight = self._weight
+        cur = self._current
+        total = 0
+        best = -1
+        bestc = 0
+        for _ in range(n):
+            if live[i]:
+                w = weight[i]
+                c = cur[i] + w
+                cur[i] = c
+                total += w
+                if best < 0 or c > bestc:
+                    best = i
+                    bestc = c
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        cur[best] = bestc - total
+        self._inflight[best] += 1
+        return best
+
 
 class LeastConn(Selector):
     """Fewest requests in flight per unit of weight (in_flight / weight, compared exactly).
@@ -920,6 +997,30 @@ class LeastConn(Selector):
         n = self.n
         i = self._next
         live = self._live
+        weight = self._weight
+        inf = self._inflight
+        best = -1
+        bf = 0
+        bw = 1
+        for _ in range(n):
+            if live[i]:
+                f = inf[i]
+                w = weight[i]
+                if best < 0 or f * bw < bf * w:
+                    best = i
+                    bf = f
+                    bw = w
+            i = i + 1 if i + 1 < n else 0
+        if best < 0:
+            return -1
+        self._next = best + 1 if best + 1 < n else 0
+        inf[best] += 1
+        return best
+
+    def select_excluding(self, exclude, key=b""):
+        live, _ = self._exclude(exclude)
+        n = self.n
+        i = self._next
         weight = self._weight
         inf = self._inflight
         best = -1
@@ -996,6 +1097,28 @@ class P2C(_Seeded):
         inf[a] += 1
         return a
 
+    def select_excluding(self, exclude, key=b""):
+        # the same draws as select, over the usable backends left in (in index order)
+        mask, m = self._exclude(exclude)
+        if m == 0:
+            return -1
+        u = [i for i in self._usable if mask[i]]
+        inf = self._inflight
+        if m == 1:
+            a = u[0]
+        else:
+            i = self._next64() % m
+            j = self._next64() % (m - 1)
+            if j >= i:
+                j += 1
+            a = u[i]
+            b = u[j]
+            w = self._weight
+            if inf[b] * w[a] < inf[a] * w[b]:
+                a = b
+        inf[a] += 1
+        return a
+
 
 class Random(_Seeded):
     """Weighted random: each live backend with probability weight / total live weight.
@@ -1028,6 +1151,28 @@ class Random(_Seeded):
         else:
             cum = self._cum
             a = u[_bisect_right(cum, self._next64() % cum[-1])]
+        self._inflight[a] += 1
+        return a
+
+    def select_excluding(self, exclude, key=b""):
+        # the same draw as select, over the cumulative weights of the backends left in
+        mask, m = self._exclude(exclude)
+        if m == 0:
+            return -1
+        u = [i for i in self._usable if mask[i]]
+        if m == 1:
+            a = u[0]
+        else:
+            weight = self._weight
+            total = 0
+            for i in u:
+                total += weight[i]
+            r = self._next64() % total
+            t = 0
+            for a in u:
+                t += weight[a]
+                if t > r:
+                    break
         self._inflight[a] += 1
         return a
 
@@ -1195,28 +1340,83 @@ class Maglev(Selector):
         self._lf += 1
         return pick
 
+    def select_excluding(self, exclude, key=b""):
+        # select's walk from the key's entry, passing excluded backends too; the
+        # bounded load still compares with the mean over every live backend
+        live, m_left = self._exclude(exclude)
+        if type(key) is not bytes:
+            raise TypeError("key must be bytes")
+        if not key:
+            return -2
+        if m_left == 0:
+            return -1
+        m = self.table_size
+        table = self._table
+        c = hash64(key) % m
+        f = self.balance_factor
+        inf = self._inflight
+        pick = -1
+        if f == 0.0:
+            for _ in range(m):
+                b = table[c]
+                if live[b]:
+                    pick = b
+                    break
+                c = c + 1 if c + 1 < m else 0
+        else:
+            first = -1
+            lim = f * float(self._lf + 1)
+            lw = float(self._lw)
+            weight = self._weight
+            for _ in range(m):
+                b = table[c]
+                if live[b]:
+                    if float(inf[b]) * lw < lim * float(weight[b]):
+                        pick = b
+                        break
+                    if first < 0:
+                        first = b
+                c = c + 1 if c + 1 < m else 0
+            if pick < 0:
+                pick = first
+        if pick < 0:
+            return -1
+        inf[pick] += 1
+        self._lf += 1
+        return pick
 
-def pick_many(selector, n, key=b""):
+
+def pick_many(selector, n, key=b"", exclude=None):
     """``n`` picks (``select(key)``, then ``release(idx)`` if ``idx >= 0``); the sum of the indices.
 
     What the data path does per request, ``n`` times in a row (the compiled
-    twin loops in C, calling the selector's methods as C calls). TypeError
-    unless ``selector`` is a ``Selector`` or ``n`` an integer; ValueError when
-    ``n`` is negative; whatever ``select`` raises (Maglev: a non-bytes key).
+    twin loops in C, calling the selector's methods as C calls). With
+    ``exclude`` (not None) each pick is ``select_excluding(exclude, key)``, as
+    a retry makes it. TypeError unless ``selector`` is a ``Selector`` or ``n``
+    an integer; ValueError when ``n`` is negative; whatever ``select`` or
+    ``select_excluding`` raises (Maglev: a non-bytes key).
     """
     if not isinstance(selector, Selector):
         raise TypeError(f"selector must be a Selector, not {type(selector).__name__}")
     n = _index(n)
     if n < 0:
         raise ValueError("n must not be negative")
-    select = selector.select
     release = selector.release
     total = 0
-    for _ in range(n):
-        idx = select(key)
-        if idx >= 0:
-            release(idx)
-            total += idx
+    if exclude is None:
+        select = selector.select
+        for _ in range(n):
+            idx = select(key)
+            if idx >= 0:
+                release(idx)
+                total += idx
+    else:
+        select_excluding = selector.select_excluding
+        for _ in range(n):
+            idx = select_excluding(exclude, key)
+            if idx >= 0:
+                release(idx)
+                total += idx
     return total
 
 

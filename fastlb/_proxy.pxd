@@ -173,7 +173,7 @@ cdef class ClientProtocol:
     cdef _forward(self, Backend backend, bytes out)
     @cython.locals(up=UpstreamProtocol)
     cdef _send_to(self, Backend backend)
-    @cython.locals(proxy=Proxy, idx=int)
+    @cython.locals(proxy=Proxy, idx=Py_ssize_t, balancer=Selector)
     cdef _next_backend(self)
     cdef _release(self)
     cpdef upstream_connected(self, UpstreamProtocol up, long long gen)

@@ -828,18 +828,15 @@ class ClientProtocol:
             return None
         # retries go by the fallback of a hashing algorithm: the key's backend failed
         balancer = proxy.balancer if proxy.fallback is None else proxy.fallback
-        for _ in range(len(proxy.backends)):
-            idx = balancer.select()
-            if idx < 0:
-                return None
-            if idx in tried:
-                balancer.release(idx)
-                continue
-            self.holding = True
-            self.held_by = balancer
-            self.tries += 1
-            return proxy.backends[idx]
-        return None
+        # the algorithm's own choice among the backends not tried yet (least-conn:
+        # the least loaded of them, not the one just released for failing)
+        idx = balancer.select_excluding(tried)
+        if idx < 0:
+            return None
+        self.holding = True
+        self.held_by = balancer
+        self.tries += 1
+        return proxy.backends[idx]
 
     def upstream_connected(self, up, gen):
         """``proxy.connect`` made a fresh connection for request ``gen``."""

@@ -514,6 +514,255 @@ def test_pick_many_python_subclass(core):
         core.pick_many(Broken([1]), 3)
 
 
+# ---------------------------------------------------------------- select_excluding (retries)
+
+def sel_ex(b, cls, exclude, i=0):
+    return b.select_excluding(exclude, b"key-%d" % i) if cls == "Maglev" else b.select_excluding(exclude)
+
+
+def _load(b, cls, want):
+    """Put ``want[i]`` requests in flight on backend i (select until each has them, releasing the rest)."""
+    extra = []
+    for k in range(100000):
+        if all(b.in_flight(i) >= want[i] for i in range(b.n)):
+            break
+        i = sel(b, cls, k)
+        (extra if b.in_flight(i) > want[i] else []).append(i)
+    for i in extra:
+        b.release(i)
+    assert [b.in_flight(i) for i in range(b.n)] == list(want)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_retry_never_returns_the_failed_backend(core, cls):
+    """The retry of a request whose backend failed (and was released): 1000 of 1000
+    retries pick another backend, though the failed one is now the least loaded."""
+    b = make(core, cls, [1, 1, 1])
+    _load(b, cls, [0, 3, 3])     # 1 and 2 are busy; 0 is idle
+    for t in range(1000):
+        first = sel(b, cls, t)
+        b.release(first)                  # it failed: the request no longer counts on it
+        again = sel_ex(b, cls, {first}, t)
+        assert again >= 0 and again != first, (t, first, again)
+        b.release(again)
+    assert [b.in_flight(i) for i in range(3)] == [0, 3, 3]
+    # what a retry by "select again, release it if tried" ran into: the idle backend
+    # again (least-conn: every time; the rest: often), however often it asked
+    again_idle = 0
+    for t in range(1000):
+        i = sel(b, cls, t)
+        b.release(i)
+        again_idle += i == 0
+    assert again_idle == 1000 if cls == "LeastConn" else again_idle > 0
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_select_excluding_none_left(core, cls):
+    b = make(core, cls, [1, 0, 2, 3])
+    assert sel_ex(b, cls, {0, 2, 3}) == -1          # 1 has weight 0
+    assert sel_ex(b, cls, [0, 1, 2, 3]) == -1
+    b.set_eligible(3, False)
+    assert sel_ex(b, cls, (0, 2)) == -1             # 3 is not eligible
+    assert sel_ex(b, cls, frozenset([2])) == 0
+    assert sel_ex(b, cls, iter([0])) == 2
+    b.set_eligible(0, False)
+    b.set_eligible(2, False)
+    assert sel_ex(b, cls, set()) == -1              # nothing live at all
+    assert [b.in_flight(i) for i in range(4)] == [1, 0, 1, 0]
+    if cls == "Maglev":
+        assert b.select_excluding({0, 1, 2, 3}, b"") == -2   # no key: the caller falls back
+        assert b.select_excluding(set()) == -2
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_select_excluding_counts_return_to_zero(core, cls):
+    b = make(core, cls, [1, 2, 3, 4])
+    held = []
+    for t in range(400):
+        ex = {t % 4, (t * 7) % 4} if t % 3 else set()
+        idx = sel_ex(b, cls, ex, t)
+        assert idx >= 0 and idx not in ex
+        held.append(idx)
+        if t % 5 == 4:
+            b.release(held.pop(0))
+    counts = collections.Counter(held)
+    assert [b.in_flight(i) for i in range(4)] == [counts[i] for i in range(4)]
+    for idx in held:
+        b.release(idx)
+    assert [b.in_flight(i) for i in range(4)] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_select_excluding_nothing_is_select(core, cls):
+    """With an empty ``exclude``: select's answers, and select's state afterwards."""
+    a, b = make(core, cls, [1, 2, 0, 5, 1], seed=3), make(core, cls, [1, 2, 0, 5, 1], seed=3)
+    for s_ in (a, b):
+        s_.set_eligible(4, False)
+    for t in range(300):
+        x, y = sel(a, cls, t % 17), sel_ex(b, cls, () if t % 2 else set(), t % 17)
+        assert x == y, t
+        if t % 3 == 0:
+            a.release(x)
+            b.release(y)
+    assert [a.in_flight(i) for i in range(5)] == [b.in_flight(i) for i in range(5)]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_select_excluding_errors(core, cls):
+    b = make(core, cls, [1, 1, 1])
+    for bad in ({3}, [0, -1], (10**30,), {-(10**30)}):
+        with pytest.raises(IndexError, match="backend index out of range"):
+            sel_ex(b, cls, bad)
+    with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
+        sel_ex(b, cls, [0, 1.0])
+    with pytest.raises(TypeError, match="'str' object cannot be interpreted as an integer"):
+        sel_ex(b, cls, "0")
+    with pytest.raises(TypeError, match="'NoneType' object is not iterable"):
+        sel_ex(b, cls, None)
+    # a failed call picked nothing and left no trace: the next one excludes exactly what it is told
+    assert [b.in_flight(i) for i in range(3)] == [0, 0, 0]
+    assert {sel_ex(b, cls, {0, 1}, t) for t in range(20)} == {2}
+    if cls == "Maglev":
+        with pytest.raises(TypeError, match="key must be bytes"):
+            b.select_excluding(set(), "key")
+
+
+def test_selector_select_excluding_is_abstract(core):
+    with pytest.raises(NotImplementedError, match="Selector.select_excluding"):
+        core.Selector().select_excluding(set())
+
+
+def test_rr_excluding_continues_the_rotation(core):
+    rr = core.RoundRobin([1, 1, 1, 1])
+    assert rr.select() == 0
+    assert rr.select_excluding({0, 1}) == 2      # skips the tried ones, rotation goes on
+    assert picks(rr, 3) == [3, 0, 1]
+    assert rr.select_excluding({3, 0}) == 2
+    assert picks(rr, 2) == [3, 0]                # 3 and 0 are not skipped for good
+
+
+def test_wrr_excluding_leaves_the_excluded_current_weights(core):
+    w = core.WeightedRoundRobin([5, 1, 1])
+    # excluding 0: a smooth pass over 1 and 2 only (weights 1, 1)
+    assert [w.select_excluding({0}) for _ in range(6)] == [1, 2, 1, 2, 1, 2]
+    # 1 and 2 went through whole cycles and 0 was never touched: the state is
+    # fresh again, and select gives nginx's sequence from its start
+    assert picks(w, 14) == [0, 0, 1, 0, 2, 0, 0] * 2
+    # excluded half-way through a cycle: the others' picks still sum to the same shares
+    w = core.WeightedRoundRobin([3, 2, 1, 0])
+    got = [w.select_excluding({k % 3}) if k % 4 == 0 else w.select() for k in range(600)]
+    got += picks(w, 600)
+    c = collections.Counter(got[600:])
+    assert (abs(c[0] - 300) <= 3, abs(c[1] - 200) <= 3, abs(c[2] - 100) <= 3, c[3]) == \
+        (True, True, True, 0), c
+
+
+def test_least_conn_excluding_takes_the_least_loaded_of_the_rest(core):
+    lc = core.LeastConn([1, 1, 1, 2])
+    _load(lc, "LeastConn", [0, 4, 2, 5])         # per unit of weight: 0, 4, 2, 2.5
+    assert lc.select_excluding({0}) == 2
+    assert lc.select_excluding({0}) == 3         # 2 is at 3 now; 3 at 2.5
+    assert lc.select_excluding({0, 2, 3}) == 1
+    assert lc.select() == 0
+
+
+def test_p2c_excluding_draws_among_the_rest(core):
+    p = core.P2C([1, 1, 1], seed=4)
+    _load(p, "P2C", [0, 3, 1])
+    # 0 excluded: the two candidates can only be 1 and 2, and 2 is less loaded
+    for _ in range(100):
+        assert p.select_excluding({0}) == 2
+        p.release(2)
+    # 1 excluded: 0 and 2, and 0 is idle
+    for _ in range(100):
+        assert p.select_excluding({1}) == 0
+        p.release(0)
+    assert [p.in_flight(i) for i in range(3)] == [0, 3, 1]
+
+
+def test_random_excluding_draws_by_weight_among_the_rest(core):
+    r = core.Random([5, 1, 3], seed=7)
+    c = collections.Counter(r.select_excluding({0}) for _ in range(8000))
+    assert c[0] == 0
+    assert abs(c[1] - 2000) < 150 and abs(c[2] - 6000) < 150
+    assert {r.select_excluding({0, 2}) for _ in range(10)} == {1}
+
+
+def test_maglev_excluding_walks_on_from_the_key(core):
+    """Leaving a key's backend out gives the backend that key gets once that backend is
+    down (the next live one in the table); keys on other backends do not move."""
+    names = [b"10.0.0.%d:80" % i for i in range(5)]
+    m = core.Maglev([1] * 5, names, table_size=251)
+    for i in range(300):
+        key = b"user-%d" % i
+        home = m.select(key)
+        m.release(home)
+        down = core.Maglev([1] * 5, names, table_size=251)
+        down.set_eligible(home, False)
+        want = down.select(key)
+        assert m.select_excluding({home}, key) == want != home
+        m.release(want)
+        other = (home + 1) % 5
+        assert m.select_excluding({other}, key) == home
+        m.release(home)
+    assert [m.in_flight(i) for i in range(5)] == [0] * 5
+
+
+def test_maglev_excluding_bounded_load(core):
+    """The bound still applies to the backends left: an overloaded one is walked past."""
+    names = [b"a:1", b"b:1", b"c:1"]
+    m = core.Maglev([1, 1, 1], names, table_size=101, balance_factor=1.0)
+    free = core.Maglev([1, 1, 1], names, table_size=101)
+    for want, ex in ((3, {1, 2}), (6, {0, 2})):     # only one left: taken whatever its load
+        for i in range(want):
+            assert m.select_excluding(ex, b"k-%d" % i) == min({0, 1, 2} - ex)
+    assert [m.in_flight(i) for i in range(3)] == [3, 6, 0]
+    # 10 requests with this one: the bound is 10/3 each; 1 is over it, 2 under
+    keys = [b"k-%d" % i for i in range(200)]
+    assert any(free.select_excluding({0}, k) == 1 for k in keys)   # unbounded: some keys on 1
+    for k in keys:
+        assert m.select_excluding({0}, k) == 2
+        m.release(2)
+    for i, k in ((0, 3), (1, 6)):
+        for _ in range(k):
+            m.release(i)
+    assert [m.in_flight(i) for i in range(3)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_pick_many_excluding(core, cls):
+    """pick_many(b, n, key, exclude) == n x (select_excluding, release) by hand."""
+    a, b = make(core, cls, [1, 2, 3, 0, 5]), make(core, cls, [1, 2, 3, 0, 5])
+    for key, ex in ((b"k1", {0}), (b"user-7", [2, 4]), (b"k1", ()), (b"k2", {0, 1, 2, 4})):
+        want = 0
+        for _ in range(50):
+            idx = a.select_excluding(ex, key)
+            if idx >= 0:
+                a.release(idx)
+                want += idx
+        assert core.pick_many(b, 50, key, ex) == want
+        assert [b.in_flight(i) for i in range(5)] == [0] * 5
+    assert core.pick_many(b, 10, b"k", {0, 1, 2, 4}) == 0
+    with pytest.raises(IndexError):
+        core.pick_many(b, 1, b"k", {7})
+    assert core.pick_many(b, 0, b"k", {7}) == 0
+
+
+def test_select_excluding_python_subclass(core):
+    """A Python override of select_excluding is honoured (compiled: cpdef dispatch)."""
+    calls = []
+
+    class Logged(core.LeastConn):
+        def select_excluding(self, exclude, key=b""):
+            idx = super().select_excluding(exclude, key)
+            calls.append((sorted(exclude), idx))
+            return idx
+
+    lb = Logged([1, 1, 1])
+    assert core.pick_many(lb, 3, b"", {1}) == 0 + 2 + 0      # ties in rotation, 1 skipped
+    assert calls == [([1], 0), ([1], 2), ([1], 0)]
+
+
 # ---------------------------------------------------------------- registry
 
 def test_registry_builds_each():

@@ -1,20 +1,28 @@
 """Retries through the real data path: which requests go to another backend, and how far."""
 import asyncio
 import collections
+import socket
+import struct
 
 import httpx
 import pytest
 
 from helpers import (  # noqa: F401  (fixtures are used by name)
+    HANG,
     HOST,
     LoopThread,
     active_core,
     backend_loop,
+    echo_response,
     free_dead_port,
     make_backend,
     make_lb,
+    raw_connect,
     stop_servers,
+    wait_for,
 )
+from fastlb.health import HealthConfig
+from fastlb.selection import ALGORITHMS
 
 pytestmark = pytest.mark.usefixtures("active_core")
 
@@ -107,3 +115,68 @@ def test_no_new_try_after_retry_timeout(make_backend, make_lb, closing_backend):
     lb2 = make_lb([slow_bad.addr, good.addr])  # default 10 s: retried
     with httpx.Client(timeout=10) as c:
         assert [c.get(lb2.url + "/").status_code for _ in range(2)] == [200, 200]
+
+
+# ---------------------------------------------------------------- retries under every algorithm
+
+def _hold_or_echo(be, req):
+    """A backend that keeps ``/hold`` requests in flight (never answers them) and echoes the rest."""
+    return HANG if req.target.startswith("/hold") else echo_response(be, req)
+
+
+@pytest.mark.parametrize("dead_kind", ["refused", "reset"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_retry_skips_the_failed_backend_under_every_algorithm(
+        make_backend, make_lb, closing_backend, algorithm, dead_kind):
+    """3 backends, one dead, --retries 2: every request gets 200, and never from the dead one.
+
+    The dead backend refuses connections, or accepts and resets after the request
+    head. It has weight 4 (the others 1), so the weighted algorithms pick it first
+    most of the time, and passive ejection is off, so it stays in rotation. One
+    request parked on each live backend keeps them loaded: the dead one, released
+    the moment it fails, is the least loaded backend whenever a retry picks. A
+    retry that picked "again, then skipped what was tried" got the dead backend
+    back each time under least-conn, p2c and random, and ran out of picks (502).
+    """
+    if dead_kind == "refused":
+        dead = (HOST, free_dead_port())
+    else:
+        dead = closing_backend()
+    b = make_backend("B", handler=_hold_or_echo)
+    c = make_backend("C", handler=_hold_or_echo)
+    lb = make_lb([dead, b, c], algorithm=algorithm, weights=(4, 1, 1), retries=2,
+                 hash_key="path", health=HealthConfig(eject_after=0))
+    proxy = lb.proxy
+    n = 40
+    holds = []
+    try:
+        for i in range(2):
+            s = raw_connect(lb.port)
+            holds.append(s)
+            s.sendall(b"GET /hold/%d HTTP/1.1\r\nHost: lb\r\n\r\n" % i)
+            assert wait_for(lambda: len(b.requests) + len(c.requests) == i + 1)
+        with httpx.Client(timeout=10) as client:
+            for i in range(n):
+                r = client.get(f"{lb.url}/r/{i}")
+                assert r.status_code == 200, (i, r.status_code, r.text)
+                assert r.headers["x-backend"] in ("B", "C")
+                assert r.json()["target"] == f"/r/{i}"
+        answered = [q.target for q in b.requests + c.requests if q.target.startswith("/r/")]
+        assert sorted(answered) == sorted(f"/r/{i}" for i in range(n))
+        # the dead backend was tried (the scenario happened), at most once per request
+        assert proxy.backends[0].failures > 0
+        if dead_kind == "reset":
+            tried = collections.Counter(h.split(b" ")[1] for h in dead.heads)
+            assert tried and max(tried.values()) == 1, tried
+            assert sum(tried.values()) == proxy.backends[0].failures
+    finally:
+        for s in holds:  # reset: the parked requests end (a FIN would wait for their answers)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+    def in_flight():
+        sels = [proxy.balancer] + ([proxy.fallback] if proxy.fallback is not None else [])
+        return [sel.in_flight(i) for sel in sels for i in range(3)]
+
+    # every pick, first or retry, was released: nothing left counted in flight
+    assert wait_for(lambda: not any(lb.lt.call_soon(in_flight))), lb.lt.call_soon(in_flight)
