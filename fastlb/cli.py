@@ -1,10 +1,16 @@
 """Command line: ``fastlb serve``, ``fastlb demo``, ``fastlb --version``.
 
 Every bad flag, bad backend URL or listening error ends in one line on
-standard error and a non-zero exit status, never a traceback.
+standard error and a non-zero exit status, never a traceback. Backend host
+names are looked up once, before listening (``check_backends_resolve``); a
+name that does not resolve is such an error unless ``--allow-unresolved``.
 """
 import argparse
+import concurrent.futures
+import ipaddress
 import logging
+import re
+import socket
 import sys
 import urllib.parse
 
@@ -43,6 +49,16 @@ def _non_negative_int(text):
     return value
 
 
+def _percent(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 100: {text!r}")
+    return value
+
+
 def _non_negative_float(text):
     try:
         value = float(text)
@@ -69,6 +85,13 @@ def parse_listen(text):
     return host, int(port)
 
 
+_PLAIN = re.compile(r"[!-~]+\Z")     # visible ASCII: shown as typed, else quoted
+
+
+def _shown(text):
+    return text if _PLAIN.match(text) else repr(text)
+
+
 def parse_backend_spec(text):
     """``URL[,weight=N]`` -> ((host, port), weight)."""
     url, sep, opt = text.partition(",")
@@ -76,13 +99,14 @@ def parse_backend_spec(text):
     if sep:
         key, eq, value = opt.partition("=")
         if key.strip() != "weight" or not eq:
-            raise ConfigError(f"--backend {text!r}: expected URL or URL,weight=N")
+            raise ConfigError(f"--backend {_shown(text)}: expected URL or URL,weight=N")
         try:
             weight = int(value)
         except ValueError:
-            raise ConfigError(f"--backend {text!r}: weight must be a whole number") from None
+            raise ConfigError(f"--backend {_shown(text)}: weight must be a whole number") \
+                from None
         if not 0 <= weight <= 10000:
-            raise ConfigError(f"--backend {text!r}: weight must be from 0 to 10000")
+            raise ConfigError(f"--backend {_shown(text)}: weight must be from 0 to 10000")
     return parse_backend(url), weight
 
 
@@ -98,20 +122,68 @@ def parse_hash_key(text):
 
 
 def parse_backend(text):
-    """``http://HOST[:PORT]`` (or ``HOST:PORT``) -> (host, port)."""
-    url = text if "://" in text else "http://" + text
+    """``http://HOST[:PORT]`` -> (host, port); the scheme is required.
+
+    HOST is a name, an IPv4 address or ``[IPv6]``; PORT defaults to 80.
+    """
+    shown = _shown(text)
+    if "://" not in text:
+        raise ConfigError(f"--backend {shown}: no scheme: expected http://HOST[:PORT]")
     try:
-        parts = urllib.parse.urlsplit(url)
+        parts = urllib.parse.urlsplit(text)
         port = parts.port
     except ValueError as e:
-        raise ConfigError(f"--backend {text!r}: {e}") from None
+        raise ConfigError(f"--backend {shown}: {e}") from None
     if parts.scheme != "http":
-        raise ConfigError(f"--backend {text!r}: only http:// backends are supported")
+        raise ConfigError(f"--backend {shown}: only http:// backends are supported")
     if not parts.hostname:
-        raise ConfigError(f"--backend {text!r}: missing host")
+        raise ConfigError(f"--backend {shown}: missing host")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ConfigError(f"--backend {text!r}: a backend is host and port only, no path")
-    return parts.hostname, port or 80
+        raise ConfigError(f"--backend {shown}: a backend is host and port only, no path")
+    if port == 0:
+        raise ConfigError(f"--backend {shown}: port must be from 1 to 65535")
+    return parts.hostname, 80 if port is None else port
+
+
+def _lookup(host, port):
+    """None if ``host`` resolves, else the reason it does not."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return e.strerror or str(e)
+    except (OSError, UnicodeError) as e:    # e.g. a label longer than 63 characters
+        return str(e) or type(e).__name__
+    return None
+
+
+def check_backends_resolve(backends, urls, allow_unresolved=False, log=None):
+    """Look up every backend host name once (IP literals need none), all at once.
+
+    ``backends``: ((host, port), ...); ``urls``: the URLs as given, for messages.
+    A name that does not resolve raises ``ConfigError``; with ``allow_unresolved``
+    it is a warning on ``log`` instead (the data path resolves it again on
+    every new connection, so a backend that comes up later is served).
+    """
+    names = {}
+    for (host, port), url in zip(backends, urls):
+        try:
+            ipaddress.ip_address(host)
+            continue
+        except ValueError:
+            pass
+        names.setdefault((host, port), url)
+    if not names:
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(names))) as pool:
+        reasons = list(pool.map(lambda hp: _lookup(*hp), names))
+    for url, reason in zip(names.values(), reasons):
+        if reason is None:
+            continue
+        msg = f"--backend {_shown(url)}: host does not resolve ({reason})"
+        if not allow_unresolved:
+            raise ConfigError(msg)
+        (log or logging.getLogger("fastlb")).warning(
+            f"warning: {msg}; starting anyway (--allow-unresolved)")
 
 
 def _add_common(p):
@@ -184,6 +256,10 @@ def _add_common(p):
                    help="longest ejection (default 300)")
     h.add_argument("--eject-5xx", action="store_true",
                    help="count 5xx responses as failures for ejection")
+    h.add_argument("--max-ejected-percent", type=_percent, metavar="P",
+                   help="at most P %% of the backends (rounded down) are ejected at a time "
+                        "(default: all but one; 100: all, then the one whose ejection ends "
+                        "soonest is put back on trial)")
     p.add_argument("--access-log", default="off", metavar="-|PATH|off",
                    help="one line per request to stdout (-), a file, or nowhere (off, default)")
     p.add_argument("--no-via", dest="via", action="store_false",
@@ -201,8 +277,10 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="balance requests over backends")
     serve.add_argument("--backend", action="append", default=[], metavar="URL[,weight=N]",
-                       help="backend as http://HOST:PORT, optionally with a weight "
+                       help="backend as http://HOST[:PORT], optionally with a weight "
                             "(default 1); repeat for more")
+    serve.add_argument("--allow-unresolved", action="store_true",
+                       help="start even if a backend host name does not resolve (a warning)")
     _add_common(serve)
     demo = sub.add_parser("demo", help="run three demo backends behind the balancer and load them")
     _add_common(demo)
@@ -230,7 +308,7 @@ def options_from_args(args, backends, weights=()):
         rise=args.health_rise, fall=args.health_fall, expect=args.health_expect,
         host=args.health_host, slow_start=args.slow_start, eject_after=args.eject_after,
         eject_base=args.eject_base, eject_max=max(args.eject_max, args.eject_base),
-        eject_5xx=args.eject_5xx)
+        eject_5xx=args.eject_5xx, max_ejected_percent=args.max_ejected_percent)
     if args.access_log not in ("off", "-"):
         try:
             open(args.access_log, "a").close()
@@ -265,6 +343,8 @@ def main(argv=None):
                 raise ConfigError("serve: give at least one --backend http://HOST:PORT")
             specs = [parse_backend_spec(b) for b in args.backend]
             opts = options_from_args(args, [s[0] for s in specs], [s[1] for s in specs])
+            check_backends_resolve(opts.backends, [b.partition(",")[0] for b in args.backend],
+                                   args.allow_unresolved)
             return _run_serve(opts)
         from fastlb.demo import run_demo
 

@@ -32,16 +32,38 @@ backend stays in rotation to the jitter of its first check (< ``interval``).
 Passive checks (``eject_after`` > 0): the data path reports each outcome on
 real traffic. After ``eject_after`` consecutive failures the backend is
 ejected for a back-off that starts at ``eject_base`` and doubles with each
-consecutive ejection up to ``eject_max``; the level goes back to the base once
-the backend has stayed in rotation ``eject_reset`` seconds since its last
-return. When the back-off ends:
+consecutive ejection up to ``eject_max``. When the back-off ends:
 
 * with active checks on, it returns only after a check that *started after*
   the back-off ended passes (the check is run at once, not at the next tick);
 * with active checks off, it is re-admitted on trial.
 
 Either way it comes back on trial: its first failure on traffic ejects it
-again at once (doubled back-off); its first success ends the trial.
+again at once (doubled back-off); its first success ends the trial and sets
+the back-off level back to the base (so does staying in rotation
+``eject_reset`` seconds since its return without a failure).
+
+Passive ejection never empties the pool. The *pool* is the backends with a
+configured weight above 0 (the others are never chosen), ``n`` of them:
+
+* the share: at most ``floor(n * max_ejected_percent / 100)`` of them are out
+  by ejection at a time; ``max_ejected_percent=None`` (the default) allows
+  ``n - 1``, all but one. An ejection beyond the share is not applied: the
+  backend stays in rotation (on trial or not), its failures keep counting,
+  and its next failure after another backend returned ejects it. Logged once
+  per such episode.
+* the fallback: when no working backend of the pool is left in rotation
+  while some are ejected (none is left: the share allows all, or the others
+  are DOWN or drained; or every one left is *held*: due for ejection but kept
+  in by the share), the ejected one whose back-off ends soonest is
+  re-admitted at once, on trial. Its next failure ejects it again (doubled
+  back-off) and the next soonest takes its place, so in a total outage each
+  failure tries one more backend, in back-off order, and a backend that
+  recovers is found at once rather than after its back-off. Only backends
+  that are UP and admin-enabled qualify: with active checks on, a backend the
+  checks found DOWN is never forced back in. Until a backend answers or comes
+  back by itself (a *dry spell*), the ejections and re-admissions this causes
+  are logged at debug level: one warning per spell.
 
 Slow start (``slow_start`` > 0): when a backend becomes eligible again (not
 at startup) its weight ramps from 10% of its configured weight to 100% in
@@ -140,6 +162,8 @@ class HealthConfig:
     eject_max: float = 300.0        # [--eject-max] longest ejection
     eject_reset: float = 60.0       # [--eject-reset] back in rotation this long: back-off reset
     eject_5xx: bool = False         # [--eject-5xx] count 5xx responses as failures
+    max_ejected_percent: Optional[float] = None  # [--max-ejected-percent] share of the pool
+    #                                 passive ejection may take out; None: all but one
     expect_ranges: tuple = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -174,6 +198,17 @@ class HealthConfig:
         _check_number("--eject-reset", self.eject_reset, strict=True)
         if not isinstance(self.eject_5xx, bool):
             raise ConfigError(f"--eject-5xx: expected a bool, got {self.eject_5xx!r}")
+        if self.max_ejected_percent is not None:
+            _check_number("--max-ejected-percent", self.max_ejected_percent)
+            if self.max_ejected_percent > 100:
+                raise ConfigError(f"--max-ejected-percent {self.max_ejected_percent:g}: "
+                                  "must be at most 100")
+
+    def max_ejected(self, n):
+        """How many of a pool of ``n`` backends passive ejection may take out at a time."""
+        if self.max_ejected_percent is None:
+            return max(0, n - 1)
+        return math.floor(n * self.max_ejected_percent / 100)
 
     @property
     def active(self):
@@ -202,7 +237,7 @@ class _State:
         "index", "url", "host", "port", "request", "weight", "cur_weight",
         "up", "confirmed", "oks", "fails", "admin", "eligible",
         "pfails", "ejected", "ejected_until", "eject_count", "awaiting", "trial",
-        "readmitted_at", "timer", "ramp", "ramp_step", "wake", "last_failure",
+        "held", "readmitted_at", "timer", "ramp", "ramp_step", "wake", "last_failure",
     )
 
     def __init__(self, backend, weight, request):
@@ -225,6 +260,7 @@ class _State:
         self.eject_count = 0         # consecutive ejections (back-off level)
         self.awaiting = False        # back-off over, waiting for a passing check
         self.trial = False           # back from ejection: next failure re-ejects
+        self.held = False            # due for ejection, kept in by the share (logged)
         self.readmitted_at = 0.0
         self.timer = None            # back-off end (TimerHandle)
         self.ramp = None             # next slow-start step (TimerHandle)
@@ -278,7 +314,15 @@ class HealthChecker:
                        f"User-Agent: fastlb-health/{__version__}\r\n"
                        "Connection: close\r\n\r\n").encode("ascii") if config.active else b""
             self._states.append(_State(b, w, request))
-        self._n_eligible = len(self._states)
+        # the pool: backends that can be chosen (weight > 0); passive ejection
+        # never leaves it without one in rotation (see the module docstring)
+        self._n_pool = sum(1 for st in self._states if st.weight > 0)
+        self._n_serving = self._n_pool    # of them eligible
+        self._max_ejected = config.max_ejected(self._n_pool)
+        self._n_ejected = 0
+        self._n_held = 0         # in rotation, due for ejection but kept in by the share
+        self._dry = False        # no working backend was left, and none came back since
+        self._none_logged = False  # "no backend is available" was logged
         # called with the index of a backend put back on trial: the data path
         # then reports its next success, which ends the trial
         self._on_trial = on_trial
@@ -326,8 +370,8 @@ class HealthChecker:
     # -------------------------------------------------------- queries
 
     def all_down(self):
-        """True when no backend is eligible (answer 503 + Retry-After at once)."""
-        return self._n_eligible == 0
+        """True when no backend can be chosen (answer 503 + Retry-After at once)."""
+        return self._n_serving == 0
 
     def retry_after(self):
         """Whole seconds (at least 1) a client told 503 might wait: the nearest
@@ -363,6 +407,7 @@ class HealthChecker:
                 "eject_remaining": max(0.0, st.ejected_until - now) if st.ejected else 0.0,
                 "awaiting_check": st.awaiting,
                 "trial": st.trial,
+                "held": st.held,
                 "ejections": st.eject_count,
                 "consecutive_successes": st.oks,
                 "consecutive_failures": st.fails,
@@ -392,8 +437,14 @@ class HealthChecker:
         st = self._states[idx]
         if st.pfails:
             st.pfails = 0
+            if st.held:
+                self._unhold(st)
         if st.trial:
             st.trial = False
+            st.eject_count = 0   # back and answering: the next ejection is short again
+        if self._dry:
+            self._dry = False
+            self._log.info(f"backend {st.url} answered: the pool is serving again")
 
     def on_failure(self, idx, reason="failure"):
         """A request to backend ``idx`` failed: connect failure, reset, timeout,
@@ -421,12 +472,27 @@ class HealthChecker:
 
     def _eject(self, st, why):
         cfg = self.config
+        if self._n_ejected >= self._max_ejected:
+            # over the share: it stays in rotation, its failures keep counting
+            if not st.held and st.weight:
+                st.held = True
+                self._n_held += 1
+                msg = (f"backend {st.url} not ejected ({why}): at most {self._max_ejected} "
+                       f"of {self._n_pool} may be out at a time (--max-ejected-percent)")
+                if self._dry:
+                    self._log.debug(msg)
+                else:
+                    self._log.warning(msg)
+                if self._n_held == self._n_serving:
+                    self._fallback()    # every backend in rotation is failing
+            return
         now = self._loop.time()
         if st.eject_count and now - st.readmitted_at >= cfg.eject_reset:
             st.eject_count = 0
         backoff = min(cfg.eject_base * 2.0 ** min(st.eject_count, 62), cfg.eject_max)
         st.eject_count += 1
         st.ejected = True
+        self._n_ejected += 1
         st.oks = 0          # only checks after the ejection count towards ending it
         st.trial = False
         st.awaiting = False
@@ -435,8 +501,16 @@ class HealthChecker:
         if st.timer is not None:
             st.timer.cancel()
         st.timer = self._loop.call_at(st.ejected_until, self._eject_expired, st)
-        self._log.warning(f"backend {st.url} ejected for {backoff:g}s: {why}")
+        msg = f"backend {st.url} ejected for {backoff:g}s: {why}"
+        if self._dry:
+            self._log.debug(msg)    # the pool is still dry: said once already
+        else:
+            self._log.warning(msg)
         self._update(st)
+
+    def _unhold(self, st):
+        st.held = False
+        self._n_held -= 1
 
     def _eject_expired(self, st):
         st.timer = None
@@ -448,15 +522,40 @@ class HealthChecker:
             return
         self._readmit(st, "re-admitted on trial after ejection")
 
-    def _readmit(self, st, why):
+    def _readmit(self, st, why, forced=False):
         st.ejected = False
+        self._n_ejected -= 1
         st.awaiting = False
         st.trial = True
         st.readmitted_at = self._loop.time()
         if self._on_trial is not None:
             self._on_trial(st.index)
-        self._log.info(f"backend {st.url} {why}")
-        self._update(st)
+        if not forced:      # the fallback logs its own
+            self._log.info(f"backend {st.url} {why}")
+        self._update(st, forced)
+
+    def _fallback(self):
+        """No backend in rotation is working (none left, or all are held): re-admit
+        on trial the ejected one (UP, enabled) whose back-off ends soonest.
+        Returns True if one was."""
+        best = None
+        for st in self._states:
+            if st.ejected and st.up and st.admin and st.weight and (
+                    best is None or st.ejected_until < best.ejected_until):
+                best = st
+        if best is None:
+            return False
+        if best.timer is not None:
+            best.timer.cancel()
+            best.timer = None
+        why = f"backend {best.url} re-admitted on trial early (its back-off ends soonest)"
+        if self._dry:       # once per dry spell; the repeats at debug level
+            self._log.debug(why)
+        else:
+            self._dry = True
+            self._log.warning(f"no backend in rotation is working: {why}")
+        self._readmit(best, None, forced=True)
+        return True
 
     # -------------------------------------------------------- active
 
@@ -552,24 +651,38 @@ class HealthChecker:
 
     # -------------------------------------------------------- eligibility and weights
 
-    def _update(self, st):
+    def _update(self, st, forced=False):
         ok = st.up and st.admin and not st.ejected
         if ok == st.eligible:
             return
         st.eligible = ok
         st.pfails = 0
+        if st.held:
+            self._unhold(st)
         self._bal.set_eligible(st.index, ok)
         if ok:
-            self._n_eligible += 1
-            if self._n_eligible == 1:
+            if st.weight:
+                self._n_serving += 1
+            if not forced:
+                self._dry = False   # back by its own merit: log a next dry spell again
+            if self._none_logged:
+                self._none_logged = False
                 self._log.info("a backend is available again")
             if self.config.slow_start > 0:
                 self._start_ramp(st)
         else:
-            self._n_eligible -= 1
             self._cancel_ramp(st)
-            if self._n_eligible == 0:
-                self._log.warning("no backend is available: all are down, ejected or disabled")
+            if st.weight:
+                self._n_serving -= 1
+                # none left in rotation, or only failing ones: passive ejection
+                # must not empty the pool
+                if self._n_serving == self._n_held and not self._stopped \
+                        and self._fallback():
+                    return
+                if self._n_serving == 0 and not self._none_logged:
+                    self._none_logged = True
+                    self._log.warning(
+                        "no backend is available: all are down, ejected or disabled")
 
     def _set_weight(self, st, w):
         if w != st.cur_weight:

@@ -1,4 +1,5 @@
 """The command line, run as a subprocess: ``python -m fastlb ...``."""
+import os
 import re
 import signal
 import socket
@@ -48,7 +49,11 @@ def test_version_names_core():
     ["serve", "--backend", "http://127.0.0.1:1", "--connect-timeout", "-1"],
     ["serve", "--backend", "http://127.0.0.1:1", "--connect-timeout", "abc"],
     ["bogus-command"],
-], ids=["unknown-flag", "negative-timeout", "non-number", "unknown-command"])
+    ["serve", "--backend", "http://127.0.0.1:1", "--max-ejected-percent", "101"],
+    ["serve", "--backend", "http://127.0.0.1:1", "--max-ejected-percent", "-5"],
+    ["serve", "--backend", "http://127.0.0.1:1", "--max-ejected-percent", "half"],
+], ids=["unknown-flag", "negative-timeout", "non-number", "unknown-command",
+        "eject-percent-over", "eject-percent-negative", "eject-percent-text"])
 def test_bad_flag(args):
     p = run_fastlb(*args)
     lines = _one_line_error(p)
@@ -71,6 +76,89 @@ def test_bad_backend_url(url):
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("fastlb: error:"), p.stderr
     assert p.returncode == 2
+
+
+# Host name lookups in these tests never leave the machine: with
+# RES_OPTIONS=attempts:0 the C resolver sends no query at all (names in
+# /etc/hosts, such as localhost, still resolve; any other name fails).
+LOCAL_DNS = dict(os.environ, RES_OPTIONS="attempts:0")
+
+
+@pytest.mark.parametrize("url", ["foo", "foo:8080", "127.0.0.1:8080", "localhost:8080,weight=2"])
+def test_backend_without_scheme_is_an_error(url):
+    p = run_fastlb("serve", "--listen", f"{HOST}:0", "--backend", url, timeout=15,
+                   env=LOCAL_DNS)
+    lines = _one_line_error(p)
+    assert p.returncode == 2
+    assert lines == [f"fastlb: error: --backend {url.partition(',')[0]}: no scheme: "
+                     "expected http://HOST[:PORT]"], p.stderr
+
+
+def test_backend_port_zero_is_an_error():
+    p = run_fastlb("serve", "--listen", f"{HOST}:0", "--backend", "http://127.0.0.1:0",
+                   timeout=15)
+    assert _one_line_error(p) == [
+        "fastlb: error: --backend http://127.0.0.1:0: port must be from 1 to 65535"]
+    assert p.returncode == 2
+
+
+@pytest.mark.parametrize("backends, bad", [
+    (["http://nonexistent.invalid"], "http://nonexistent.invalid"),
+    (["http://127.0.0.1:1", "http://nonexistent.invalid:8080,weight=3"],
+     "http://nonexistent.invalid:8080"),
+], ids=["alone", "second-with-weight"])
+def test_unresolvable_backend_is_an_error(backends, bad):
+    args = ["serve", "--listen", f"{HOST}:0"]
+    for b in backends:
+        args += ["--backend", b]
+    p = run_fastlb(*args, timeout=15, env=LOCAL_DNS)
+    lines = _one_line_error(p)
+    assert p.returncode == 2
+    assert len(lines) == 1, p.stderr    # nothing else: in particular, never listened
+    assert re.fullmatch(rf"fastlb: error: --backend {re.escape(bad)}: host does not resolve "
+                        r"\([^()]+\)", lines[0]), lines
+
+
+def test_allow_unresolved_starts_warns_and_serves(make_backend, monkeypatch):
+    monkeypatch.setenv("RES_OPTIONS", "attempts:0")
+    be = make_backend("A")
+    lb = FastlbProcess([be.addr], "--backend", "http://nonexistent.invalid:8080",
+                       "--allow-unresolved")
+    try:
+        with httpx.Client(timeout=5) as c:
+            # round robin: half the requests first try the unresolvable one,
+            # whose connect fails, and go on to A
+            for i in range(4):
+                r = c.get(f"{lb.url}/{i}")
+                assert r.status_code == 200 and r.headers["x-backend"] == "A"
+        lb.proc.send_signal(signal.SIGTERM)
+        assert lb.proc.wait(10) == 0
+    finally:
+        lb.kill()
+    startup = lb.startup.decode()
+    warning = [ln for ln in startup.splitlines() if "does not resolve" in ln]
+    assert len(warning) == 1 and re.fullmatch(
+        r"fastlb: warning: --backend http://nonexistent.invalid:8080: host does not resolve "
+        r"\([^()]+\); starting anyway \(--allow-unresolved\)", warning[0]), startup
+    assert startup.index("does not resolve") < startup.index("listening on")
+
+
+def test_names_resolve_once_and_literals_not_at_all(monkeypatch):
+    """The start-up check looks each distinct name up once, through the real
+    resolver (localhost: /etc/hosts), and never an IP literal."""
+    from fastlb import cli
+
+    calls = []
+    real = socket.getaddrinfo
+
+    def recording(host, *args, **kw):
+        calls.append(host)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording)
+    backends = [("localhost", 1), ("127.0.0.1", 2), ("::1", 3), ("localhost", 1)]
+    cli.check_backends_resolve(backends, [f"http://{h}:{p}" for h, p in backends])
+    assert calls == ["localhost"]
 
 
 def test_no_backend():

@@ -200,9 +200,9 @@ def _get_once(port):
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_all_backends_down_503_then_recovers(three_backends, mode):
-    lb = FastlbProcess([(HOST, p.port) for p in three_backends], *MODES[mode])
+def test_all_backends_down_503_then_recovers(three_backends):
+    """Active checks: once they find every backend DOWN, 503 at once."""
+    lb = FastlbProcess([(HOST, p.port) for p in three_backends], *MODES["active"])
     try:
         for p in three_backends:
             p.kill()
@@ -222,6 +222,33 @@ def test_all_backends_down_503_then_recovers(three_backends, mode):
         # the process keeps serving; a restarted backend brings traffic back
         three_backends[0].start()
         _wait_for_backend(lb.port, "A", 4)
+    finally:
+        lb.terminate()
+
+
+def test_all_backends_down_passive_keeps_trying_then_recovers(three_backends):
+    """Passive checks only: ejection never empties the pool, so with every
+    backend dead requests keep being tried (502 at once, never 503), and a
+    restarted backend serves within a few requests, not after its back-off
+    (doubled on every failed trial meanwhile)."""
+    lb = FastlbProcess([(HOST, p.port) for p in three_backends], *MODES["passive"])
+    try:
+        for p in three_backends:
+            p.kill()
+        deadline = time.monotonic() + 2.5
+        n = 0
+        while time.monotonic() < deadline and n < 200:
+            t0 = time.monotonic()
+            head = _get_once(lb.port)
+            assert head.startswith(b"HTTP/1.1 502"), head
+            assert time.monotonic() - t0 < 0.5
+            n += 1
+            time.sleep(0.01)
+        assert n >= 20
+        three_backends[1].start()
+        t0 = time.monotonic()
+        _wait_for_backend(lb.port, "B", 4)
+        assert time.monotonic() - t0 < 1.0
     finally:
         lb.terminate()
 

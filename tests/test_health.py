@@ -278,10 +278,24 @@ def test_config_defaults_and_validation():
         ({"eject_base": 10, "eject_max": 5}, "--eject-max"),
         ({"eject_reset": 0}, "--eject-reset"),
         ({"eject_5xx": "yes"}, "--eject-5xx"),
+        ({"max_ejected_percent": -1}, "--max-ejected-percent"),
+        ({"max_ejected_percent": 100.5}, "--max-ejected-percent"),
+        ({"max_ejected_percent": "50"}, "--max-ejected-percent"),
+        ({"max_ejected_percent": True}, "--max-ejected-percent"),
     ]
     for kw, flag in bad:
         with pytest.raises(ConfigError, match=flag):
             HealthConfig(**kw)
+
+
+@pytest.mark.parametrize("percent, n, allowed", [
+    (None, 1, 0), (None, 2, 1), (None, 3, 2), (None, 10, 9), (None, 0, 0),
+    (100, 1, 1), (100, 3, 3), (0, 5, 0), (50, 3, 1), (50, 4, 2), (33.4, 3, 1),
+    (10, 9, 0), (10, 10, 1), (99.9, 10, 9),
+])
+def test_max_ejected_share(percent, n, allowed):
+    assert HealthConfig(max_ejected_percent=percent).max_ejected(n) == allowed
+    assert HealthConfig().max_ejected_percent is None
 
 
 def dataclasses_frozen_error():
@@ -564,22 +578,24 @@ def test_passive_ejection_backoff_and_trial():
     run(go)
 
 
-def test_backoff_resets_after_staying_healthy():
+def test_backoff_resets_after_staying_in_rotation():
+    """Without a success reported (no traffic on trial), eject_reset seconds
+    back in rotation also bring the back-off level back to the base."""
     async def go():
         cfg = HealthConfig(eject_after=1, eject_base=0.05, eject_max=1.0, eject_reset=0.2)
-        async with checking([1], cfg) as (hc, bal, log):
+        async with checking([1, 2], cfg) as (hc, bal, log):
             hc.on_failure(0, "a")
             assert await until(lambda: hc.snapshot()[0]["eligible"])
             hc.on_failure(0, "b")  # straight back out: doubled
             assert hc.snapshot()[0]["ejections"] == 2
             assert await until(lambda: hc.snapshot()[0]["eligible"])
-            hc.on_success(0)
-            await asyncio.sleep(0.25)  # healthy longer than eject_reset
+            await asyncio.sleep(0.25)  # in rotation longer than eject_reset
+            assert hc.snapshot()[0]["trial"]
             hc.on_failure(0, "c")
             assert log.lines("ejected for") == [
                 "backend http://127.0.0.1:1 ejected for 0.05s: 1 consecutive failure (a)",
                 "backend http://127.0.0.1:1 ejected for 0.1s: failed again after returning (b)",
-                "backend http://127.0.0.1:1 ejected for 0.05s: 1 consecutive failure (c)"]
+                "backend http://127.0.0.1:1 ejected for 0.05s: failed again after returning (c)"]
             assert hc.snapshot()[0]["ejections"] == 1
 
     run(go)
@@ -588,10 +604,11 @@ def test_backoff_resets_after_staying_healthy():
 def test_ejected_backend_must_pass_an_active_check():
     async def go():
         hb = await HB().start()
+        other = await HB().start()  # stays in rotation: the pool is never empty here
         # fall is high: failing checks alone never take it DOWN here
         cfg = HealthConfig(path="/h", interval=1.5, timeout=0.1, fall=100, rise=1,
                            eject_after=2, eject_base=0.1, eject_max=1.0)
-        async with checking([hb], cfg) as (hc, bal, log):
+        async with checking([hb, other], cfg) as (hc, bal, log):
             assert await until(lambda: hc.snapshot()[0]["checked"], timeout=2.5)
             hb.status = 500
             hc.on_failure(0, "connection reset")
@@ -618,20 +635,22 @@ def test_ejected_backend_must_pass_an_active_check():
             assert bal.eligible_calls() == [False, True, False]
             assert await until(lambda: bal.eligible_calls() == [False, True, False, True])
             assert time.monotonic() - t0 < 0.2 + 0.6
+            assert bal.eligible_calls(1) == []
         await hb.close()
+        await other.close()
 
     run(go)
 
 
 def test_on_response_5xx_and_passive_off():
     async def go():
-        async with checking([1], HealthConfig(eject_after=3, eject_5xx=True)) as (hc, bal, _):
+        async with checking([1, 2], HealthConfig(eject_after=3, eject_5xx=True)) as (hc, bal, _):
             hc.on_response(0, 200)
             for _ in range(3):
                 hc.on_response(0, 502)
             assert bal.eligible_calls() == [False]
             assert hc.snapshot()[0]["last_failure"] == "status 502"
-        async with checking([1], HealthConfig(eject_after=3)) as (hc, bal, _):
+        async with checking([1, 2], HealthConfig(eject_after=3)) as (hc, bal, _):
             for _ in range(5):
                 hc.on_response(0, 500)
             assert bal.calls == []
@@ -640,6 +659,263 @@ def test_on_response_5xx_and_passive_off():
                 hc.on_failure(0, "refused")
             assert bal.calls == [] and log.records == []
             assert hc.snapshot()[0]["passive_failures"] == 0
+
+    run(go)
+
+
+# ---------------------------------------------------------------- the pool is never emptied
+
+def fail_all(hc, rounds, n, reason="connection refused"):
+    """``rounds`` failures on every eligible backend, in turn."""
+    for _ in range(rounds):
+        for i in range(n):
+            hc.on_failure(i, reason)
+
+
+def test_share_default_keeps_the_last_backend_in():
+    """Three backends all failing, passive checks only: never more than two
+    are ejected and one is always in rotation. The third stays in (said
+    once), and as it is failing too the ejected ones get trials meanwhile,
+    which frees room in the share (see the tests below)."""
+    async def go():
+        cfg = HealthConfig(eject_after=2, eject_base=5)
+        async with checking([1, 2, 3], cfg) as (hc, bal, log):
+            fail_all(hc, 1, 3)
+            hc.on_failure(0, "connection refused")
+            hc.on_failure(1, "connection refused")
+            assert [s["ejected"] for s in hc.snapshot()] == [True, True, False]
+            hc.on_failure(2, "connection refused")
+            assert hc.snapshot()[2]["eligible"] and not hc.snapshot()[2]["ejected"]
+            most = 0
+            for _ in range(10):
+                for i in range(3):
+                    hc.on_failure(i, "connection refused")
+                    snap = hc.snapshot()
+                    most = max(most, [s["ejected"] for s in snap].count(True))
+                    assert any(s["eligible"] for s in snap) and not hc.all_down()
+            assert most == 2
+            assert [m for lv, m in log.records if lv == "warning" and "not ejected" in m] == [
+                "backend http://127.0.0.1:3 not ejected (2 consecutive failures "
+                "(connection refused)): at most 2 of 3 may be out at a time "
+                "(--max-ejected-percent)"]
+            assert True in bal.eligible_calls(0) and True in bal.eligible_calls(1)
+
+    run(go)
+
+
+def test_share_single_backend_is_never_ejected():
+    async def go():
+        async with checking([1], HealthConfig(eject_after=1)) as (hc, bal, log):
+            for _ in range(50):
+                hc.on_failure(0, "connection refused")
+            assert bal.calls == []
+            assert hc.snapshot()[0]["passive_failures"] == 50
+            assert len(log.records) == 1 and "at most 0 of 1" in log.records[0][1]
+            hc.on_success(0)  # the episode ends: a new one is said again
+            hc.on_failure(0, "reset")
+            assert len(log.lines("not ejected")) == 2
+
+    run(go)
+
+
+def test_share_held_backend_ejected_once_another_returns():
+    """A backend kept in by the share is ejected by its next failure once an
+    ejected one is back; with a share of 50 % of 4 only two are out at a time."""
+    async def go():
+        cfg = HealthConfig(eject_after=1, eject_base=0.3, max_ejected_percent=50)
+        async with checking([1, 2, 3, 4], cfg) as (hc, bal, log):
+            hc.on_failure(0, "a")
+            await asyncio.sleep(0.15)
+            hc.on_failure(1, "b")
+            hc.on_failure(2, "c")     # share used up: stays in
+            hc.on_failure(2, "c")
+            assert [s["eligible"] for s in hc.snapshot()] == [False, False, True, True]
+            assert hc.snapshot()[2]["passive_failures"] == 2
+            assert [s["held"] for s in hc.snapshot()] == [False, False, True, False]
+            assert await until(lambda: hc.snapshot()[0]["eligible"], timeout=1)
+            assert not hc.snapshot()[1]["eligible"]   # still out for ~0.15 s
+            hc.on_failure(2, "c")     # room again: out at once
+            snap = hc.snapshot()
+            assert [s["eligible"] for s in snap] == [True, False, False, True]
+            assert log.lines("ejected for")[-1] == (
+                "backend http://127.0.0.1:3 ejected for 0.3s: 3 consecutive failures (c)")
+            hc.on_failure(0, "a")     # on trial, but the share is used up again
+            assert hc.snapshot()[0]["eligible"] and hc.snapshot()[0]["trial"]
+            assert len(log.lines("not ejected")) == 2
+
+    run(go)
+
+
+def test_success_on_trial_resets_the_backoff():
+    """A backend back after a few ejections whose first request succeeds is
+    ejected for eject_base again next time (not for the doubled back-off that
+    eject_reset seconds in rotation would only have reset)."""
+    async def go():
+        cfg = HealthConfig(eject_after=2, eject_base=0.05, eject_max=10, eject_reset=60)
+        async with checking([1, 2], cfg) as (hc, bal, log):
+            hc.on_failure(0, "x")
+            hc.on_failure(0, "x")
+            for _ in range(2):        # back on trial, fails again: 0.1, then 0.2
+                assert await until(lambda: hc.snapshot()[0]["trial"])
+                hc.on_failure(0, "x")
+            assert await until(lambda: hc.snapshot()[0]["trial"])
+            assert hc.snapshot()[0]["ejections"] == 3
+            hc.on_success(0)
+            snap = hc.snapshot()[0]
+            assert not snap["trial"] and snap["ejections"] == 0
+            hc.on_failure(0, "y")     # no longer on trial: eject_after applies again
+            assert hc.snapshot()[0]["eligible"]
+            hc.on_failure(0, "y")
+            assert [m.split(": ")[0] for m in log.lines("ejected for")] == [
+                "backend http://127.0.0.1:1 ejected for 0.05s",
+                "backend http://127.0.0.1:1 ejected for 0.1s",
+                "backend http://127.0.0.1:1 ejected for 0.2s",
+                "backend http://127.0.0.1:1 ejected for 0.05s"]
+            assert hc.snapshot()[0]["ejections"] == 1
+
+    run(go)
+
+
+def test_all_ejected_soonest_back_on_trial_at_once():
+    """With a share of 100 % every backend may be ejected; when the last one
+    is, the one whose back-off ends soonest is back on trial at once (no
+    503s for the whole back-off), each failure hands the trial on in back-off
+    order, one warning per dry spell, and a success ends the spell."""
+    async def go():
+        cfg = HealthConfig(eject_after=1, eject_base=10, eject_max=100, max_ejected_percent=100)
+        async with checking([1, 2, 3], cfg) as (hc, bal, log):
+            hc.on_failure(0, "x")
+            await asyncio.sleep(0.02)
+            hc.on_failure(1, "x")
+            await asyncio.sleep(0.02)
+            hc.on_failure(2, "x")    # the last one: backend 0 ends soonest
+            assert not hc.all_down()
+            snap = hc.snapshot()
+            assert [s["eligible"] for s in snap] == [True, False, False]
+            assert snap[0]["trial"] and not snap[0]["ejected"] and snap[0]["ejections"] == 1
+            assert bal.eligible_calls(0) == [False, True]
+            warnings_ = [m for lv, m in log.records if lv == "warning"]
+            assert warnings_ == [
+                "backend http://127.0.0.1:1 ejected for 10s: 1 consecutive failure (x)",
+                "backend http://127.0.0.1:2 ejected for 10s: 1 consecutive failure (x)",
+                "backend http://127.0.0.1:3 ejected for 10s: 1 consecutive failure (x)",
+                "no backend in rotation is working: backend http://127.0.0.1:1 "
+                "re-admitted on trial early (its back-off ends soonest)"]
+
+            hc.on_failure(0, "x")    # out for 20 s now: backend 1 (10 s) is next
+            assert [s["eligible"] for s in hc.snapshot()] == [False, True, False]
+            hc.on_failure(1, "x")
+            assert [s["eligible"] for s in hc.snapshot()] == [False, False, True]
+            hc.on_failure(2, "x")    # all at 20 s: backend 0 was ejected first
+            assert [s["eligible"] for s in hc.snapshot()] == [True, False, False]
+            assert len([1 for lv, _ in log.records if lv == "warning"]) == 4
+            assert len([1 for lv, _ in log.records if lv == "info"]) == 0
+
+            hc.on_success(0)         # it answers: the spell ends, its level resets
+            assert hc.snapshot()[0]["ejections"] == 0
+            assert log.records[-1] == (
+                "info", "backend http://127.0.0.1:1 answered: the pool is serving again")
+            hc.on_failure(0, "x")    # a new spell: said again; ejected for the base,
+            assert log.lines("ejected for")[-1] == (   # so it ends soonest again
+                "backend http://127.0.0.1:1 ejected for 10s: 1 consecutive failure (x)")
+            assert [s["eligible"] for s in hc.snapshot()] == [True, False, False]
+            assert log.records[-1][0] == "warning" and log.records[-1][1] == (
+                "no backend in rotation is working: backend http://127.0.0.1:1 "
+                "re-admitted on trial early (its back-off ends soonest)")
+            assert hc.snapshot()[1]["ejections"] == 2   # the level of a failed trial stays
+
+    run(go)
+
+
+def test_dead_single_backend_with_full_share_stays_on_trial():
+    """One backend, share 100 %: under a stream of failures it stays in
+    rotation on trial, its back-off level climbs, and the log says it once."""
+    async def go():
+        cfg = HealthConfig(eject_after=1, eject_base=1, eject_max=8, max_ejected_percent=100)
+        async with checking([1], cfg) as (hc, bal, log):
+            for _ in range(200):
+                hc.on_failure(0, "connection refused")
+                assert hc.snapshot()[0]["eligible"]
+            assert not hc.all_down()
+            assert hc.snapshot()[0]["ejections"] == 200
+            assert [m for lv, m in log.records if lv != "debug"] == [
+                "backend http://127.0.0.1:1 ejected for 1s: 1 consecutive failure "
+                "(connection refused)",
+                "no backend in rotation is working: backend http://127.0.0.1:1 "
+                "re-admitted on trial early (its back-off ends soonest)"]
+            assert log.lines("ejected for 8s")  # capped, at debug level
+
+    run(go)
+
+
+def test_failing_held_backends_put_ejected_ones_back_on_trial():
+    """Default share, all three failing: the one kept in is failing too, so
+    the ejected ones get trials in back-off order; a recovered one is found
+    at once instead of after its (growing) back-off."""
+    async def go():
+        cfg = HealthConfig(eject_after=1, eject_base=30, eject_max=300)
+        async with checking([1, 2, 3], cfg) as (hc, bal, log):
+            hc.on_failure(0, "x")
+            await asyncio.sleep(0.02)
+            hc.on_failure(1, "x")
+            hc.on_failure(2, "x")    # held; every backend in rotation is failing
+            snap = hc.snapshot()
+            assert [s["eligible"] for s in snap] == [True, False, True]
+            assert snap[0]["trial"]
+            hc.on_failure(0, "x")    # the trial fails: backend 1 gets one
+            assert [s["eligible"] for s in hc.snapshot()] == [False, True, True]
+            hc.on_success(1)         # recovered: ends the spell
+            hc.on_failure(2, "x")    # still failing, room in the share: ejected now
+            assert [s["eligible"] for s in hc.snapshot()] == [False, True, False]
+            assert hc.snapshot()[0]["ejected"]   # not tried again: backend 1 works
+
+    run(go)
+
+
+def test_drained_others_do_not_leave_the_pool_empty():
+    """Passive only, default share, the other backend drained: the failing
+    one is ejected and put straight back on trial; draining the last one
+    while another is ejected puts the ejected one back."""
+    async def go():
+        async with checking([1, 2], HealthConfig(eject_after=1, eject_base=30)) as (hc, bal, log):
+            hc.set_admin(1, False)
+            hc.on_failure(0, "x")
+            assert hc.snapshot()[0]["eligible"] and hc.snapshot()[0]["trial"]
+            hc.set_admin(1, True)
+            hc.on_failure(0, "x")    # a real ejection now (backend 1 serves)
+            assert not hc.snapshot()[0]["eligible"]
+            hc.set_admin(1, False)   # the last one drained: backend 0 comes back
+            assert hc.snapshot()[0]["eligible"] and not hc.all_down()
+            hc.set_admin(0, False)
+            assert hc.all_down()     # drained by the admin: nothing forced back
+            assert log.lines("no backend is available")
+
+    run(go)
+
+
+def test_active_down_backend_never_forced_back():
+    """With active checks on, a backend the checks found DOWN is never put
+    back by the fallback; an ejected backend that is UP is."""
+    async def go():
+        down = await HB(status=500).start()
+        up = await HB().start()
+        cfg = HealthConfig(path="/h", interval=0.05, fall=1, rise=1,
+                           eject_after=1, eject_base=30)
+        async with checking([down, up], cfg) as (hc, bal, log):
+            assert await until(lambda: all(s["checked"] for s in hc.snapshot()))
+            assert [s["state"] for s in hc.snapshot()] == ["DOWN", "UP"]
+            hc.on_failure(1, "connection reset")   # UP, ejected, the only one: back
+            snap = hc.snapshot()
+            assert snap[1]["eligible"] and snap[1]["trial"] and snap[1]["ejections"] == 1
+            assert not snap[0]["eligible"] and bal.eligible_calls(0) == [False]
+            up.status = 500                         # now DOWN as well
+            assert await until(lambda: hc.snapshot()[1]["state"] == "DOWN")
+            assert hc.all_down()
+            await asyncio.sleep(0.2)
+            assert hc.all_down() and bal.eligible_calls(0) == [False]
+            assert hc.retry_after() == 1            # one check interval, rounded up
+        await down.close()
+        await up.close()
 
     run(go)
 
@@ -685,7 +961,7 @@ def test_snapshot_fields():
                 "index": 0, "url": "http://127.0.0.1:1", "state": "UP", "checked": False,
                 "eligible": True, "admin": "enabled", "ejected": False,
                 "ejected_until": None, "eject_remaining": 0.0, "awaiting_check": False,
-                "trial": False, "ejections": 0, "consecutive_successes": 0,
+                "trial": False, "held": False, "ejections": 0, "consecutive_successes": 0,
                 "consecutive_failures": 0, "passive_failures": 0, "last_failure": None,
                 "weight": 3, "effective_weight": None}
             assert b["ejected"] and not b["eligible"] and b["ejections"] == 1
@@ -699,17 +975,26 @@ def test_snapshot_fields():
 def test_default_logger_via_caplog(caplog):
     async def go():
         loop = asyncio.get_running_loop()
-        hc = HealthChecker([be(0, 1)], StubBalancer(1), HealthConfig(eject_after=1), loop)
+        hc = HealthChecker([be(0, 1), be(1, 2)], StubBalancer(2), HealthConfig(eject_after=1),
+                           loop)
         hc.start()
         hc.on_failure(0, "connection refused")
+        hc.on_failure(1, "connection refused")  # the last one: kept in rotation
+        hc.on_failure(1, "connection refused")  # said once
         await hc.stop()
 
     with caplog.at_level(logging.INFO, logger="fastlb.health"):
         run(go)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "fastlb.health"]
-    assert msgs == ["backend http://127.0.0.1:1 ejected for 5s: 1 consecutive failure "
-                    "(connection refused)",
-                    "no backend is available: all are down, ejected or disabled"]
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "fastlb.health"]
+    assert msgs == [
+        ("WARNING", "backend http://127.0.0.1:1 ejected for 5s: 1 consecutive failure "
+                    "(connection refused)"),
+        ("WARNING", "backend http://127.0.0.1:2 not ejected (1 consecutive failure "
+                    "(connection refused)): at most 1 of 2 may be out at a time "
+                    "(--max-ejected-percent)"),
+        # every backend in rotation is failing: the ejected one is tried again
+        ("WARNING", "no backend in rotation is working: backend http://127.0.0.1:1 "
+                    "re-admitted on trial early (its back-off ends soonest)")]
 
 
 # ---------------------------------------------------------------- slow start
@@ -777,7 +1062,7 @@ def test_slow_start_after_down_and_weight_one():
 def test_stop_mid_ramp_restores_full_weight():
     async def go():
         cfg = HealthConfig(eject_after=1, eject_base=0.02, slow_start=5.0)
-        async with checking([1], cfg, weights=[2]) as (hc, bal, log):
+        async with checking([1, 2], cfg, weights=[2, 1]) as (hc, bal, log):
             hc.on_failure(0, "x")
             assert await until(lambda: bal.eligible[0])
             assert bal.weights[0] == 20

@@ -176,8 +176,9 @@ def test_trial_ends_with_the_first_success():
     its first success, even if its failure streak had been reset meanwhile."""
     async def go():
         srv, bport = await path_echo_backend()
+        srv2, bport2 = await path_echo_backend()   # the pool is never emptied by ejection
         proxy, server, port = await balancer(
-            [bport], health=HealthConfig(eject_after=3, eject_base=0.2))
+            [bport, bport2], health=HealthConfig(eject_after=3, eject_base=0.2))
         hc = proxy.health
         for _ in range(3):
             proxy.note_failure(proxy.backends[0], "test")
@@ -189,12 +190,14 @@ def test_trial_ends_with_the_first_success():
             await asyncio.sleep(0.02)
         assert hc.snapshot()[0]["trial"]
         reader, writer = await asyncio.open_connection(HOST, port)
-        writer.write(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
-        await read_response(reader)
+        for i in (1, 2):    # round robin: one of the two reaches backend 0
+            writer.write(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            await read_response(reader)
         assert not hc.snapshot()[0]["trial"]
         writer.close()
         await stop(proxy, server)
         srv.close()
+        srv2.close()
 
     run(go)
 
