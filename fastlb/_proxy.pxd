@@ -11,6 +11,7 @@ cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
 cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT
 cdef double LINGER, STALL, LOCAL_LOG_EVERY
+cdef Py_ssize_t FD_RESERVE
 cdef frozenset _LOCAL_ERRNOS
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
@@ -48,6 +49,9 @@ cdef class Proxy:
     cdef public bint draining         # stopping: responses close their connections
     cdef public bint closed
     cdef public long long local_errors, stalls
+    cdef public Py_ssize_t upstreams  # open upstream connections
+    cdef public object listener       # fastlb.server.Listener (paused on fd pressure)
+    cdef public Py_ssize_t fd_base, fd_budget
     cdef public double _local_logged
     cdef public long long _local_quiet
     cdef public int max_tries         # backends tried for one request, at most

@@ -50,6 +50,8 @@ States of a bound connection::
 import asyncio
 import errno
 import logging
+import os
+import resource
 
 import httptools
 
@@ -162,8 +164,10 @@ class UpstreamProtocol:
     def connection_made(self, transport):
         self.transport = transport
         self.write = transport.write
+        self.proxy.upstreams += 1
 
     def connection_lost(self, exc):
+        self.proxy.upstreams -= 1
         state = self.state
         self.state = U_DONE
         client = self.client
@@ -413,6 +417,7 @@ PIPELINE_LIMIT = 65536
 LINGER = 2.0        # seconds a lingering close reads and discards
 CONNECT_QUEUE_LIMIT = 262144
 STALL = 1.0         # a tick this late means the event loop itself was stalled
+FD_RESERVE = 16     # fds kept free for upstream connects, checks and logs
 LOCAL_LOG_EVERY = 10.0  # seconds between two log lines about fastlb's own shortages
 
 # connect() errors that are fastlb's own shortage, never the backend's fault
@@ -499,7 +504,10 @@ class ClientProtocol:
         self.transport = transport
         self.write = transport.write
         proxy = self.proxy
-        proxy.clients.add(self)
+        clients = proxy.clients
+        clients.add(self)
+        if len(clients) + proxy.upstreams >= proxy.fd_budget:
+            proxy.fd_pressure()
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0].encode("ascii")
@@ -1172,6 +1180,10 @@ class Proxy:
         self.closed = False
         self.local_errors = 0   # fastlb's own shortages (fds, buffers) since start
         self.stalls = 0         # event-loop stalls that pushed deadlines back
+        self.upstreams = 0      # open upstream connections (fds)
+        self.listener = None    # fastlb.server.Listener: paused when fds run short
+        self.fd_base = 0        # fds open besides connections (set by start)
+        self.fd_budget = 1 << 30  # connections (client + upstream) before pausing accepts
         self._local_logged = -LOCAL_LOG_EVERY
         self._local_quiet = 0   # shortages not logged since the last line
         self.tick = min(0.25, opts.header_timeout / 4, opts.response_timeout / 4,
@@ -1182,12 +1194,40 @@ class Proxy:
     # -------------------------------------------------------- timers
 
     def start(self):
+        try:
+            self.fd_base = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            self.fd_base = 64
+        self._update_fd_budget()
         self._ticker = self.loop.call_later(self.tick, self._tick)
+
+    def _update_fd_budget(self):
+        """Connections (client and upstream) allowed before accepting pauses:
+        the soft fd limit less what else is open and a reserve for connects,
+        health checks and logs. Read each tick (the limit can change)."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            self.fd_budget = 1 << 30
+            return
+        self.fd_budget = max(1, soft - self.fd_base - FD_RESERVE - len(self.backends))
+
+    def fd_pressure(self):
+        """fastlb's connections reached its fd budget: stop accepting until
+        some close (before accept() itself could fail)."""
+        if self.listener is not None:
+            self.listener.pause(f"{len(self.clients)} client and {self.upstreams} "
+                                f"backend connections open, near the fd limit")
+
+    def fd_room(self):
+        """Whether accepting may resume: well below the budget again."""
+        budget = self.fd_budget
+        return len(self.clients) + self.upstreams < budget - max(4, budget // 8)
 
     def _tick(self):
         now = self.loop.time()
         late = now - self.now - self.tick
         self.now = now
+        self._update_fd_budget()
         if late > STALL:
             # The loop itself was stalled (a blocked thread, a suspended
             # process): deadlines that passed meanwhile say nothing about

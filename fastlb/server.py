@@ -1,11 +1,11 @@
 """The running balancer: options, the listener, signals, draining and shutdown.
 
-Listening. fastlb accepts connections itself (``Listener``) rather than
-through ``loop.create_server``: when ``accept()`` fails for lack of file
-descriptors or memory, uvloop closes the whole listening socket, which turns
-a moment of pressure into an outage. ``Listener`` instead stops accepting for
-``ACCEPT_PAUSE`` seconds (the connections wait in the kernel's backlog, as in
-nginx), says so in the log once per episode, and resumes by itself.
+Listening. When ``accept()`` fails for lack of file descriptors, libuv
+drops waiting connections or uvloop closes the listening socket, turning a
+moment of pressure into lost clients or an outage. ``Listener`` keeps the
+socket itself and stops accepting *before* fds run out (connections then
+wait in the kernel's backlog, as in nginx), and serves the socket again if
+uvloop ever lets go of it.
 
 Stopping. SIGTERM and SIGINT start a drain: stop accepting at once, close
 idle keep-alive connections, let requests in flight finish (their responses
@@ -15,8 +15,8 @@ is logged (reloading needs a configuration file).
 """
 import asyncio
 import dataclasses
-import errno
 import logging
+import os
 import signal
 import socket
 
@@ -26,14 +26,10 @@ from fastlb.proxy import ClientProtocol, Proxy
 
 log = logging.getLogger("fastlb")
 
-ACCEPT_BATCH = 64       # connections accepted per readiness event, at most
-ACCEPT_PAUSE = 0.1      # seconds without accepting after running out of fds or memory
+ACCEPT_PAUSE = 0.1      # seconds without accepting while fds are short
+WATCH_EVERY = 0.25      # seconds between checks that uvloop still accepts
 DRAIN_POLL = 0.05       # seconds between checks of a drain's progress
 
-# accept() and connect() errors that are fastlb's own shortage, not a peer's fault
-LOCAL_ERRNOS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
-# accept() errors about one connection that died in the backlog: skip it
-_SKIP_ERRNOS = frozenset([errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,105 +63,155 @@ class Options:
 
 
 class Listener:
-    """Listening sockets whose connections are handed to uvloop transports.
+    """Listening sockets served by uvloop's own (C) accept path, that never die.
+
+    fastlb keeps each listening socket itself and gives uvloop a duplicate
+    of it. Closing the duplicate stops accepting while the socket, and the
+    connections waiting in its backlog, stay; a new duplicate starts again.
+    That gives what asyncio lacks, a pause:
+
+    * ``pause()`` (the data path calls it when fastlb's own connections come
+      near the fd limit, before ``accept()`` could fail): accepting stops
+      for ACCEPT_PAUSE seconds at a time until there is room again, logged
+      once per episode;
+    * a watchdog: if uvloop's accept still hits EMFILE (or ENOMEM), uvloop
+      closes its duplicate; the watchdog notices within WATCH_EVERY seconds
+      and serves the socket again from a fresh duplicate.
 
     The surface of ``asyncio.Server`` that fastlb and its tests use:
     ``sockets``, ``close()``, ``wait_closed()``, ``is_serving()``.
     """
 
-    def __init__(self, loop, socks, protocol_factory):
-        for sock in socks:
-            sock.setblocking(False)
+    def __init__(self, loop, socks, protocol_factory, backlog=1024, room=None):
         self._loop = loop
         self.sockets = list(socks)
+        self._inodes = [os.fstat(s.fileno()).st_ino for s in self.sockets]
         self._factory = protocol_factory
-        self._reading = False
+        self._backlog = backlog
+        self._room = room           # () -> bool: fds to spare for new connections
+        self._servers = [None] * len(self.sockets)   # uvloop servers on duplicates
+        self._fds = [-1] * len(self.sockets)
         self._closed = False
-        self._resume = None     # TimerHandle of a pause
-        self._pressure = False  # in an episode of fd or memory shortage (logged once)
-        self.paused_total = 0   # pauses for shortage, since start
+        self._paused = False
+        self._pressure = False      # in an episode of shortage (logged once)
+        self._busy = False          # (re)starting servers
+        self._watch = None
+        self.pauses = 0             # pauses for shortage, since start
+        self.restarts = 0           # accept sockets lost by uvloop and served again
 
-    def start(self):
-        if not self._closed and not self._reading and self._resume is None:
-            for sock in self.sockets:
-                self._loop.add_reader(sock.fileno(), self._accept, sock)
-            self._reading = True
+    async def start(self):
+        await self._serve_all()
+        self._watch = self._loop.call_later(WATCH_EVERY, self._watchdog)
 
-    def stop_accepting(self):
-        """Leave new connections in the backlog (the sockets stay open)."""
-        if self._reading:
-            for sock in self.sockets:
-                self._loop.remove_reader(sock.fileno())
-            self._reading = False
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
+    async def _serve_all(self):
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            for i, sock in enumerate(self.sockets):
+                if self._closed or self._paused:
+                    return
+                if self._servers[i] is not None and self._alive(i):
+                    continue
+                dup = sock.dup()
+                try:
+                    srv = await self._loop.create_server(self._factory, sock=dup,
+                                                         backlog=self._backlog)
+                except BaseException:
+                    dup.close()
+                    raise
+                self._servers[i] = srv
+                self._fds[i] = srv.sockets[0].fileno()
+        finally:
+            self._busy = False
+
+    def _alive(self, i):
+        try:
+            return os.fstat(self._fds[i]).st_ino == self._inodes[i]
+        except OSError:
+            return False
+
+    def _stop_servers(self):
+        for i, srv in enumerate(self._servers):
+            if srv is not None:
+                self._servers[i] = None
+                self._fds[i] = -1
+                srv.close()
+
+    def pause(self, why):
+        """Stop accepting for a while: new connections wait in the backlog."""
+        if self._paused or self._closed:
+            return
+        self._paused = True
+        self.pauses += 1
+        if not self._pressure:
+            self._pressure = True
+            log.warning("not accepting new connections for now: %s (they wait in the "
+                        "backlog; raise the fd limit with ulimit -n)", why)
+        self._stop_servers()
+        self._loop.call_later(ACCEPT_PAUSE, self._try_resume)
+
+    def _try_resume(self):
+        if self._closed or not self._paused:
+            return
+        if self._room is not None and not self._room():
+            self._loop.call_later(ACCEPT_PAUSE, self._try_resume)
+            return
+        self._paused = False
+        self._restart()
+
+    def _restart(self):
+        task = self._loop.create_task(self._serve_all())
+        task.add_done_callback(self._restarted)
+
+    def _restarted(self, task):
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            # no fd for a duplicate yet: try again shortly
+            if not self._pressure:
+                self._pressure = True
+                log.warning("cannot accept connections: %s; retrying every %gs",
+                            getattr(exc, "strerror", None) or exc, ACCEPT_PAUSE)
+            self._loop.call_later(ACCEPT_PAUSE, self._restart)
+            return
+        if self._pressure and not self._paused and not self._closed:
+            self._pressure = False
+            log.warning("accepting connections again")
+
+    def _watchdog(self):
+        self._watch = None
+        if self._closed:
+            return
+        if not self._paused and not self._busy:
+            for i in range(len(self.sockets)):
+                if self._servers[i] is not None and not self._alive(i):
+                    # uvloop closed its duplicate after accept() failed
+                    self._servers[i] = None
+                    self.restarts += 1
+                    if not self._pressure:
+                        self._pressure = True
+                        log.warning("accept failed (out of fds or memory?): serving the "
+                                    "listening socket again")
+            if None in self._servers:
+                self._restart()
+        self._watch = self._loop.call_later(WATCH_EVERY, self._watchdog)
 
     def is_serving(self):
-        return self._reading or self._resume is not None
+        return not self._closed
 
     def close(self):
         if self._closed:
             return
-        self.stop_accepting()
         self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._stop_servers()
         for sock in self.sockets:
             sock.close()
 
     async def wait_closed(self):
         return None
-
-    def _accept(self, sock):
-        loop = self._loop
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                if e.errno in _SKIP_ERRNOS:
-                    continue
-                self._shortage(e)
-                return
-            try:
-                task = loop.create_task(loop.connect_accepted_socket(self._factory, conn))
-            except OSError as e:    # uvloop could not make the transport
-                conn.close()
-                self._shortage(e)
-                return
-            task.add_done_callback(_accepted)
-        if self._pressure:
-            self._pressure = False
-            log.warning("accepting connections again")
-
-    def _shortage(self, exc):
-        """accept() failed for want of fds or memory: pause instead of spinning."""
-        self.paused_total += 1
-        if not self._pressure:
-            self._pressure = True
-            if exc.errno in LOCAL_ERRNOS:
-                log.warning("cannot accept connections: %s; pausing accepts for %gs at a time "
-                            "until it passes (raise the fd limit: ulimit -n)",
-                            exc.strerror or exc, ACCEPT_PAUSE)
-            else:
-                log.error("accept failed: %s; retrying in %gs", exc.strerror or exc,
-                          ACCEPT_PAUSE)
-        self.stop_accepting()
-        self._resume = self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-
-    def _resume_accepting(self):
-        self._resume = None
-        self.start()
-        if self._reading:
-            for sock in self.sockets:
-                if self._reading:
-                    self._accept(sock)
-
-
-def _accepted(task):
-    # consume the result: a connection that failed while being set up is gone
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("accepted connection failed: %s", task.exception())
 
 
 def _listen_sockets(host, port, backlog):
@@ -197,8 +243,15 @@ async def start(opts, loop=None):
     loop = loop or asyncio.get_running_loop()
     proxy = Proxy(opts, loop)
     socks = _listen_sockets(opts.listen_host, opts.listen_port, opts.backlog)
-    listener = Listener(loop, socks, lambda: ClientProtocol(proxy))
-    listener.start()
+    listener = Listener(loop, socks, lambda: ClientProtocol(proxy), opts.backlog,
+                        room=proxy.fd_room)
+    proxy.listener = listener
+    try:
+        await listener.start()
+    except BaseException:
+        listener.close()
+        proxy.close()
+        raise
     proxy.start()
     proxy.start_health(opts.health if opts.health is not None else HealthConfig())
     return proxy, listener
