@@ -75,6 +75,7 @@ share the scale; with it off the checker never calls ``set_weight``.
 """
 import asyncio
 import dataclasses
+import errno
 import logging
 import math
 import random
@@ -93,6 +94,8 @@ __all__ = [
 
 WEIGHT_SCALE = 100          # balancer weight = configured weight * WEIGHT_SCALE
 SLOW_START_STEPS = 10       # the ramp: 10%, 19%, ..., 91%, then 100%
+# fastlb's own shortages: a check that fails with these is not held against the backend
+_LOCAL_ERRNOS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
 _STATUS_LINE_MAX = 4096     # a longer first line is garbage
 _STATUS_RE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])[ \r\n]")
 _VISIBLE = re.compile(r"[!-~]+\Z")                 # visible ASCII, no space
@@ -575,11 +578,17 @@ class HealthChecker:
             wake.clear()
             started = loop.time()
             ok, reason = await self._probe(st)
-            self._record_check(st, ok, reason, started)
+            if ok is None:
+                # fastlb itself is short of fds or memory: the check says
+                # nothing about the backend, so nothing is recorded
+                self._log.debug(f"check of {st.url} not run: {reason}")
+            else:
+                self._record_check(st, ok, reason, started)
             next_at = started + interval
 
     async def _probe(self, st):
-        """One check: ``(True, None)`` or ``(False, reason)``."""
+        """One check: ``(True, None)``, ``(False, reason)``, or ``(None, reason)``
+        when fastlb itself has no fd or memory to spare (no verdict)."""
         cfg = self.config
         writer = None
         try:
@@ -601,6 +610,8 @@ class HealthChecker:
         except asyncio.LimitOverrunError:
             return False, "invalid status line"
         except OSError as e:
+            if e.errno in _LOCAL_ERRNOS:
+                return None, e.strerror or str(e)
             return False, e.strerror or str(e) or type(e).__name__
         except Exception as e:  # never let a check kill its task
             return False, f"check error: {e!r}"

@@ -408,3 +408,22 @@ def test_body_arriving_at_the_minimum_rate_is_not_cut(make_backend, make_lb):
     resp = _trickle(lb.port, 1000, 100, 0.25, 10)
     assert resp.status == 200
     assert resp.json()["body_len"] == 1000
+
+
+def test_health_checks_that_meet_our_own_fd_shortage_do_not_take_backends_down(make_backend):
+    be = make_backend("A", handler=lambda be, req: ok_response())
+    fl = FastlbProcess([be.addr], "--health-path", "/h", "--health-interval", "0.2",
+                       "--health-fall", "1", "--log-level", "debug")
+    try:
+        assert wait_for(lambda: any(b"/h" in r.target.encode() for r in be.requests), 5)
+        pid = fl.proc.pid
+        hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid), hard))
+        time.sleep(1.2)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (4096, hard))
+        assert get(fl.port).status == 200
+    finally:
+        fl.terminate()
+    err = b"".join(fl.stderr_lines).decode()
+    assert "not run: Too many open files" in err, err
+    assert "is DOWN" not in err, err
