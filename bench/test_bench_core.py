@@ -3,7 +3,7 @@
 Run: ``python -m pytest bench/test_bench_core.py --benchmark-only --benchmark-group-by=func``.
 Each benchmarked call loops N times, so per-operation cost = time / N.
 """
-from fastlb.errors import BODY_LENGTH, BODY_NONE, REQ_KEEP_ALIVE
+from fastlb.errors import BODY_LENGTH, BODY_NONE, KEY_COOKIE, REQ_KEEP_ALIVE
 
 N_SELECT = 1000
 N_HEAD = 100
@@ -23,19 +23,32 @@ def test_round_robin_select(benchmark, core):
     assert {rr.select() for _ in range(4)} == {0, 1, 2, 3}
 
 
-def test_rewrite_request_head(benchmark, core, request_head):
-    """Benchmark 100 calls to rewrite_request_head on a 9-header browser request."""
-    rewrite = core.rewrite_request_head
+def test_parse_write_request_head(benchmark, core, request_head):
+    """Benchmark 100 calls to parse_request_head + write_request_head on a 9-header browser request."""
+    parse = core.parse_request_head
+    write = core.write_request_head
 
     def run():
         for _ in range(N_HEAD):
-            rewrite(request_head, b"10.1.2.3", b"http", b"fastlb", b"127.0.0.1:8000")
+            write(parse(request_head), b"10.1.2.3", b"http", b"fastlb", b"127.0.0.1:8000")
 
     benchmark(run)
-    out, flags, framing, length = rewrite(request_head, b"10.1.2.3", b"http", b"fastlb",
-                                          b"127.0.0.1:8000")
-    assert flags & REQ_KEEP_ALIVE and framing == BODY_NONE and length == 0
+    r = parse(request_head)
+    out = write(r, b"10.1.2.3", b"http", b"fastlb", b"127.0.0.1:8000")
+    assert r.flags & REQ_KEEP_ALIVE and r.framing == BODY_NONE and r.length == 0
     assert b"X-Forwarded-For: 10.1.2.3\r\n" in out and b"Connection" not in out
+
+
+def test_parse_request_head_cookie_key(benchmark, core, request_head):
+    """Benchmark 100 calls to parse_request_head taking a cookie as the hash key."""
+    parse = core.parse_request_head
+
+    def run():
+        for _ in range(N_HEAD):
+            parse(request_head, KEY_COOKIE, b"sessionid")
+
+    benchmark(run)
+    assert parse(request_head, KEY_COOKIE, b"sessionid").key == b"8f3a2c1e9b7d4f6a"
 
 
 def test_rewrite_response_head(benchmark, core, response_head):

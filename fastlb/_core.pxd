@@ -51,3 +51,45 @@ cdef class Selector:
     cdef Py_ssize_t _index(self, idx) except -1
     cdef Py_ssize_t _exclude(self, exclude) except -1   # fills _mask; returns its count
     cdef int _changed(self) except -1
+
+
+# ---------------------------------------------------------------- request heads
+#
+# ``parse_request_head`` returns a RequestHead; compiled callers that cimport
+# it read ``flags``, ``framing``, ``length`` and ``key`` as C fields. The rest
+# is the plan ``write_request_head`` follows: offsets into ``_head`` (never
+# copied) and the segments of the output, so writing the head for a backend
+# is a run of memcpy into one buffer.
+
+cdef enum:
+    SEG_COPY = 0          # p[a:b] as it is (runs of verbatim lines, the request line)
+    SEG_FIELD = 1         # name p[a:b], value p[c:d], written "name: value\r\n"
+    SEG_XFF = 2           # an X-Forwarded-For value p[a:b], joined before the client's address
+    INLINE_SEGS = 8       # segments held without a heap allocation
+
+
+cdef struct Seg:
+    Py_ssize_t a
+    Py_ssize_t b
+    Py_ssize_t c
+    Py_ssize_t d
+    int kind
+
+
+cdef class RequestHead:
+    cdef readonly int flags              # REQ_*
+    cdef readonly int framing            # BODY_NONE, BODY_LENGTH or BODY_CHUNKED
+    cdef readonly long long length       # Content-Length bytes (BODY_LENGTH)
+    cdef readonly bytes key              # the hash key asked for; b"" when absent
+    cdef bytes _head                     # the raw head, every offset below is into it
+    cdef Py_ssize_t _sp1, _sp2, _eol     # request line: method p[:sp1], version p[sp2+1:eol]
+    cdef Py_ssize_t _hs, _he             # the validated authority p[hs:he]; hs < 0: none
+    cdef Py_ssize_t _ps, _pe             # the origin-form target p[ps:pe], after "/" if _slash
+    cdef Py_ssize_t _size                # output bytes, without those write adds
+    cdef bint _slash                     # absolute form with an empty path: "/" precedes p[ps:pe]
+    cdef bint _line_copied               # the request line is the start of the first segment
+    cdef bint _host_field                # a Host field is among the segments
+    cdef bint _chunked, _http10
+    cdef Py_ssize_t _nseg, _cap
+    cdef Seg* _segs
+    cdef Seg _inline[INLINE_SEGS]

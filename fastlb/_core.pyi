@@ -14,7 +14,9 @@ __all__ = [
     "hash64",
     "hash_key",
     "ChunkedScanner",
-    "rewrite_request_head",
+    "RequestHead",
+    "parse_request_head",
+    "write_request_head",
     "rewrite_response_head",
     "find_head_end",
     "pick_many",
@@ -203,7 +205,9 @@ class ChunkedScanner:
     With ``decode`` set, chunk payloads are appended to ``payload`` as bytes
     (a list the caller empties) and trailers are dropped. ``exc`` (called with
     the message) is raised on any framing error: bad size, missing CRLF, bare
-    LF, control bytes, overlong extensions or trailers.
+    LF, control bytes, overlong extensions or trailers. A chunk size may have
+    leading zeros, up to ``MAX_CHUNK_SIZE_DIGITS`` (64) hex digits in all, and
+    must be below 2**60.
     """
 
     decode: bool
@@ -223,23 +227,71 @@ class ChunkedScanner:
         when ``start`` is negative.
         """
 
-def rewrite_request_head(
-    head: bytes,
+class RequestHead:
+    """A validated request head, as ``parse_request_head`` returns it (the constructor raises TypeError).
+
+    Compiled code can ``from fastlb._core cimport RequestHead`` (``_core.pxd``)
+    and read ``flags``, ``framing``, ``length`` and ``key`` as C fields.
+    """
+
+    method: bytes
+    """The request method, as sent (case-sensitive)."""
+    target: bytes
+    """The request target, as sent."""
+    version: bytes
+    """b"HTTP/1.1" or b"HTTP/1.0"."""
+    host: Optional[bytes]
+    """The validated authority the request is for: an absolute-form target's (RFC 9112 3.2.2:
+    it overrides Host), else the Host field's; b"" for an empty Host; None for an HTTP/1.0
+    request with neither. Sent upstream as Host and X-Forwarded-Host."""
+    path: bytes
+    """The target in origin form: the target itself unless absolute, else what follows the
+    authority ("/" prepended when that is empty or starts with "?" or "#")."""
+    flags: int
+    """An OR of ``REQ_*``."""
+    framing: int
+    """``BODY_NONE``, ``BODY_LENGTH`` or ``BODY_CHUNKED``."""
+    length: int
+    """The body's length for ``BODY_LENGTH``, else 0."""
+    key: bytes
+    """The hash key asked of ``parse_request_head``; b"" when absent or when none was asked."""
+
+def parse_request_head(head: _Buffer, key_kind: int = 0, key_name: bytes = b"") -> RequestHead:
+    """Validate a request head strictly and return a ``RequestHead``.
+
+    Checks the request line (method token, target bytes, HTTP/1.0 or 1.1), the
+    target's form (origin "/...", asterisk "*", or absolute "http(s)://authority..."
+    with a valid, non-empty authority and no userinfo), every field line
+    (syntax, no obs-fold, no control bytes), Host (required on HTTP/1.1, at
+    most one, ``uri-host [":" port]`` with a port up to 65535), Content-Length
+    and Transfer-Encoding. ``key_kind`` (``KEY_*`` of ``fastlb.errors``) and
+    ``key_name`` choose the hash key put in ``key`` (the bytes ``hash_key``
+    gives for the same head): ValueError for an unknown kind or an empty name
+    where one is needed, TypeError for a name that is not bytes. Raises
+    ``fastlb.errors.BadRequest`` (status 400, or 501 for an unsupported
+    transfer coding). A compiled-core RequestHead that nobody holds any more
+    may be refilled by the next call.
+    """
+
+def write_request_head(
+    parsed: RequestHead,
     client_ip: bytes,
     proto: bytes = b"http",
     via: Optional[bytes] = b"fastlb",
-    host_default: Optional[bytes] = b"",
-) -> "tuple[bytes, int, int, int]":
-    """Validate a request head and return ``(out, flags, framing, length)``.
+    backend_authority: Optional[bytes] = b"",
+) -> bytes:
+    """The head to send upstream for ``parsed``, as HTTP/1.1, written into one buffer.
 
-    ``out`` is the head sent upstream as HTTP/1.1 (hop-by-hop fields and the
-    fields named in Connection removed, X-Forwarded-For appended to,
-    X-Forwarded-Proto/Host replaced, Via added unless ``via`` is None or
-    empty, Host from ``host_default`` for HTTP/1.0 requests without one).
-    ``flags`` is an OR of ``REQ_*``, ``framing`` one of ``BODY_NONE``,
-    ``BODY_LENGTH`` (``length`` bytes) or ``BODY_CHUNKED``. Raises
-    ``fastlb.errors.BadRequest`` (status 400, or 501 for an unsupported
-    transfer coding).
+    The request line with the target in origin form; the fields in order
+    without the hop-by-hop ones and those named in Connection (``Trailer``
+    only kept with a chunked body), ``Host`` set to ``parsed.host`` (added if
+    the client sent none but an absolute-form target), ``backend_authority``
+    as Host for an HTTP/1.0 request with no authority at all; then
+    ``Transfer-Encoding: chunked`` for a chunked body, ``X-Forwarded-For``
+    (the client's values with ``client_ip`` appended), ``X-Forwarded-Proto``,
+    ``X-Forwarded-Host`` (``parsed.host`` when not empty; the client's are
+    replaced) and ``Via`` unless ``via`` is None or empty. TypeError unless
+    ``parsed`` is a RequestHead of this core.
     """
 
 def rewrite_response_head(head: bytes, req_flags: int) -> "tuple[bytes, int, int, int, int]":

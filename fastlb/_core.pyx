@@ -7,11 +7,15 @@ buffer: one validating pass records every field line (offsets, kind) in a C
 array, a second pass applies the semantics in field order (so syntax errors
 anywhere win over semantic ones, as in the twin), and the output is written
 once into a pre-sized bytes object, copying runs of untouched lines with a
-single memcpy.
+single memcpy. A request head is parsed into a ``RequestHead`` that keeps
+the plan of its output (segments of the raw head); ``write_request_head``
+follows the plan for the chosen backend.
 """
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.ref cimport Py_REFCNT
 from libc.stdlib cimport free, malloc, realloc
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy
@@ -31,7 +35,9 @@ __all__ = [
     "hash64",
     "hash_key",
     "ChunkedScanner",
-    "rewrite_request_head",
+    "RequestHead",
+    "parse_request_head",
+    "write_request_head",
     "rewrite_response_head",
     "find_head_end",
     "pick_many",
@@ -41,6 +47,15 @@ _BadRequest = _errors.BadRequest
 _BadGateway = _errors.BadGateway
 
 # ---------------------------------------------------------------- constants
+
+cdef enum:
+    KEY_NONE = 0
+    KEY_PATH = 1
+    KEY_QUERY = 2
+    KEY_HEADER = 3
+    KEY_COOKIE = 4
+
+    MAX_CHUNK_SIZE_DIGITS = 64
 
 cdef enum:
     BODY_NONE = 0
@@ -72,6 +87,9 @@ for _name, _value in (
     ("RESP_CLIENT_KEEP_ALIVE", RESP_CLIENT_KEEP_ALIVE),
     ("RESP_INFORMATIONAL", RESP_INFORMATIONAL), ("RESP_DECHUNK", RESP_DECHUNK),
     ("MAX_CONTENT_LENGTH", MAX_CONTENT_LENGTH),
+    ("KEY_NONE", KEY_NONE), ("KEY_PATH", KEY_PATH), ("KEY_QUERY", KEY_QUERY),
+    ("KEY_HEADER", KEY_HEADER), ("KEY_COOKIE", KEY_COOKIE),
+    ("MAX_CHUNK_SIZE_DIGITS", MAX_CHUNK_SIZE_DIGITS),
 ):
     if getattr(_errors, _name) != _value:
         raise ImportError(f"fastlb._core: {_name} differs from fastlb.errors")
@@ -88,6 +106,7 @@ cdef enum:
     H_XFF = 6
     H_XF_REPLACED = 7
     H_EXPECT = 8
+    H_TRAILER = 9
 
 cdef enum:
     STACK_FIELDS = 64     # field lines parsed without a heap allocation
@@ -99,6 +118,7 @@ cdef unsigned char _tchar[256]
 cdef unsigned char _vchar[256]    # HTAB, SP, VCHAR, obs-text
 cdef unsigned char _target[256]   # visible ASCII and obs-text
 cdef signed char _hexval[256]     # -1: not a hex digit
+cdef unsigned char _regname[256]  # reg-name: unreserved and sub-delims but "," ('%' checked apart)
 cdef unsigned char _lower[256]    # ASCII-only lowercase, like bytes.lower()
 
 
@@ -110,8 +130,11 @@ cdef void _init_tables() noexcept:
         _target[c] = 1 if ((0x21 <= c < 0x7F) or c >= 0x80) else 0
         _hexval[c] = -1
         _lower[c] = c + 32 if 0x41 <= c <= 0x5A else c
+        _regname[c] = 0
     for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
         _tchar[c] = 1
+    for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+;=":
+        _regname[c] = 1
     for c in range(10):
         _hexval[0x30 + c] = c
     for c in range(6):
@@ -205,7 +228,7 @@ cdef inline int _classify(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     elif n == 7:
         if c == b't':
             if _ieq(s, b"trailer", 7):
-                return H_HOP
+                return H_TRAILER
         elif c == b'u':
             if _ieq(s, b"upgrade", 7):
                 return H_HOP
@@ -514,26 +537,266 @@ cdef inline char* _put_fields(char* w, const unsigned char* p, Fields* fb,
     return w
 
 
+# ---------------------------------------------------------------- authorities
+#
+# Host = uri-host [ ":" port ]: the rules are in the "authorities" section of
+# ``_core_py`` (the reference). Checked over p[s:e] without copying.
+
+cdef inline bint _valid_port(const unsigned char* p, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
+    cdef long v = 0
+    cdef Py_ssize_t i
+    for i in range(s, e):
+        if p[i] < 0x30 or p[i] > 0x39:
+            return False
+        v = v * 10 + (p[i] - 0x30)
+        if v > 65535:
+            return False
+    return True
+
+
+cdef bint _valid_ipv4(const unsigned char* p, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
+    cdef Py_ssize_t i = s, j
+    cdef int parts = 0, v
+    while True:
+        j = i
+        v = 0
+        while j < e and 0x30 <= p[j] <= 0x39:
+            if j - i == 3:
+                return False
+            v = v * 10 + (p[j] - 0x30)
+            j += 1
+        if j == i or v > 255 or (j - i > 1 and p[i] == 0x30):
+            return False
+        parts += 1
+        if j == e:
+            return parts == 4
+        if p[j] != 0x2E or parts == 4:
+            return False
+        i = j + 1
+
+
+cdef bint _valid_ipv6(const unsigned char* p, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
+    cdef Py_ssize_t i = s, j
+    cdef Py_ssize_t groups = 0
+    cdef bint compressed = False
+    if e - s >= 2 and p[s] == 0x3A and p[s + 1] == 0x3A:
+        compressed = True
+        i = s + 2
+        if i == e:
+            return True
+    elif e > s and p[s] == 0x3A:
+        return False
+    while True:
+        j = i
+        while j < e and _hexval[p[j]] >= 0:
+            j += 1
+        if j < e and p[j] == 0x2E:
+            if not _valid_ipv4(p, i, e):
+                return False
+            groups += 2
+            break
+        if j == i or j - i > 4:
+            return False
+        groups += 1
+        i = j
+        if i == e:
+            break
+        if p[i] != 0x3A:
+            return False
+        i += 1
+        if i < e and p[i] == 0x3A:
+            if compressed:
+                return False
+            compressed = True
+            i += 1
+            if i == e:
+                break
+        elif i == e:
+            return False
+    return groups < 8 if compressed else groups == 8
+
+
+cdef bint _valid_ipvfuture(const unsigned char* p, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
+    cdef const unsigned char* q
+    cdef Py_ssize_t dot, i
+    if e - s < 4 or (p[s] | 0x20) != 0x76:  # 'v' or 'V'
+        return False
+    q = <const unsigned char*>memchr(p + s + 1, 0x2E, e - s - 1)
+    if q == NULL:
+        return False
+    dot = q - p
+    if dot < s + 2 or dot + 1 == e:
+        return False
+    for i in range(s + 1, dot):
+        if _hexval[p[i]] < 0:
+            return False
+    for i in range(dot + 1, e):
+        if not (_regname[p[i]] or p[i] == 0x3A):
+            return False
+    return True
+
+
+cdef bint _valid_authority(const unsigned char* p, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
+    """Whether p[s:e] is ``uri-host [":" port]`` with a non-empty host."""
+    cdef const unsigned char* q
+    cdef Py_ssize_t i, close
+    if s < e and p[s] == 0x5B:  # '['
+        q = <const unsigned char*>memchr(p + s, 0x5D, e - s)
+        if q == NULL:
+            return False
+        close = q - p
+        if not (_valid_ipv6(p, s + 1, close) or _valid_ipvfuture(p, s + 1, close)):
+            return False
+        if close + 1 == e:
+            return True
+        return p[close + 1] == 0x3A and _valid_port(p, close + 2, e)
+    i = s
+    while True:
+        while i < e and _regname[p[i]]:
+            i += 1
+        if i < e and p[i] == 0x25 and i + 3 <= e and _hexval[p[i + 1]] >= 0 and _hexval[p[i + 2]] >= 0:
+            i += 3
+            continue
+        break
+    if i == s:
+        return False
+    if i == e:
+        return True
+    return p[i] == 0x3A and _valid_port(p, i + 1, e)
+
+
 # ---------------------------------------------------------------- requests
 
-def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_default=b""):
-    """Validate a request head and return ``(out, flags, framing, length)``.
+@cython.final
+@cython.freelist(8)
+cdef class RequestHead:
+    """A validated request head, as ``parse_request_head`` returns it.
 
-    See ``fastlb._core_py.rewrite_request_head``: this is its compiled twin.
+    See ``fastlb._core_py.RequestHead``: this is its compiled twin. ``flags``,
+    ``framing``, ``length`` and ``key`` are C fields (``_core.pxd``); the
+    other attributes are built from the head when read.
+    """
+
+    def __init__(self):
+        raise TypeError("RequestHead objects are made by parse_request_head")
+
+    def __dealloc__(self):
+        if self._segs != NULL and self._segs != self._inline:
+            free(self._segs)
+        self._segs = NULL
+
+    @property
+    def method(self):
+        return None if self._head is None else _span(self, 0, self._sp1)
+
+    @property
+    def target(self):
+        return None if self._head is None else _span(self, self._sp1 + 1, self._sp2)
+
+    @property
+    def version(self):
+        return None if self._head is None else _span(self, self._sp2 + 1, self._eol)
+
+    @property
+    def host(self):
+        return None if self._head is None or self._hs < 0 else _span(self, self._hs, self._he)
+
+    @property
+    def path(self):
+        if self._head is None:
+            return None
+        if self._slash:
+            return b"/" + _span(self, self._ps, self._pe)
+        return _span(self, self._ps, self._pe)
+
+
+# The RequestHead last made. A caller that dropped it (the data path drops each
+# one once the head is written) leaves it referenced from here only: the next
+# parse fills it again instead of allocating. One still held elsewhere is
+# never touched.
+cdef RequestHead _spare = None
+
+
+cdef RequestHead _new_head():
+    global _spare
+    cdef RequestHead r = _spare
+    if r is not None and Py_REFCNT(r) == 2:     # _spare and r
+        if r._segs != r._inline:
+            free(r._segs)
+            r._segs = r._inline
+        r.length = 0
+        r.framing = BODY_NONE
+        r._nseg = 0
+        r._size = 0
+        return r
+    r = RequestHead.__new__(RequestHead)
+    _spare = r
+    return r
+
+
+cdef inline bytes _span(RequestHead r, Py_ssize_t s, Py_ssize_t e):
+    return PyBytes_FromStringAndSize(PyBytes_AS_STRING(r._head) + s, e - s)
+
+
+cdef int _grow_segs(RequestHead r) except -1:
+    cdef Py_ssize_t cap = r._cap * 2
+    cdef Seg* s
+    if r._segs == r._inline:
+        s = <Seg*>malloc(cap * sizeof(Seg))
+        if s != NULL:
+            memcpy(s, r._inline, r._nseg * sizeof(Seg))
+    else:
+        s = <Seg*>realloc(r._segs, cap * sizeof(Seg))
+    if s == NULL:
+        raise MemoryError()
+    r._segs = s
+    r._cap = cap
+    return 0
+
+
+cdef inline int _add(RequestHead r, int kind, Py_ssize_t a, Py_ssize_t b, Py_ssize_t c,
+                     Py_ssize_t d) except -1:
+    """Append a segment to the plan of ``r`` and count its bytes."""
+    cdef Seg* s
+    if r._nseg == r._cap:
+        _grow_segs(r)
+    s = &r._segs[r._nseg]
+    r._nseg += 1
+    s.kind = kind
+    s.a = a
+    s.b = b
+    s.c = c
+    s.d = d
+    if kind == SEG_COPY:
+        r._size += b - a
+    elif kind == SEG_FIELD:
+        r._size += (b - a) + (d - c) + 4
+    else:
+        r._size += (b - a) + 2
+    return 0
+
+
+def parse_request_head(head, int key_kind=0, key_name=b""):
+    """Validate a request head strictly and return a ``RequestHead``.
+
+    See ``fastlb._core_py.parse_request_head``: this is its compiled twin.
     """
     cdef bytes h = _as_bytes(head, "head")
-    cdef bytes ip = _as_bytes(client_ip, "client_ip")
-    cdef bytes pr = _as_bytes(proto, "proto")
-    cdef bytes vi = _opt_bytes(via, "via")
-    cdef bytes hd = _opt_bytes(host_default, "host_default")
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(h)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(h)
     cdef Field stack[STACK_FIELDS]
     cdef Fields fb
-    cdef Py_ssize_t eol, sp1, sp2, i, k, size
-    cdef bint http10
+    cdef Py_ssize_t eol, sp1, sp2, i, ts, te, hs = -1, he = -1
+    cdef bint http10, slash = False
     cdef const void* sp
 
+    if key_kind < KEY_NONE or key_kind > KEY_COOKIE:
+        raise ValueError(f"unknown key kind: {key_kind!r}")
+    if key_kind > KEY_PATH:
+        if type(key_name) is not bytes:
+            raise TypeError("key_name must be bytes")
+        if PyBytes_GET_SIZE(key_name) == 0:
+            raise ValueError("this key kind needs a key_name")
     if n < 4 or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
         raise _BadRequest("incomplete request head")
     eol = _find_crlf(p, 0, n)
@@ -559,40 +822,63 @@ def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_def
     else:
         raise _BadRequest("unsupported HTTP version")
 
+    # the target's form: origin ("/..."), asterisk ("*") or absolute (http(s)://authority...)
+    ts = sp1 + 1
+    te = sp2
+    if not (p[ts] == 0x2F or (te - ts == 1 and p[ts] == 0x2A)):
+        if te - ts >= 7 and _ieq(p + ts, b"http://", 7):
+            hs = ts + 7
+        elif te - ts >= 8 and _ieq(p + ts, b"https://", 8):
+            hs = ts + 8
+        else:
+            raise _BadRequest("invalid request target")
+        he = hs
+        while he < te and p[he] != 0x2F and p[he] != 0x3F and p[he] != 0x23:
+            he += 1
+        if not _valid_authority(p, hs, he):
+            raise _BadRequest("invalid request target")
+        ts = he
+        slash = he == te or p[he] != 0x2F
+
     fb.f = fb.stack = stack
     fb.n = 0
     fb.cap = STACK_FIELDS
     try:
         _parse_fields(p, n, eol + 2, &fb, _BadRequest)
-        return _request_out(h, p, n, &fb, eol, sp1, sp2, http10, ip, pr, vi, hd)
+        return _request_head(h, p, &fb, eol, sp1, sp2, http10, ts, te, slash, hs, he,
+                             key_kind, key_name)
     finally:
         if fb.f != fb.stack:
             free(fb.f)
 
 
-cdef tuple _request_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
-                        Py_ssize_t eol, Py_ssize_t sp1, Py_ssize_t sp2, bint http10,
-                        bytes ip, bytes pr, bytes vi, bytes hd):
-    cdef Py_ssize_t k, size, host_k = -1, xff_size = 0, vl
+cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
+                               Py_ssize_t eol, Py_ssize_t sp1, Py_ssize_t sp2, bint http10,
+                               Py_ssize_t ps, Py_ssize_t pe, bint slash, Py_ssize_t hs,
+                               Py_ssize_t he, int key_kind, object key_name):
+    """The semantic pass over the recorded fields, in field order; then the output plan."""
+    cdef Py_ssize_t k, host_k = -1, run_s, run_e
     cdef long long length = -1
-    cdef bint chunked = False, te_seen = False, expect_continue = False, drop_checks
+    cdef bint chunked = False, te_seen = False, expect_continue = False, keep
+    cdef bint absolute = hs >= 0
     cdef Conn cn
     cdef Field* f
-    cdef int kind, flags = 0, framing
+    cdef int kind, flags = 0
     cdef object drop = None
-    cdef bytes out
-    cdef char* w
+    cdef RequestHead r
 
     cn.close = cn.keep_alive = False
     cn.ntoks = 0
     for k in range(fb.n):
         f = &fb.f[k]
         kind = f.kind
-        if kind == H_OTHER:
+        if kind == H_OTHER or kind == H_TRAILER:
             continue
         if kind == H_HOST:
             if host_k >= 0:
                 raise _BadRequest("duplicate Host")
+            if f.ve > f.vs and not _valid_authority(p, f.vs, f.ve):
+                raise _BadRequest("invalid Host")
             host_k = k
         elif kind == H_CONTENT_LENGTH:
             if length >= 0:
@@ -609,9 +895,6 @@ cdef tuple _request_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* f
             chunked = True
         elif kind == H_CONNECTION:
             _connection(p, f, &cn)
-        elif kind == H_XFF:
-            if f.ve > f.vs:     # an empty X-Forwarded-For adds no empty element
-                xff_size += f.ve - f.vs + 2
         elif kind == H_EXPECT:
             if f.ve - f.vs == 12 and _ieq(p + f.vs, b"100-continue", 12):
                 expect_continue = True
@@ -644,74 +927,207 @@ cdef tuple _request_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* f
     if expect_continue and not http10:
         flags |= REQ_EXPECT_CONTINUE
 
+    r = _new_head()
+    r._head = h
+    r.key = b""
+    r.flags = flags
+    if chunked:
+        r.framing = BODY_CHUNKED
+    elif length > 0:
+        r.framing = BODY_LENGTH
+        r.length = length
+    r._sp1 = sp1
+    r._sp2 = sp2
+    r._eol = eol
+    if not absolute and host_k >= 0:
+        # RFC 9112 3.2.2: an absolute-form target's authority overrides Host
+        hs = fb.f[host_k].vs
+        he = fb.f[host_k].ve
+    r._hs = hs
+    r._he = he
+    r._ps = ps
+    r._pe = pe
+    r._slash = slash
+    r._host_field = host_k >= 0
+    r._chunked = chunked
+    r._http10 = http10
+    r._segs = r._inline
+    r._cap = INLINE_SEGS
+
+    # The plan: kept lines in order, verbatim neighbours joined into one copy.
     if cn.ntoks > MAX_DROP_TOKENS:
         drop = _drop_set(p, fb)
-    size = sp2 + 11
+    r._line_copied = not http10 and not absolute
+    if r._line_copied:
+        run_s = 0
+        run_e = eol + 2
+    else:
+        run_s = run_e = 0
+        r._size = sp1 + 1 + slash + (pe - ps) + 11
     for k in range(fb.n):
         f = &fb.f[k]
         kind = f.kind
         if kind == H_OTHER:
-            f.keep = not _dropped(p, f, &cn, drop)
+            keep = not _dropped(p, f, &cn, drop)
+        elif kind == H_HOST or kind == H_CONTENT_LENGTH:
+            keep = True
         elif kind == H_EXPECT:
-            f.keep = not http10 and not _dropped(p, f, &cn, drop)
+            keep = not http10 and not _dropped(p, f, &cn, drop)
+        elif kind == H_TRAILER:
+            # announces trailers: kept when they are relayed, i.e. the body is chunked
+            keep = chunked and not _dropped(p, f, &cn, drop)
         else:
-            f.keep = kind == H_HOST or kind == H_CONTENT_LENGTH
-        if f.keep:
-            size += f.name_len + (f.ve - f.vs) + 4
-    if host_k < 0 and PyBytes_GET_SIZE(hd):
-        size += PyBytes_GET_SIZE(hd) + 8
+            if kind == H_XFF and f.ve > f.vs:   # an empty one adds no empty element
+                _add(r, SEG_XFF, f.vs, f.ve, 0, 0)
+            keep = False
+        if not keep:
+            continue
+        if f.verbatim and not (absolute and kind == H_HOST):
+            if f.start != run_e:
+                if run_e > run_s:
+                    _add(r, SEG_COPY, run_s, run_e, 0, 0)
+                run_s = f.start
+            run_e = f.eol + 2
+        else:
+            if run_e > run_s:
+                _add(r, SEG_COPY, run_s, run_e, 0, 0)
+            run_s = run_e = 0
+            if kind == H_HOST:
+                _add(r, SEG_FIELD, f.start, f.start + f.name_len, hs, he)
+            else:
+                _add(r, SEG_FIELD, f.start, f.start + f.name_len, f.vs, f.ve)
+    if run_e > run_s:
+        _add(r, SEG_COPY, run_s, run_e, 0, 0)
+    if host_k < 0 and absolute:
+        r._size += 6 + (he - hs) + 2
     if chunked:
-        size += 28
-    size += 17 + xff_size + PyBytes_GET_SIZE(ip) + 21 + PyBytes_GET_SIZE(pr) + 2
-    if host_k >= 0:
-        f = &fb.f[host_k]
-        size += 18 + (f.ve - f.vs) + 2
-    vl = PyBytes_GET_SIZE(vi)
-    if vl:
-        size += 9 + vl + 2
-    size += 2
+        r._size += 28
+    r._size += 17 + 21 + 2           # X-Forwarded-For: ... \r\nX-Forwarded-Proto: ... \r\n
+    if he > hs:
+        r._size += 18 + (he - hs) + 2
+    r._size += 2
 
-    out = PyBytes_FromStringAndSize(NULL, size)
-    w = PyBytes_AS_STRING(out)
-    if http10:
-        w = _put(w, p, sp2)
-        w = _put(w, b" HTTP/1.1\r\n", 11)
-        w = _put_fields(w, p, fb, -1, -1)
-    else:
-        w = _put_fields(w, p, fb, 0, eol + 2)
-    if host_k < 0 and PyBytes_GET_SIZE(hd):
-        w = _put(w, b"Host: ", 6)
-        w = _put(w, PyBytes_AS_STRING(hd), PyBytes_GET_SIZE(hd))
-        w = _put(w, b"\r\n", 2)
-    if chunked:
-        w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
-    w = _put(w, b"X-Forwarded-For: ", 17)
-    if xff_size:
+    if key_kind != KEY_NONE:
+        _request_key(r, p, fb, key_kind, key_name)
+    return r
+
+
+cdef int _request_key(RequestHead r, const unsigned char* p, Fields* fb, int key_kind,
+                      object key_name) except -1:
+    cdef const unsigned char* nm = NULL
+    cdef Py_ssize_t nl = 0, k, s, e, j
+    cdef Field* f
+    if key_kind != KEY_PATH:
+        nm = <const unsigned char*>PyBytes_AS_STRING(key_name)   # bytes, checked by the caller
+        nl = PyBytes_GET_SIZE(key_name)
+    if key_kind == KEY_PATH:
+        if r._slash:
+            r.key = b"/"
+            return 0
+        e = r._pe
+        j = _find(p, r._ps, e, 0x3F)  # '?'
+        if j >= 0:
+            e = j
+        j = _find(p, r._ps, e, 0x23)  # '#'
+        if j >= 0:
+            e = j
+        r.key = PyBytes_FromStringAndSize(<const char*>p + r._ps, e - r._ps)
+    elif key_kind == KEY_QUERY:
+        if _query_span(p, r._sp1 + 1, r._sp2, nm, nl, &s, &e):
+            r.key = PyBytes_FromStringAndSize(<const char*>p + s, e - s)
+    elif key_kind == KEY_HEADER:
         for k in range(fb.n):
             f = &fb.f[k]
-            if f.kind == H_XFF and f.ve > f.vs:
-                w = _put(w, p + f.vs, f.ve - f.vs)
-                w = _put(w, b", ", 2)
+            if f.name_len == nl and _ieq2(p + f.start, nm, nl):
+                r.key = PyBytes_FromStringAndSize(<const char*>p + f.vs, f.ve - f.vs)
+                return 0
+    else:
+        for k in range(fb.n):
+            f = &fb.f[k]
+            if f.name_len == 6 and _ieq(p + f.start, b"cookie", 6):
+                if _cookie_span(p, f.vs, f.ve, nm, nl, &s, &e):
+                    r.key = PyBytes_FromStringAndSize(<const char*>p + s, e - s)
+                    return 0
+    return 0
+
+
+def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b""):
+    """The head to send upstream for ``parsed`` (a ``RequestHead``), as HTTP/1.1.
+
+    See ``fastlb._core_py.write_request_head``: this is its compiled twin.
+    """
+    if type(parsed) is not RequestHead:
+        raise TypeError(f"parsed must be a RequestHead, not {type(parsed).__name__}")
+    cdef RequestHead r = <RequestHead>parsed
+    if r._head is None:
+        raise TypeError("parsed must come from parse_request_head")
+    cdef bytes ip = _as_bytes(client_ip, "client_ip")
+    cdef bytes pr = _as_bytes(proto, "proto")
+    cdef bytes vi = _opt_bytes(via, "via")
+    cdef bytes hd = _opt_bytes(backend_authority, "backend_authority")
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(r._head)
+    cdef Py_ssize_t vl = PyBytes_GET_SIZE(vi), hl = PyBytes_GET_SIZE(hd), k
+    cdef Py_ssize_t size = r._size + PyBytes_GET_SIZE(ip) + PyBytes_GET_SIZE(pr)
+    cdef bint default_host = not r._host_field and r._hs < 0 and hl > 0
+    cdef Seg* s
+    cdef bytes out
+    cdef char* w
+    cdef char* start
+    if vl:
+        size += 9 + vl + 2
+    if default_host:
+        size += 6 + hl + 2
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = start = PyBytes_AS_STRING(out)
+    if not r._line_copied:
+        w = _put(w, p, r._sp1 + 1)
+        if r._slash:
+            w[0] = b'/'
+            w += 1
+        w = _put(w, p + r._ps, r._pe - r._ps)
+        w = _put(w, b" HTTP/1.1\r\n", 11)
+    for k in range(r._nseg):
+        s = &r._segs[k]
+        if s.kind == SEG_COPY:
+            w = _put(w, p + s.a, s.b - s.a)
+        elif s.kind == SEG_FIELD:
+            w = _put(w, p + s.a, s.b - s.a)
+            w = _put(w, b": ", 2)
+            w = _put(w, p + s.c, s.d - s.c)
+            w = _put(w, b"\r\n", 2)
+    if not r._host_field:
+        if r._hs >= 0:
+            w = _put(w, b"Host: ", 6)
+            w = _put(w, p + r._hs, r._he - r._hs)
+            w = _put(w, b"\r\n", 2)
+        elif default_host:
+            w = _put(w, b"Host: ", 6)
+            w = _put(w, PyBytes_AS_STRING(hd), hl)
+            w = _put(w, b"\r\n", 2)
+    if r._chunked:
+        w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
+    w = _put(w, b"X-Forwarded-For: ", 17)
+    for k in range(r._nseg):
+        s = &r._segs[k]
+        if s.kind == SEG_XFF:
+            w = _put(w, p + s.a, s.b - s.a)
+            w = _put(w, b", ", 2)
     w = _put(w, PyBytes_AS_STRING(ip), PyBytes_GET_SIZE(ip))
     w = _put(w, b"\r\nX-Forwarded-Proto: ", 21)
     w = _put(w, PyBytes_AS_STRING(pr), PyBytes_GET_SIZE(pr))
     w = _put(w, b"\r\n", 2)
-    if host_k >= 0:
-        f = &fb.f[host_k]
+    if r._he > r._hs:
         w = _put(w, b"X-Forwarded-Host: ", 18)
-        w = _put(w, p + f.vs, f.ve - f.vs)
+        w = _put(w, p + r._hs, r._he - r._hs)
         w = _put(w, b"\r\n", 2)
     if vl:
-        w = _put(w, b"Via: 1.0 " if http10 else b"Via: 1.1 ", 9)
+        w = _put(w, b"Via: 1.0 " if r._http10 else b"Via: 1.1 ", 9)
         w = _put(w, PyBytes_AS_STRING(vi), vl)
         w = _put(w, b"\r\n", 2)
     w = _put(w, b"\r\n", 2)
-
-    if chunked:
-        return (out, flags, BODY_CHUNKED, 0)
-    if length > 0:
-        return (out, flags, BODY_LENGTH, length)
-    return (out, flags, BODY_NONE, 0)
+    if w - start != size:
+        raise SystemError("write_request_head: size mismatch")
+    return out
 
 
 # ---------------------------------------------------------------- responses
@@ -766,7 +1182,7 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
                          Py_ssize_t eol, int status, bint http10, long rf):
     cdef Py_ssize_t k, size
     cdef long long length = -1, v
-    cdef bint chunked = False, te_seen = False, dechunk, client_http10
+    cdef bint chunked = False, te_seen = False, dechunk, client_http10, chunked_out
     cdef Conn cn
     cdef Field* f
     cdef int kind, flags = 0, framing
@@ -818,15 +1234,17 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
 
     if cn.ntoks > MAX_DROP_TOKENS:
         drop = _drop_set(p, fb)
+    # the trailers are relayed, and announced by Trailer, when the body goes on chunked
+    chunked_out = chunked and not client_http10
     size = 8 + (eol - 8) + 2
     for k in range(fb.n):
         f = &fb.f[k]
         kind = f.kind
         f.keep = (kind != H_TRANSFER_ENCODING and kind != H_CONNECTION and kind != H_HOP
-                  and not _dropped(p, f, &cn, drop))
+                  and (kind != H_TRAILER or chunked_out) and not _dropped(p, f, &cn, drop))
         if f.keep:
             size += f.name_len + (f.ve - f.vs) + 4
-    if chunked and not client_http10:
+    if chunked_out:
         size += 28
     if not (flags & RESP_INFORMATIONAL):
         if not (flags & RESP_CLIENT_KEEP_ALIVE):
@@ -843,7 +1261,7 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
         w = _put_fields(w, p, fb, -1, -1)
     else:
         w = _put_fields(w, p, fb, 0, eol + 2)
-    if chunked and not client_http10:
+    if chunked_out:
         w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
     if not (flags & RESP_INFORMATIONAL):
         if not (flags & RESP_CLIENT_KEEP_ALIVE):
@@ -870,7 +1288,6 @@ cdef enum:
     S_END_LF = 10
     S_DONE = 11
 
-    MAX_SIZE_DIGITS = 15
     MAX_LINE = 4096
     MAX_TRAILERS = 16384
 
@@ -950,8 +1367,12 @@ cdef class ChunkedScanner:
             if state == S_SIZE:
                 v = _hexval[c]
                 if v >= 0:
+                    # leading zeros are valid (RFC 9112 7.1); the field's length is bounded
                     digits += 1
-                    if digits > MAX_SIZE_DIGITS:
+                    if digits > MAX_CHUNK_SIZE_DIGITS:
+                        msg = "chunk size too long"
+                        break
+                    if size >= (<long long>1) << 56:   # size * 16 + v >= 2**60
                         msg = "chunk size too large"
                         break
                     size = size * 16 + v
@@ -1159,6 +1580,60 @@ cdef inline void _strip_ows(const unsigned char* p, Py_ssize_t* s, Py_ssize_t* e
         e[0] -= 1
 
 
+cdef bint _query_span(const unsigned char* p, Py_ssize_t ts, Py_ssize_t te, const unsigned char* nm,
+                      Py_ssize_t nl, Py_ssize_t* vs, Py_ssize_t* ve) noexcept nogil:
+    """The value p[vs:ve] of the first query parameter ``nm`` of the target p[ts:te]; False if none."""
+    cdef Py_ssize_t j, s, e, pe, eq
+    j = _find(p, ts, te, 0x3F)  # '?'
+    if j < 0:
+        return False
+    s = j + 1
+    e = te
+    j = _find(p, s, e, 0x23)  # '#'
+    if j >= 0:
+        e = j
+    while True:
+        pe = _find(p, s, e, 0x26)  # '&'
+        if pe < 0:
+            pe = e
+        eq = _find(p, s, pe, 0x3D)  # '='
+        if eq < 0:
+            if pe - s == nl and memcmp(p + s, nm, nl) == 0:
+                return False
+        elif eq - s == nl and memcmp(p + s, nm, nl) == 0:
+            vs[0] = eq + 1
+            ve[0] = pe
+            return True
+        if pe >= e:
+            return False
+        s = pe + 1
+
+
+cdef bint _cookie_span(const unsigned char* p, Py_ssize_t vs, Py_ssize_t ve, const unsigned char* nm,
+                       Py_ssize_t nl, Py_ssize_t* cs, Py_ssize_t* ce) noexcept nogil:
+    """The value p[cs:ce] of cookie ``nm`` in the Cookie value p[vs:ve]; False if it has none."""
+    cdef Py_ssize_t s = vs, pe, eq, a, b
+    while True:
+        pe = _find(p, s, ve, 0x3B)  # ';'
+        if pe < 0:
+            pe = ve
+        eq = _find(p, s, pe, 0x3D)
+        if eq >= 0:
+            a = s
+            b = eq
+            _strip_ows(p, &a, &b)
+            if b - a == nl and memcmp(p + a, nm, nl) == 0:
+                a = eq + 1
+                b = pe
+                _strip_ows(p, &a, &b)
+                cs[0] = a
+                ce[0] = b
+                return True
+        if pe >= ve:
+            return False
+        s = pe + 1
+
+
 def hash_key(head, kind, name=b""):
     """The bytes a hash-based balancer hashes, taken from a raw request head; b"" when absent.
 
@@ -1187,7 +1662,7 @@ def hash_key(head, kind, name=b""):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(head)
     cdef const unsigned char* nm = <const unsigned char*>PyBytes_AS_STRING(name)
     cdef Py_ssize_t nl = PyBytes_GET_SIZE(name)
-    cdef Py_ssize_t eol, sp1, sp2, ts, te, j, s, e, pos, colon, vs, ve, ps, pe, eq, a, b
+    cdef Py_ssize_t eol, sp1, sp2, ts, te, j, s, e, pos, colon, vs, ve
     # request line and target, as _core_py._request_target
     eol = _find_crlf2(p, 0, n)
     if eol < 0:
@@ -1225,27 +1700,9 @@ def hash_key(head, kind, name=b""):
             j += 1
         return PyBytes_FromStringAndSize(<const char*>p + ts, e - ts)
     if k == 1:
-        j = _find(p, ts, te, 0x3F)
-        if j < 0:
-            return b""
-        s = j + 1
-        e = te
-        j = _find(p, s, e, 0x23)
-        if j >= 0:
-            e = j
-        while True:
-            pe = _find(p, s, e, 0x26)  # '&'
-            if pe < 0:
-                pe = e
-            eq = _find(p, s, pe, 0x3D)  # '='
-            if eq < 0:
-                if pe - s == nl and memcmp(p + s, nm, nl) == 0:
-                    return b""
-            elif eq - s == nl and memcmp(p + s, nm, nl) == 0:
-                return PyBytes_FromStringAndSize(<const char*>p + eq + 1, pe - eq - 1)
-            if pe >= e:
-                return b""
-            s = pe + 1
+        if _query_span(p, ts, te, nm, nl, &s, &e):
+            return PyBytes_FromStringAndSize(<const char*>p + s, e - s)
+        return b""
     # header or cookie: field lines
     cdef const unsigned char* want = <const unsigned char*>b"cookie" if k == 3 else nm
     cdef Py_ssize_t wl = 6 if k == 3 else nl
@@ -1263,24 +1720,8 @@ def hash_key(head, kind, name=b""):
             _strip_ows(p, &vs, &ve)
             if k == 2:
                 return PyBytes_FromStringAndSize(<const char*>p + vs, ve - vs)
-            s = vs
-            while True:
-                pe = _find(p, s, ve, 0x3B)  # ';'
-                if pe < 0:
-                    pe = ve
-                eq = _find(p, s, pe, 0x3D)
-                if eq >= 0:
-                    a = s
-                    b = eq
-                    _strip_ows(p, &a, &b)
-                    if b - a == nl and memcmp(p + a, nm, nl) == 0:
-                        a = eq + 1
-                        b = pe
-                        _strip_ows(p, &a, &b)
-                        return PyBytes_FromStringAndSize(<const char*>p + a, b - a)
-                if pe >= ve:
-                    break
-                s = pe + 1
+            if _cookie_span(p, vs, ve, nm, nl, &s, &e):
+                return PyBytes_FromStringAndSize(<const char*>p + s, e - s)
         pos = e + 2
     return b""
 

@@ -15,8 +15,13 @@ Everything here is per-request, CPU-only and I/O-free:
   Walks over ineligible backends are bounded by ``n`` (Maglev: by its table
   size). ``pick_many`` runs n picks (select + release) in a row.
 * ``hash64`` (XXH64) and ``hash_key`` (the bytes of a request to hash).
-* ``rewrite_request_head``: validates a raw request head and writes the head
-  sent upstream (hop-by-hop fields removed, X-Forwarded-*, Via, Host).
+* ``parse_request_head``: validates a raw request head strictly (the Host
+  authority and the target's form included) and returns a ``RequestHead``:
+  method, target, version, host, path, framing, and the hash key if asked;
+  ``write_request_head`` writes the head sent upstream for the chosen
+  backend (hop-by-hop fields removed, X-Forwarded-*, Via, Host). The caller
+  selects a backend between the two, so invalid requests never reach the
+  selector.
 * ``rewrite_response_head``: the same for a backend's response head.
 * ``ChunkedScanner``: finds where a chunked body ends, strictly, and can
   de-chunk it for HTTP/1.0 clients.
@@ -30,6 +35,12 @@ from fastlb.errors import (
     BODY_CLOSE,
     BODY_LENGTH,
     BODY_NONE,
+    KEY_COOKIE,
+    KEY_HEADER,
+    KEY_NONE,
+    KEY_PATH,
+    KEY_QUERY,
+    MAX_CHUNK_SIZE_DIGITS,
     MAX_CONTENT_LENGTH,
     REQ_EXPECT_CONTINUE,
     REQ_HEAD,
@@ -57,7 +68,9 @@ __all__ = [
     "hash64",
     "hash_key",
     "ChunkedScanner",
-    "rewrite_request_head",
+    "RequestHead",
+    "parse_request_head",
+    "write_request_head",
     "rewrite_response_head",
     "find_head_end",
     "pick_many",
@@ -74,8 +87,10 @@ _HEX = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
 _DIGITS = frozenset(b"0123456789")
 
 # Fields removed by every hop (RFC 9110 7.6.1), besides those named in Connection.
+# Trailer is not one (RFC 9110 6.6.2): it is kept exactly when the message is
+# sent on chunked, with its trailer section.
 _HOP_BY_HOP = frozenset(
-    [b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    [b"connection", b"keep-alive", b"proxy-connection", b"te",
      b"transfer-encoding", b"upgrade"]
 )
 # Connection may name these, but removing them would change the framing or
@@ -94,6 +109,7 @@ _H_HOP = 5
 _H_XFF = 6
 _H_XF_REPLACED = 7
 _H_EXPECT = 8
+_H_TRAILER = 9
 
 _KINDS = {
     b"host": _H_HOST,
@@ -103,7 +119,7 @@ _KINDS = {
     b"keep-alive": _H_HOP,
     b"proxy-connection": _H_HOP,
     b"te": _H_HOP,
-    b"trailer": _H_HOP,
+    b"trailer": _H_TRAILER,
     b"upgrade": _H_HOP,
     b"x-forwarded-for": _H_XFF,
     b"x-forwarded-proto": _H_XF_REPLACED,
@@ -155,18 +171,244 @@ def _connection_tokens(value):
     return [t.strip(_OWS).lower() for t in value.split(b",") if t.strip(_OWS)]
 
 
+# ---------------------------------------------------------------- authorities
+#
+# Host = uri-host [ ":" port ] (RFC 9110 7.2), uri-host = IP-literal / IPv4address
+# / reg-name (RFC 3986 3.2.2). IPv4address is a reg-name too, so two checks do:
+# an IP-literal in brackets (IPv6address or IPvFuture), or a reg-name of
+# unreserved, pct-encoded and sub-delims bytes -- except ",", the list separator
+# of field values: "Host: a,b" is what two Host lines joined by an intermediary
+# look like (RFC 9110 5.3), and Host is a singleton. The port is digits, at
+# most 65535, and may be empty (RFC 3986 3.2.3: "x:" is valid, it means "x").
+
+_REG_NAME_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+;="
+_REG_NAME = frozenset(_REG_NAME_BYTES)
+_HEXDIGIT = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _valid_port(port):
+    if not port.isdigit():  # ASCII digits only (bytes)
+        return not port
+    digits = port.lstrip(b"0")
+    return len(digits) <= 5 and (not digits or int(digits) <= 65535)
+
+
+def _valid_ipv4(s):
+    parts = s.split(b".")
+    if len(parts) != 4:
+        return False
+    for part in parts:
+        if not 1 <= len(part) <= 3 or not all(c in _DIGITS for c in part):
+            return False
+        if (len(part) > 1 and part[0] == 0x30) or int(part) > 255:
+            return False
+    return True
+
+
+def _valid_ipv6(s):
+    """RFC 3986 IPv6address: 8 groups of 1-4 hex digits, or fewer with one "::";
+    the last two may be an IPv4address."""
+    n = len(s)
+    i = 0
+    groups = 0
+    compressed = False
+    if s[:2] == b"::":
+        compressed = True
+        i = 2
+        if i == n:
+            return True
+    elif s[:1] == b":":
+        return False
+    while True:
+        j = i
+        while j < n and s[j] in _HEXDIGIT:
+            j += 1
+        if j < n and s[j] == 0x2E:  # '.': the IPv4 tail
+            if not _valid_ipv4(s[i:]):
+                return False
+            groups += 2
+            break
+        if j == i or j - i > 4:
+            return False
+        groups += 1
+        i = j
+        if i == n:
+            break
+        if s[i] != 0x3A:
+            return False
+        i += 1
+        if i < n and s[i] == 0x3A:
+            if compressed:
+                return False
+            compressed = True
+            i += 1
+            if i == n:
+                break
+        elif i == n:
+            return False
+    return groups < 8 if compressed else groups == 8
+
+
+def _valid_ipvfuture(s):
+    # "v" 1*HEXDIG "." 1*( unreserved / sub-delims / ":" )
+    if len(s) < 4 or s[0] not in b"vV":
+        return False
+    dot = s.find(b".", 1)
+    if dot < 2 or dot + 1 == len(s):
+        return False
+    return (all(c in _HEXDIGIT for c in s[1:dot])
+            and all(c in _REG_NAME or c == 0x3A for c in s[dot + 1:]))
+
+
+def _valid_authority(a):
+    """Whether ``a`` is ``uri-host [":" port]`` with a non-empty host (see above)."""
+    if a[:1] == b"[":
+        close = a.find(b"]")
+        if close < 0:
+            return False
+        inner = a[1:close]
+        if not (_valid_ipv6(inner) or _valid_ipvfuture(inner)):
+            return False
+        rest = a[close + 1:]
+        return not rest or (rest[0] == 0x3A and _valid_port(rest[1:]))
+    colon = a.find(b":")
+    host = a if colon < 0 else a[:colon]
+    if not host:
+        return False
+    if host.translate(None, _REG_NAME_BYTES):
+        # not only reg-name bytes: the others must be pct-encoded octets
+        i = 0
+        n = len(host)
+        while i < n:
+            c = host[i]
+            if c == 0x25:  # '%' HEXDIG HEXDIG
+                if i + 3 > n or host[i + 1] not in _HEXDIGIT or host[i + 2] not in _HEXDIGIT:
+                    return False
+                i += 3
+            elif c in _REG_NAME:
+                i += 1
+            else:
+                return False
+    return colon < 0 or _valid_port(a[colon + 1:])
+
+
+def _split_target(target):
+    """``(authority, path)`` of a request target: ``(None, target)`` for the
+    origin form ("/...") and the asterisk form ("*"); for the absolute form
+    ("http://authority/path?query", http or https, any case) the authority and
+    the origin-form rest ("/" when the path is empty). Anything else, an
+    empty or invalid authority (userinfo included) is a 400."""
+    if target[:1] == b"/" or target == b"*":
+        return None, target
+    scheme = target[:8].lower()
+    if scheme.startswith(b"http://"):
+        start = 7
+    elif scheme.startswith(b"https://"):
+        start = 8
+    else:
+        raise BadRequest("invalid request target")
+    end = start
+    n = len(target)
+    while end < n and target[end] not in b"/?#":
+        end += 1
+    authority = target[start:end]
+    if not _valid_authority(authority):
+        raise BadRequest("invalid request target")
+    path = target[end:]
+    if path[:1] != b"/":
+        path = b"/" + path
+    return authority, path
+
+
+def _as_bytes(o, what):
+    if type(o) is bytes:
+        return o
+    if isinstance(o, (bytes, bytearray, memoryview)):
+        return bytes(o)
+    raise TypeError(f"{what} must be bytes, not {type(o).__name__}")
+
+
 # ---------------------------------------------------------------- requests
 
-def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_default=b""):
-    """Validate a request head and return ``(out, flags, framing, length)``.
+
+class RequestHead:
+    """A validated request head, as ``parse_request_head`` returns it.
+
+    ``method``, ``target`` and ``version`` are the request line's parts;
+    ``host`` the validated authority the request is for (from an absolute-form
+    target, else the Host field; b"" for an empty Host, None for an HTTP/1.0
+    request without either); ``path`` the target in origin form (the target
+    itself unless it was absolute: then the part after the authority, "/" when
+    empty); ``flags`` an OR of ``REQ_*``; ``framing`` ``BODY_NONE``,
+    ``BODY_LENGTH`` (``length`` bytes) or ``BODY_CHUNKED``; ``key`` the hash
+    key asked for (b"" when absent or none was asked for). Only
+    ``parse_request_head`` makes them; ``write_request_head`` writes one.
+    """
+
+    __slots__ = ("method", "target", "version", "host", "path", "flags", "framing", "length",
+                 "key", "_line", "_fields", "_xff", "_host_field", "_chunked", "_http10")
+
+    def __init__(self):
+        raise TypeError("RequestHead objects are made by parse_request_head")
+
+
+def _path_key(path):
+    end = len(path)
+    for sep in (b"?", b"#"):
+        j = path.find(sep)
+        if 0 <= j < end:
+            end = j
+    return path[:end]
+
+
+def _query_value(target, name):
+    """The raw value of the first query parameter ``name`` of ``target``; b"" when absent."""
+    q = target.find(b"?")
+    if q < 0:
+        return b""
+    qs = target[q + 1:]
+    j = qs.find(b"#")
+    if j >= 0:
+        qs = qs[:j]
+    for piece in qs.split(b"&"):
+        eq = piece.find(b"=")
+        if eq < 0:
+            if piece == name:
+                return b""
+        elif piece[:eq] == name:
+            return piece[eq + 1:]
+    return b""
+
+
+def _cookie_value(value, name):
+    """The value of cookie ``name`` in one Cookie field value, or None when it has none."""
+    for piece in value.split(b";"):
+        eq = piece.find(b"=")
+        if eq >= 0 and piece[:eq].strip(_OWS) == name:
+            return piece[eq + 1:].strip(_OWS)
+    return None
+
+
+def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
+    """Validate a request head strictly and return a ``RequestHead``.
 
     ``head`` is the raw head, request line to the blank line inclusive.
-    ``out`` is the head to send upstream, always as HTTP/1.1. ``flags`` is an
-    OR of ``REQ_*``; ``framing`` is ``BODY_NONE``, ``BODY_LENGTH`` (``length``
-    bytes) or ``BODY_CHUNKED``. ``via`` is the pseudonym added in ``Via``
-    (``None`` or empty: no Via). ``host_default`` is sent as ``Host`` when an
-    HTTP/1.0 request has none.
+    ``key_kind`` (``KEY_*``) and ``key_name`` say which hash key to extract
+    into ``RequestHead.key`` (see ``hash_key``, which gives the same bytes).
+    Raises ``BadRequest`` (status 400, or 501 for an unsupported transfer
+    coding) for any invalid or ambiguous head: request line, target form and
+    authority, field syntax, Host (missing on HTTP/1.1, duplicate, invalid),
+    Content-Length, Transfer-Encoding.
     """
+    head = _as_bytes(head, "head")
+    key_kind = _index(key_kind)
+    if key_kind not in (KEY_NONE, KEY_PATH, KEY_QUERY, KEY_HEADER, KEY_COOKIE):
+        raise ValueError(f"unknown key kind: {key_kind!r}")
+    if key_kind > KEY_PATH:
+        if type(key_name) is not bytes:
+            raise TypeError("key_name must be bytes")
+        if not key_name:
+            raise ValueError("this key kind needs a key_name")
     if len(head) < 4 or head[-4:] != b"\r\n\r\n":
         raise BadRequest("incomplete request head")
     eol = head.find(b"\r\n")
@@ -189,6 +431,7 @@ def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_def
         http10 = True
     else:
         raise BadRequest("unsupported HTTP version")
+    authority, path = _split_target(target)
 
     fields = list(_split_fields(head, eol + 2, BadRequest))
     host = None
@@ -205,6 +448,8 @@ def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_def
         if kind == _H_HOST:
             if host is not None:
                 raise BadRequest("duplicate Host")
+            if value and not _valid_authority(value):
+                raise BadRequest("invalid Host")
             host = value
         elif kind == _H_CONTENT_LENGTH:
             if length >= 0:
@@ -254,7 +499,23 @@ def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_def
     if expect_continue and not http10:
         flags |= REQ_EXPECT_CONTINUE
 
-    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    r = object.__new__(RequestHead)
+    r.method = method
+    r.target = target
+    r.version = version
+    # RFC 9112 3.2.2: an absolute-form target's authority overrides Host
+    r.host = host if authority is None else authority
+    r.path = path
+    r.flags = flags
+    r.framing = BODY_CHUNKED if chunked else (BODY_LENGTH if length > 0 else BODY_NONE)
+    r.length = length if length > 0 else 0
+    r.key = b""
+    r._line = method + b" " + path + b" HTTP/1.1\r\n"
+    r._host_field = host is not None
+    r._chunked = chunked
+    r._http10 = http10
+    r._xff = xff
+    out = r._fields = []
     for name, lname, value in fields:
         kind = _KINDS.get(lname, _H_OTHER)
         if kind == _H_OTHER:
@@ -263,24 +524,76 @@ def rewrite_request_head(head, client_ip, proto=b"http", via=b"fastlb", host_def
         elif kind == _H_EXPECT:
             if http10 or (drop is not None and lname in drop):
                 continue
-        elif kind != _H_HOST and kind != _H_CONTENT_LENGTH:
+        elif kind == _H_TRAILER:
+            # announces trailers: kept when they are relayed, i.e. the body is chunked
+            if not chunked or (drop is not None and lname in drop):
+                continue
+        elif kind == _H_HOST:
+            value = r.host
+        elif kind != _H_CONTENT_LENGTH:
             continue
+        out.append((name, value))
+
+    if key_kind == KEY_PATH:
+        r.key = _path_key(path)
+    elif key_kind == KEY_QUERY:
+        r.key = _query_value(target, key_name)
+    elif key_kind == KEY_HEADER:
+        want = key_name.lower()
+        for name, lname, value in fields:
+            if lname == want:
+                r.key = value
+                break
+    elif key_kind == KEY_COOKIE:
+        for name, lname, value in fields:
+            if lname == b"cookie":
+                v = _cookie_value(value, key_name)
+                if v is not None:
+                    r.key = v
+                    break
+    return r
+
+
+def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b""):
+    """The head to send upstream for ``parsed`` (a ``RequestHead``), as HTTP/1.1.
+
+    The request line with the target in origin form; the fields in their
+    order, without the hop-by-hop ones and those named in Connection, and
+    with ``Host`` set to ``parsed.host``; ``backend_authority`` as Host for an
+    HTTP/1.0 request that had none (``None`` or empty: no Host); then
+    ``Transfer-Encoding: chunked`` for a chunked body, ``X-Forwarded-For``
+    (the client's list with ``client_ip`` appended), ``X-Forwarded-Proto:
+    proto``, ``X-Forwarded-Host`` (``parsed.host``, when not empty) and
+    ``Via: 1.1 via`` (1.0 for HTTP/1.0 clients; ``None`` or empty: no Via).
+    """
+    if type(parsed) is not RequestHead:
+        raise TypeError(f"parsed must be a RequestHead, not {type(parsed).__name__}")
+    client_ip = _as_bytes(client_ip, "client_ip")
+    proto = _as_bytes(proto, "proto")
+    via = b"" if via is None else _as_bytes(via, "via")
+    backend_authority = b"" if backend_authority is None else _as_bytes(backend_authority,
+                                                                         "backend_authority")
+    host = parsed.host
+    out = [parsed._line]
+    for name, value in parsed._fields:
         out += (name, b": ", value, b"\r\n")
-    if host is None and host_default:
-        out += (b"Host: ", host_default, b"\r\n")
-    if chunked:
+    if not parsed._host_field:
+        if host is not None:
+            out += (b"Host: ", host, b"\r\n")
+        elif backend_authority:
+            out += (b"Host: ", backend_authority, b"\r\n")
+    if parsed._chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(b"X-Forwarded-For: ")
-    for v in xff:
+    for v in parsed._xff:
         out += (v, b", ")
     out += (client_ip, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
-    if host is not None:
+    if host:
         out += (b"X-Forwarded-Host: ", host, b"\r\n")
     if via:
-        out += (b"Via: 1.0 " if http10 else b"Via: 1.1 ", via, b"\r\n")
+        out += (b"Via: 1.0 " if parsed._http10 else b"Via: 1.1 ", via, b"\r\n")
     out.append(b"\r\n")
-    framing = BODY_CHUNKED if chunked else (BODY_LENGTH if length > 0 else BODY_NONE)
-    return b"".join(out), flags, framing, (length if length > 0 else 0)
+    return b"".join(out)
 
 
 # ---------------------------------------------------------------- responses
@@ -368,14 +681,18 @@ def rewrite_response_head(head, req_flags):
         flags |= RESP_CLIENT_KEEP_ALIVE
 
     out = [b"HTTP/1.1", line[8:], b"\r\n"]
+    # the trailers are relayed, and announced by Trailer, when the body goes on chunked
+    chunked_out = chunked and not client_http10
     for name, lname, value in fields:
         kind = _KINDS.get(lname, _H_OTHER)
         if kind == _H_TRANSFER_ENCODING or kind == _H_CONNECTION or kind == _H_HOP:
             continue
+        if kind == _H_TRAILER and not chunked_out:
+            continue
         if drop is not None and lname in drop:
             continue
         out += (name, b": ", value, b"\r\n")
-    if chunked and not client_http10:
+    if chunked_out:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if not (flags & RESP_INFORMATIONAL):
         if not (flags & RESP_CLIENT_KEEP_ALIVE):
@@ -401,7 +718,7 @@ _S_TRAILER_LF = 9
 _S_END_LF = 10
 _S_DONE = 11
 
-_MAX_SIZE_DIGITS = 15       # 16**15 - 1 bytes: well under 2**62
+_MAX_SIZE = 1 << 60          # a chunk is smaller (15 hex digits without leading zeros)
 _MAX_LINE = 4096            # a chunk-size line with its extensions
 _MAX_TRAILERS = 16384       # the whole trailer section
 
@@ -415,7 +732,9 @@ class ChunkedScanner:
     set: then the chunk payloads are appended to ``payload`` (a list the
     caller empties) and trailers are dropped. ``exc`` is raised on any
     framing error (bad size, missing CRLF, bare LF, control bytes, overlong
-    lines or trailers).
+    lines or trailers). A chunk size may have leading zeros, up to
+    ``MAX_CHUNK_SIZE_DIGITS`` hex digits in all ("chunk size too long"), and
+    must be below 2**60 ("chunk size too large").
     """
 
     __slots__ = ("decode", "payload", "_exc", "_state", "_size", "_digits", "_line")
@@ -462,10 +781,13 @@ class ChunkedScanner:
                 if state == _S_SIZE:
                     v = _HEX.get(c)
                     if v is not None:
+                        # leading zeros are valid (RFC 9112 7.1); the field's length is bounded
                         self._digits += 1
-                        if self._digits > _MAX_SIZE_DIGITS:
-                            raise exc("chunk size too large")
+                        if self._digits > MAX_CHUNK_SIZE_DIGITS:
+                            raise exc("chunk size too long")
                         self._size = self._size * 16 + v
+                        if self._size >= _MAX_SIZE:
+                            raise exc("chunk size too large")
                     elif self._digits == 0:
                         raise exc("invalid chunk size")
                     elif c == 0x3B:  # ';'
@@ -661,12 +983,7 @@ def hash_key(head, kind, name=b""):
         raise ValueError(f"a {kind} hash key needs a name")
     target, eol = _request_target(head)
     if kind == "path":
-        end = len(target)
-        for sep in (b"?", b"#"):
-            j = target.find(sep)
-            if 0 <= j < end:
-                end = j
-        path = target[:end]
+        path = _path_key(target)
         if not path.startswith(b"/"):
             j = path.find(b"://")
             if j >= 0:
@@ -674,21 +991,7 @@ def hash_key(head, kind, name=b""):
                 path = path[s:] if s >= 0 else b"/"
         return path
     if kind == "query":
-        q = target.find(b"?")
-        if q < 0:
-            return b""
-        qs = target[q + 1:]
-        j = qs.find(b"#")
-        if j >= 0:
-            qs = qs[:j]
-        for piece in qs.split(b"&"):
-            eq = piece.find(b"=")
-            if eq < 0:
-                if piece == name:
-                    return b""
-            elif piece[:eq] == name:
-                return piece[eq + 1:]
-        return b""
+        return _query_value(target, name)
     want = b"cookie" if kind == "cookie" else name.lower()
     n = len(head)
     pos = eol + 2
@@ -704,10 +1007,9 @@ def hash_key(head, kind, name=b""):
             value = line[colon + 1:].strip(_OWS)
             if kind == "header":
                 return value
-            for piece in value.split(b";"):
-                eq = piece.find(b"=")
-                if eq >= 0 and piece[:eq].strip(_OWS) == name:
-                    return piece[eq + 1:].strip(_OWS)
+            v = _cookie_value(value, name)
+            if v is not None:
+                return v
         pos = e + 2
     return b""
 

@@ -5,6 +5,7 @@
 cimport cython
 
 from fastlb._core cimport Selector   # the selectors' C-level select/release
+from fastlb._core cimport RequestHead  # flags, framing, length, key read as C fields
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
@@ -16,8 +17,8 @@ cdef frozenset _LOCAL_ERRNOS
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
-cdef object _rewrite_request_head, _rewrite_response_head, _ChunkedScanner, _find_head_end
-cdef object _hash_key
+cdef object _parse_request_head, _write_request_head, _rewrite_response_head, _ChunkedScanner
+cdef object _find_head_end
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
 cdef dict _ERRORS
 
@@ -36,7 +37,7 @@ cdef class Proxy:
     cdef public object balancers      # both, kept in step (health checks steer this)
     cdef public list weights          # configured weights
     cdef public int hash_kind         # 0: no key, 1: client address, 2: hash_key(head, ...)
-    cdef public object hash_what      # "path", "query", "header" or "cookie"
+    cdef public int hash_what         # KEY_* (fastlb.errors): where parse_request_head finds the key
     cdef public bytes hash_name
     cdef public set clients
     cdef public double connect_timeout, response_timeout, header_timeout, keepalive_timeout
@@ -166,7 +167,8 @@ cdef class ClientProtocol:
     cpdef data_received(self, data)
     @cython.locals(proxy=Proxy, parts=list, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
                    probe=bytes, end=Py_ssize_t, fed=Py_ssize_t, i=Py_ssize_t, c=int, idx=int,
-                   flags=int, framing=int, length="long long", backend=Backend, hash_kind=int)
+                   flags=int, framing=int, length="long long", backend=Backend, hash_kind=int,
+                   req=RequestHead)
     cdef _head(self, bytes data)
     @cython.locals(proxy=Proxy, n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
                    piece=bytes, rest=bytes, deadline=double)

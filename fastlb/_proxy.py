@@ -19,7 +19,9 @@ Rules this module keeps:
   the strict validator. fastlb finds the head's end (CRLF CRLF) and the
   body's end (Content-Length, or the chunked scanner) itself, and checks that
   llhttp agrees that the message ended there.
-* The core validates and rewrites the head in one call; the body bytes are
+* The core validates the head (``parse_request_head``) before a backend is
+  chosen, so an invalid request never moves the selector; then it writes
+  the head for that backend (``write_request_head``); the body bytes are
   relayed untouched.
 * Reading from the client is paused for any of several reasons (a bit each:
   the upstream's write buffer is full, pipelined bytes are waiting, the
@@ -63,6 +65,7 @@ from fastlb.errors import (
     BODY_CLOSE,
     BODY_LENGTH,
     BODY_NONE,
+    KEY_KINDS,
     REQ_HTTP10,
     REQ_IDEMPOTENT,
     REQ_KEEP_ALIVE,
@@ -77,11 +80,11 @@ from fastlb.errors import (
 
 log = logging.getLogger("fastlb")
 
-_rewrite_request_head = core.rewrite_request_head
+_parse_request_head = core.parse_request_head
+_write_request_head = core.write_request_head
 _rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
 _find_head_end = core.find_head_end
-_hash_key = core.hash_key
 
 U_IDLE = 0   # in the pool
 U_HEAD = 1   # waiting for (the rest of) a response head
@@ -645,13 +648,22 @@ class ClientProtocol:
             self._reject(400)
             return
 
+        try:
+            req = _parse_request_head(head, proxy.hash_what, proxy.hash_name)
+        except HTTPError as e:
+            self._reject(e.status)
+            return
+        framing = req.framing
+        if framing == BODY_NONE and not self.ll_done:
+            self._reject(400)
+            return
+        # Only a valid request reaches the selector.
         balancer = proxy.balancer
         hash_kind = proxy.hash_kind
         if hash_kind == 0:
             idx = balancer.select()
         else:
-            idx = balancer.select(self.client_ip if hash_kind == 1 else
-                                  _hash_key(head, proxy.hash_what, proxy.hash_name))
+            idx = balancer.select(self.client_ip if hash_kind == 1 else req.key)
             if idx == -2:       # the request has no key: the fallback algorithm picks
                 balancer = proxy.fallback
                 idx = balancer.select()
@@ -662,12 +674,9 @@ class ClientProtocol:
         self.backend = backend
         self.holding = True
         self.held_by = balancer
-        try:
-            out, flags, framing, length = _rewrite_request_head(
-                head, self.client_ip, proxy.proto, proxy.via, backend.authority)
-        except HTTPError as e:
-            self._reject(e.status)
-            return
+        out = _write_request_head(req, self.client_ip, proxy.proto, proxy.via, backend.authority)
+        flags = req.flags
+        length = req.length
         self.req_flags = flags
         self.gen += 1
         self.queued = 0
@@ -678,9 +687,6 @@ class ClientProtocol:
         self.t0 = proxy.now
         self.retried = False
         if framing == BODY_NONE:
-            if not self.ll_done:
-                self._reject(400)
-                return
             self.state = R_DONE
             self.req_head = out
         elif framing == BODY_LENGTH:
@@ -1145,14 +1151,14 @@ class Proxy:
         self.balancer = make_balancer(opts.algorithm, self.weights, names, **algo_opts)
         # Hashing: where the key comes from, and the algorithm for requests without one.
         self.hash_kind = 0
-        self.hash_what = None
+        self.hash_what = 0      # KEY_*: where parse_request_head finds the key
         self.hash_name = b""
         self.fallback = None
         self.balancers = self.balancer  # what health checks and the admin side steer
         if opts.algorithm in HASHED:
             kind, _, name = opts.hash_key.partition(":")
             self.hash_kind = 1 if kind == "ip" else 2
-            self.hash_what = kind
+            self.hash_what = KEY_KINDS.get(kind, 0)
             self.hash_name = name.encode("latin-1")
             self.fallback = make_balancer("weighted-round-robin", self.weights, names)
             self.balancers = BalancerSet(self.balancer, self.fallback)

@@ -12,8 +12,8 @@ import os
 from fastlb import _core_py
 
 _NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
-          "hash64", "hash_key", "ChunkedScanner", "rewrite_request_head", "rewrite_response_head",
-          "find_head_end", "pick_many")
+          "hash64", "hash_key", "ChunkedScanner", "RequestHead", "parse_request_head",
+          "write_request_head", "rewrite_response_head", "find_head_end", "pick_many")
 
 Selector_Py = _core_py.Selector
 RoundRobin_Py = _core_py.RoundRobin
@@ -25,7 +25,9 @@ Maglev_Py = _core_py.Maglev
 hash64_Py = _core_py.hash64
 hash_key_Py = _core_py.hash_key
 ChunkedScanner_Py = _core_py.ChunkedScanner
-rewrite_request_head_Py = _core_py.rewrite_request_head
+RequestHead_Py = _core_py.RequestHead
+parse_request_head_Py = _core_py.parse_request_head
+write_request_head_Py = _core_py.write_request_head
 rewrite_response_head_Py = _core_py.rewrite_response_head
 find_head_end_Py = _core_py.find_head_end
 pick_many_Py = _core_py.pick_many
@@ -52,7 +54,9 @@ if _c is not None:
     hash64_C = _c.hash64
     hash_key_C = _c.hash_key
     ChunkedScanner_C = _c.ChunkedScanner
-    rewrite_request_head_C = _c.rewrite_request_head
+    RequestHead_C = _c.RequestHead
+    parse_request_head_C = _c.parse_request_head
+    write_request_head_C = _c.write_request_head
     rewrite_response_head_C = _c.rewrite_response_head
     find_head_end_C = _c.find_head_end
     pick_many_C = _c.pick_many
@@ -66,13 +70,16 @@ if _c is not None:
     hash64 = hash64_C
     hash_key = hash_key_C
     ChunkedScanner = ChunkedScanner_C
-    rewrite_request_head = rewrite_request_head_C
+    RequestHead = RequestHead_C
+    parse_request_head = parse_request_head_C
+    write_request_head = write_request_head_C
     rewrite_response_head = rewrite_response_head_C
     find_head_end = find_head_end_C
     pick_many = pick_many_C
     IMPL = "c"
 else:
-    RoundRobin_C = ChunkedScanner_C = rewrite_request_head_C = rewrite_response_head_C = None
+    RoundRobin_C = ChunkedScanner_C = rewrite_response_head_C = None
+    RequestHead_C = parse_request_head_C = write_request_head_C = None
     WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
     hash64_C = hash_key_C = find_head_end_C = Selector_C = pick_many_C = None
     Selector = Selector_Py
@@ -85,7 +92,9 @@ else:
     hash64 = hash64_Py
     hash_key = hash_key_Py
     ChunkedScanner = ChunkedScanner_Py
-    rewrite_request_head = rewrite_request_head_Py
+    RequestHead = RequestHead_Py
+    parse_request_head = parse_request_head_Py
+    write_request_head = write_request_head_Py
     rewrite_response_head = rewrite_response_head_Py
     find_head_end = find_head_end_Py
     pick_many = pick_many_Py

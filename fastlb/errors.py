@@ -39,18 +39,30 @@ BODY_LENGTH = 1    # Content-Length bytes follow
 BODY_CHUNKED = 2   # chunked transfer coding
 BODY_CLOSE = 3     # response delimited by the backend closing its connection
 
-# Request flags (rewrite_request_head).
+# Request flags (parse_request_head).
 REQ_KEEP_ALIVE = 1        # the client wants the connection kept open
 REQ_HEAD = 2              # method is HEAD: the response has no body
 REQ_IDEMPOTENT = 4        # GET, HEAD, PUT, DELETE, OPTIONS, TRACE
 REQ_EXPECT_CONTINUE = 8   # Expect: 100-continue (forwarded to the backend)
 REQ_HTTP10 = 16           # the client spoke HTTP/1.0
 
+# Where parse_request_head takes the hash key from (``key_kind``).
+KEY_NONE = 0     # no key: RequestHead.key is b""
+KEY_PATH = 1     # the path of the target, without query or fragment
+KEY_QUERY = 2    # the raw value of the first query parameter ``key_name``
+KEY_HEADER = 3   # the value of the first field ``key_name`` (ASCII case-insensitive)
+KEY_COOKIE = 4   # the value of the first cookie ``key_name``
+KEY_KINDS = {"path": KEY_PATH, "query": KEY_QUERY, "header": KEY_HEADER, "cookie": KEY_COOKIE}
+
 # Response flags (rewrite_response_head).
 RESP_UPSTREAM_KEEP_ALIVE = 1  # the backend connection may go back to the pool
 RESP_CLIENT_KEEP_ALIVE = 2    # the client connection stays open after this response
 RESP_INFORMATIONAL = 4        # a 1xx interim response: a final one follows
 RESP_DECHUNK = 8              # chunked from the backend, sent de-chunked (HTTP/1.0 client)
+
+# A chunk size may have at most this many hex digits, leading zeros included
+# (and at most 15 without them: a chunk below 2**60 bytes).
+MAX_CHUNK_SIZE_DIGITS = 64
 
 # Largest Content-Length accepted (2**62: no overflow anywhere, far beyond any real body).
 MAX_CONTENT_LENGTH = 1 << 62

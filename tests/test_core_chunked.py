@@ -1,7 +1,7 @@
 """ChunkedScanner, on both cores (the ``core`` fixture)."""
 import pytest
 
-from fastlb.errors import BadGateway, BadRequest
+from fastlb.errors import MAX_CHUNK_SIZE_DIGITS, BadGateway, BadRequest
 
 
 def feed(core, pieces, decode=True, exc=BadRequest):
@@ -38,6 +38,10 @@ BODIES = [
     (b"3\r\n\r\n\r\r\n0\r\n\r\n", b"\r\n\r"),
     (b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\nOther:\tv\xff \r\n\r\n", b"hello"),
     (b"0\r\nA:\r\n\r\n", b""),
+    # leading zeros are valid (RFC 9112 7.1: chunk-size = 1*HEXDIG)
+    (b"0000000000000000001\r\nx\r\n0\r\n\r\n", b"x"),
+    (b"0" * 63 + b"5;e=1\r\nhello\r\n" + b"0" * 64 + b"\r\n\r\n", b"hello"),
+    (b"0" * 48 + b"0000000000000003\r\nabc\r\n0\r\n\r\n", b"abc"),
 ]
 
 
@@ -135,8 +139,27 @@ def test_large_chunk(core):
 
 
 def test_max_size_digits(core):
-    data = b"0" * 15 + b"\r\n\r\n"
+    assert MAX_CHUNK_SIZE_DIGITS == 64
+    data = b"0" * 64 + b"\r\n\r\n"
     assert feed(core, [data])[0] == len(data)
+    # 15 significant digits after any run of zeros: the largest size accepted (2**60 - 1)
+    sc = core.ChunkedScanner()
+    assert sc.scan(b"0" * 49 + b"f" * 15 + b"\r\n" + b"x" * 1000) == -1
+
+
+@pytest.mark.parametrize("size,match", [
+    (b"0" * 65, "chunk size too long"),
+    (b"0" * 64 + b"1", "chunk size too long"),
+    (b"0" * 60 + b"1" * 5, "chunk size too long"),
+    (b"1" + b"0" * 15, "chunk size too large"),
+    (b"0" * 30 + b"1" + b"0" * 15, "chunk size too large"),
+])
+def test_size_bounds(core, size, match):
+    for pieces in ([size + b"\r\n"], [bytes([c]) for c in size + b"\r\n"]):
+        sc = core.ChunkedScanner()
+        with pytest.raises(BadRequest, match=match):
+            for piece in pieces:
+                sc.scan(piece)
 
 
 ERRORS = [
@@ -149,7 +172,7 @@ ERRORS = [
     (b"0x5\r\n", "invalid chunk size"),
     (b"5\n", "invalid chunk size"),
     (b"1" * 16 + b"\r\n", "chunk size too large"),
-    (b"0" * 16 + b"\r\n", "chunk size too large"),
+    (b"0" * 65 + b"\r\n", "chunk size too long"),
     (b"5\rx", "missing LF after chunk size"),
     (b"5;a\r\r", "missing LF after chunk size"),
     (b"5;a\nb\r\n", "invalid chunk extension"),

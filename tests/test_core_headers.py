@@ -1,4 +1,8 @@
-"""Request and response head rewriting, on both cores (the ``core`` fixture)."""
+"""Request and response head rewriting, on both cores (the ``core`` fixture).
+
+Requests go through ``parse_request_head`` then ``write_request_head``, as in
+the data path (``rewrite`` below); see test_core_request_head.py for what the
+parsed head carries and for the Host and target-form rules."""
 import pytest
 
 from fastlb.errors import (
@@ -27,8 +31,14 @@ def head(first, *fields):
     return first + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
 
 
+def rewrite(core, raw, ip=IP, proto=b"http", via=b"fastlb", host_default=b""):
+    """(out, flags, framing, length): the head written for a backend, and the framing facts."""
+    r = core.parse_request_head(raw)
+    return core.write_request_head(r, ip, proto, via, host_default), r.flags, r.framing, r.length
+
+
 def req(core, *fields, line=b"GET /p?q=1 HTTP/1.1", ip=IP, **kw):
-    return core.rewrite_request_head(head(line, *fields), ip, **kw)
+    return rewrite(core, head(line, *fields), ip, **kw)
 
 
 def lines(out):
@@ -42,7 +52,7 @@ def fields_of(out):
 
 def bad_request(core, raw, status=400, match=None, **kw):
     with pytest.raises(BadRequest) as ei:
-        core.rewrite_request_head(raw, IP, **kw)
+        core.parse_request_head(raw, **kw)
     assert ei.value.status == status
     if match is not None:
         assert str(ei.value) == match
@@ -174,8 +184,10 @@ def test_http10_host_kept_not_default(core):
 
 
 def test_empty_host_accepted(core):
+    # RFC 9110 7.2: an empty Host is valid; it names no authority, so no X-Forwarded-Host
     out, *_ = req(core, b"Host:")
-    assert b"X-Forwarded-Host: \r\n" in out
+    assert fields_of(out) == [b"Host: ", b"X-Forwarded-For: 10.1.2.3", b"X-Forwarded-Proto: http",
+                              b"Via: 1.1 fastlb"]
 
 
 def test_many_fields(core):
@@ -186,7 +198,8 @@ def test_many_fields(core):
 
 def test_bytearray_arguments_accepted(core):
     raw = head(b"GET / HTTP/1.1", b"Host: h")
-    assert core.rewrite_request_head(raw, bytearray(IP))[0] == core.rewrite_request_head(raw, IP)[0]
+    assert rewrite(core, raw, bytearray(IP))[0] == rewrite(core, raw, IP)[0]
+    assert rewrite(core, bytearray(raw))[0] == rewrite(core, memoryview(raw))[0] == rewrite(core, raw)[0]
 
 
 # ---------------------------------------------------------------- requests: flags
@@ -472,11 +485,38 @@ def test_http10_client(core):
 
 
 def test_dechunk_for_http10_client(core):
-    out, _, flags, framing, _ = resp(core, b"Transfer-Encoding: chunked", b"A: b",
+    # de-chunked: the trailers are dropped, and so is the Trailer field announcing them
+    out, _, flags, framing, _ = resp(core, b"Transfer-Encoding: chunked", b"Trailer: X-T", b"A: b",
                                      req_flags=REQ_KEEP_ALIVE | REQ_HTTP10)
     assert framing == BODY_CHUNKED
     assert flags == RESP_UPSTREAM_KEEP_ALIVE | RESP_DECHUNK
     assert fields_of(out) == [b"A: b", b"Connection: close"]
+
+
+@pytest.mark.parametrize("line,req_flags", [(b"HTTP/1.1 200 OK", REQ_KEEP_ALIVE),
+                                            (b"HTTP/1.0 200 OK", REQ_KEEP_ALIVE),
+                                            (b"HTTP/1.1 200 OK", REQ_KEEP_ALIVE | REQ_HEAD)])
+def test_trailer_relayed_with_chunked_response(core, line, req_flags):
+    # RFC 9110 6.6.2: Trailer is not hop-by-hop; the trailers are relayed, so is the field
+    out, _, flags, framing, _ = resp(core, b"Trailer: X-Checksum", b"Transfer-Encoding: chunked",
+                                     b"A: b", line=line, req_flags=req_flags)
+    assert fields_of(out)[:3] == [b"Trailer: X-Checksum", b"A: b", b"Transfer-Encoding: chunked"]
+
+
+def test_trailer_named_in_connection_dropped(core):
+    out, *_ = resp(core, b"Connection: trailer", b"Trailer: X-T", b"Transfer-Encoding: chunked")
+    assert b"Trailer" not in out
+    out, *_ = req(core, b"Host: h", b"Connection: trailer", b"Trailer: X-T",
+                  b"Transfer-Encoding: chunked", line=b"POST / HTTP/1.1")
+    assert b"Trailer" not in out
+
+
+def test_trailer_kept_for_chunked_request_only(core):
+    out, *_ = req(core, b"Host: h", b"Trailer: X-T", b"Transfer-Encoding: chunked", line=b"POST / HTTP/1.1")
+    assert fields_of(out)[:3] == [b"Host: h", b"Trailer: X-T", b"Transfer-Encoding: chunked"]
+    out, *_ = req(core, b"Host: h", b"Trailer: X-T", b"Content-Length: 1", line=b"POST / HTTP/1.1")
+    assert fields_of(out)[:2] == [b"Host: h", b"Content-Length: 1"]
+    assert b"Trailer" not in out
 
 
 def test_response_hop_by_hop_and_connection_tokens(core):

@@ -58,6 +58,23 @@ MALFORMED = [
     ("del-in-value", b"GET / HTTP/1.1\r\n" + H + b"X-A: a\x7fb\r\n\r\n", 400, True),
     ("missing-host", b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n", 400, True),
     ("dup-host", b"GET / HTTP/1.1\r\n" + H + H + b"\r\n", 400, True),
+    ("dup-host-differing", b"GET / HTTP/1.1\r\n" + H + b"Host: other.test\r\n\r\n", 400, True),
+    # RFC 9112 3.2: an invalid Host value gets 400 (RFC 9110 7.2: uri-host [":" port])
+    ("host-path-chars", b"GET / HTTP/1.1\r\nHost: a b/../<x>\r\n\r\n", 400, True),
+    ("host-bracket-open", b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400, True),
+    ("host-port-range", b"GET / HTTP/1.1\r\nHost: x:99999\r\n\r\n", 400, True),
+    ("host-port-65536", b"GET / HTTP/1.1\r\nHost: x:65536\r\n\r\n", 400, True),
+    ("host-userinfo", b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n", 400, True),
+    ("host-list", b"GET / HTTP/1.1\r\nHost: x,y\r\n\r\n", 400, True),
+    ("host-quoted", b'GET / HTTP/1.1\r\nHost: "quoted"\r\n\r\n', 400, True),
+    ("host-tab-inside", b"GET / HTTP/1.1\r\nHost: a\tb\r\n\r\n", 400, True),
+    ("host-port-only", b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n", 400, True),
+    ("host-http10", b"GET / HTTP/1.0\r\nHost: a b\r\n\r\n", 400, True),
+    ("host-invalid-absolute", b"GET http://ok.test/ HTTP/1.1\r\nHost: x,y\r\n\r\n", 400, True),
+    ("target-userinfo", b"GET http://user@example.test/ HTTP/1.1\r\n" + H + b"\r\n", 400, True),
+    ("target-empty-authority", b"GET http:///x HTTP/1.1\r\n" + H + b"\r\n", 400, True),
+    ("target-bad-port", b"GET http://example.test:99999/ HTTP/1.1\r\n" + H + b"\r\n", 400, True),
+    ("target-scheme", b"GET ftp://example.test/ HTTP/1.1\r\n" + H + b"\r\n", 400, True),
     ("te-http10", b"POST / HTTP/1.0\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
      b"0\r\n\r\n", 400, True),
     ("te-unknown-then-chunked", b"POST / HTTP/1.1\r\n" + H
@@ -91,6 +108,8 @@ MALFORMED = [
      b"5 \r\nhello\r\n0\r\n\r\n", 400, False),
     ("chunk-size-overflow", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
      b"ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n", 400, False),
+    ("chunk-size-field-too-long", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+     + b"0" * 70 + b"5\r\nhello\r\n0\r\n\r\n", 400, False),
 ]
 
 OVERSIZE_LIMIT = 4096
@@ -210,6 +229,10 @@ VALID = [
     ("http10", b"GET /ten HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"),
     ("leading-crlf", b"\r\nGET /lead HTTP/1.1\r\n" + H + b"\r\n"),
     ("tab-ows", b"GET /ows HTTP/1.1\r\n" + H + b"X-A:\t v \t\r\n\r\n"),
+    ("absolute-form", b"GET http://internal.test/abs?q=1 HTTP/1.1\r\n" + H + b"\r\n"),
+    ("host-ipv6-port", b"GET /v6 HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n"),
+    ("chunk-leading-zeros", b"POST /c HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+     b"0000000000000000005\r\nhello\r\n000\r\n\r\n"),
 ]
 
 
