@@ -36,7 +36,7 @@ cdef class Proxy:
     cdef public Selector fallback     # hashing algorithms: picks for requests without a key
     cdef public object balancers      # both, kept in step (health checks steer this)
     cdef public list weights          # configured weights
-    cdef public int hash_kind         # 0: no key, 1: client address, 2: hash_key(head, ...)
+    cdef public int hash_kind         # 0: no key, 1: client address, 2: RequestHead.key
     cdef public int hash_what         # KEY_* (fastlb.errors): where parse_request_head finds the key
     cdef public bytes hash_name
     cdef public set clients
