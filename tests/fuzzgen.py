@@ -1111,6 +1111,7 @@ class Stats:
         self.findings = {}          # (kind, detail, allowlist entry or None) -> [Finding, count]
         self.health = 0
         self.started = time.monotonic()
+        self.finished = None        # when the cases were done (minimising comes after)
 
     def rate(self):
         return self.cases / max(time.monotonic() - self.started, 1e-9)
@@ -1140,7 +1141,7 @@ class Stats:
         return [(f, n) for key, (f, n) in self.findings.items() if key[2] is None]
 
     def summary(self, minimised=None):
-        el = time.monotonic() - self.started
+        el = (self.finished or time.monotonic()) - self.started
         lines = [f"{self.cases} cases in {el:.1f} s ({self.cases / max(el, 1e-9):.0f}/s); "
                  f"{self.health} health checks",
                  "outcomes: " + ", ".join(f"{k} {v}" for k, v in self.outcomes.items()),
@@ -1355,6 +1356,7 @@ async def fuzz(cases, seed, concurrency=32, time_limit=None, progress=None, mini
     minimised = {}
     try:
         await fz.run(generated(seed, cases), stats, time_limit=time_limit, progress=progress)
+        stats.finished = time.monotonic()
         err = fz.stderr()
         if b"Traceback" in err or b"Exception in callback" in err:
             stats.note(Finding("traceback", "fastlb logged a traceback", b"", [0],
