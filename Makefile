@@ -1,6 +1,6 @@
 PY ?= .venv/bin/python
 
-.PHONY: venv compile debug test test-pure bench bench-e2e clean
+.PHONY: venv compile debug test test-pure bench bench-e2e fuzz fuzz-atheris clean
 
 venv:
 	python3 -m venv .venv && .venv/bin/pip install -e '.[test,bench]'
@@ -22,6 +22,19 @@ bench:
 
 bench-e2e:
 	$(PY) bench/e2e.py
+
+# Differential fuzzing against h11 through a real fastlb (see tests/fuzzgen.py):
+# a million cases (override: make fuzz FUZZ_CASES=N FUZZ_SEED=S); stops by itself
+# and prints a summary, with a minimised reproducer per finding.
+FUZZ_CASES ?= 1000000
+FUZZ_SEED ?= 1
+fuzz:
+	$(PY) tests/fuzzgen.py --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
+
+# Coverage-guided: the compiled core against the pure one (needs the fuzz extra).
+FUZZ_TIME ?= 600
+fuzz-atheris:
+	$(PY) tests/fuzz_atheris.py -max_total_time=$(FUZZ_TIME)
 
 clean:
 	rm -rf build dist *.egg-info fastlb/_core.c fastlb/_core.*.so fastlb/_core.html
