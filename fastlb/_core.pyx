@@ -55,7 +55,7 @@ cdef enum:
     KEY_HEADER = 3
     KEY_COOKIE = 4
 
-    MAX_CHUNK_SIZE_DIGITS = 64
+    MAX_CHUNK_SIZE_DIGITS = 20
 
 cdef enum:
     BODY_NONE = 0

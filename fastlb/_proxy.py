@@ -967,7 +967,12 @@ class ClientProtocol:
             self._linger()      # answered before the client finished sending
             return
         if not keep_alive or (self.eof and not self.pending):
-            self._close()
+            if self.pending and not self.eof:
+                # the client already sent more: closing now would reset the
+                # connection and could destroy this response (RFC 9112 9.6)
+                self._linger()
+            else:
+                self._close()
             return
         self._next_request()
 
@@ -987,7 +992,7 @@ class ClientProtocol:
             self.pending = b""
             self.resume_reading_for(P_PIPELINE)
             self._head(data)
-        if self.eof and self.state == R_HEAD:
+        if self.eof and (self.state == R_HEAD or self.state == R_BODY):
             self._close()   # half-closed, and no complete request left
 
     # -------------------------------------------------------- errors, flow, close

@@ -62,7 +62,7 @@ RESP_DECHUNK = 8              # chunked from the backend, sent de-chunked (HTTP/
 
 # A chunk size may have at most this many hex digits, leading zeros included
 # (and at most 15 without them: a chunk below 2**60 bytes).
-MAX_CHUNK_SIZE_DIGITS = 64
+MAX_CHUNK_SIZE_DIGITS = 20
 
 # Largest Content-Length accepted (2**62: no overflow anywhere, far beyond any real body).
 MAX_CONTENT_LENGTH = 1 << 62

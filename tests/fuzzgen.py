@@ -591,7 +591,7 @@ def h11_requests(data, skip=_skip_empty_lines):
 
 
 # Fields fastlb removes or rewrites on the way (README, "What fastlb does with HTTP").
-HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te",
                         b"transfer-encoding", b"upgrade"])
 REWRITTEN = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"])
 PROTECTED = frozenset([b"host", b"content-length"])
@@ -604,10 +604,14 @@ def expected_fields(msg):
     """The fields of an original request that must reach the backend, in order
     (Host is checked on its own)."""
     named = set(_tokens(msg.get_all(b"connection"))) - PROTECTED - {b"close", b"keep-alive"}
+    # Trailer goes on with the trailers, that is when the body goes on chunked
+    chunked = any(b"chunked" in v.lower() for v in msg.get_all(b"transfer-encoding"))
     out = []
     for n, v in msg.headers:
         ln = n.lower()
         if ln in HOP_BY_HOP or ln in REWRITTEN or ln in named or ln == b"host":
+            continue
+        if ln == b"trailer" and not chunked:
             continue
         if ln == b"expect" and msg.version == b"1.0":
             continue    # RFC 9110 10.1.1: ignored in HTTP/1.0
@@ -1063,29 +1067,6 @@ ALLOWED = [
             "forwarded as h11 reads it once they are gone.",
             ("extra", "lenient"), r"illegal request line|no request line",
             _explained_by_cr_skipping),
-    Allowed("absolute-form-host",
-            "fastlb forwards an absolute-form target with the Host the client sent, "
-            "where RFC 9112 3.2.2 says the target's authority replaces it; the fix "
-            "(Host validation and absolute-form handling) is under way.",
-            ("mismatch",), r"^(cut-off )?absolute-form: (Host kept|the backend's address as "
-                           r"Host), not the target's authority$"),
-    Allowed("host-validation",
-            "fastlb forwards a Host field whose value is not uri-host [ \":\" port ] "
-            "(h11 does not check it either) where RFC 9110 7.2 wants a 400; the fix "
-            "(Host validation) is under way.",
-            ("rfc",), r"^forwarded an invalid Host"),
-    Allowed("half-closed-pipelined-body",
-            "a client that half-closes with a pipelined request whose body can never "
-            "arrive is answered 408 after --response-timeout instead of closed at "
-            "once; nothing wrong is forwarded (the body is cut off).",
-            ("status",), r"^fastlb answered 408$",
-            lambda f: f.row[2][1] == "incomplete"),
-    Allowed("reset-after-connection-close",
-            "after a response to a request that closes the connection, fastlb closes "
-            "at once (no lingering close, RFC 9112 9.6); bytes the client still sends "
-            "get a reset, which can destroy the response before the client reads it.",
-            ("answer",), r"^backend answers relayed != requests forwarded \(reset\)$",
-            lambda f: f.row[2][1] == "closed" and f.row[6] == "reset"),
 ]
 
 

@@ -255,10 +255,9 @@ def test_the_core_harness_finds_a_difference():
             return getattr(_core_py, name)
 
         @staticmethod
-        def rewrite_request_head(head, *args):
-            out = _core_py.rewrite_request_head(head, *args)
-            return (out[0].replace(b"Via: 1.1", b"Via: 1.0"),) + out[1:]
+        def write_request_head(req, *args):
+            return _core_py.write_request_head(req, *args).replace(b"Via: 1.1", b"Via: 1.0")
 
-    with pytest.raises(AssertionError, match="rewrite_request_head"):
+    with pytest.raises(AssertionError, match="request_head"):
         fuzz_atheris.one_input(b"\x00\x00\x00GET / HTTP/1.1\r\nHost: a\r\n\r\n", _core_py, Patched())
     fuzz_atheris.one_input(b"\x00\x00\x00GET / HTTP/1.1\r\nHost: a\r\n\r\n", _core_py, _core_py)

@@ -145,7 +145,7 @@ def test_chunked_request_with_leading_zeros(make_backend, make_lb, split):
     be = make_backend()
     lb = make_lb([be])
     data = (b"POST /z HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"0000000000000000001\r\nx\r\n" + b"0" * 60 + b"4;e=1\r\nyzzy\r\n" + b"0" * 64 + b"\r\n\r\n")
+            b"0000000000000000001\r\nx\r\n" + b"0" * 16 + b"4;e=1\r\nyzzy\r\n" + b"0" * 20 + b"\r\n\r\n")
     r = send_and_read(lb.port, data, splits(data)[["whole", "line", "crlf", "bytes"].index(split)])
     assert r.status == 200
     assert r.json()["body"] == "xyzzy"
@@ -156,7 +156,7 @@ def test_chunk_size_field_too_long_400(make_backend, make_lb):
     be = make_backend()
     lb = make_lb([be])
     out, closed = exchange(lb.port, b"POST /z HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                    + b"0" * 65 + b"1\r\nx\r\n0\r\n\r\n")
+                                    + b"0" * 21 + b"1\r\nx\r\n0\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400 ") and closed
     assert be.requests == []
 
@@ -164,7 +164,7 @@ def test_chunk_size_field_too_long_400(make_backend, make_lb):
 def test_chunked_response_with_leading_zeros(make_backend, make_lb):
     def handler(be, req):
         return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b"0000000000000000005\r\nhello\r\n" + b"0" * 63 + b"6\r\n world\r\n" + b"0" * 40 + b"\r\n\r\n")
+                b"0000000000000000005\r\nhello\r\n" + b"0" * 19 + b"6\r\n world\r\n" + b"0" * 20 + b"\r\n\r\n")
 
     be = make_backend(handler=handler)
     lb = make_lb([be])
