@@ -2377,45 +2377,7 @@ cdef class Maglev(Selector):
     cpdef Py_ssize_t select(self, key=b"") except -3:
         if type(key) is not bytes:
             raise TypeError("key must be bytes")
-        cdef Py_ssize_t kl = PyBytes_GET_SIZE(key)
-        if kl == 0:
-            return -2
-        if self._nlive == 0 or self._table == NULL:
-            return -1
-        cdef uint64_t m = <uint64_t>self.table_size
-        cdef uint64_t c = _xxh64(<const unsigned char*>PyBytes_AS_STRING(key), kl, 0) % m
-        cdef uint64_t k
-        cdef const int32_t* table = self._table
-        cdef const unsigned char* live = self._live
-        cdef int64_t* inf = self._inflight
-        cdef double f = self.balance_factor, lim, lw
-        cdef Py_ssize_t b, pick = -1, first = -1
-        if f == 0.0:
-            for k in range(m):
-                b = table[c]
-                if live[b]:
-                    pick = b
-                    break
-                c = c + 1 if c + 1 < m else 0
-        else:
-            lim = f * <double>(self._lf + 1)
-            lw = <double>self._lw
-            for k in range(m):
-                b = table[c]
-                if live[b]:
-                    if <double>inf[b] * lw < lim * <double>self._weight[b]:
-                        pick = b
-                        break
-                    if first < 0:
-                        first = b
-                c = c + 1 if c + 1 < m else 0
-            if pick < 0:
-                pick = first
-        if pick < 0:
-            return -1
-        inf[pick] += 1
-        self._lf += 1
-        return pick
+        return self._walk(key, self._live, self._nlive)
 
     cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
         # select's walk from the key's entry, passing excluded backends too; the
@@ -2423,16 +2385,20 @@ cdef class Maglev(Selector):
         cdef Py_ssize_t left = self._exclude(exclude)
         if type(key) is not bytes:
             raise TypeError("key must be bytes")
+        return self._walk(key, self._mask, left)
+
+    cdef inline Py_ssize_t _walk(self, bytes key, const unsigned char* live, Py_ssize_t nlive):
+        """The table walk from the key's entry to the first backend ``live`` allows
+        (and, with a balance factor, under the load bound)."""
         cdef Py_ssize_t kl = PyBytes_GET_SIZE(key)
         if kl == 0:
             return -2
-        if left == 0 or self._table == NULL:
+        if nlive == 0 or self._table == NULL:
             return -1
         cdef uint64_t m = <uint64_t>self.table_size
         cdef uint64_t c = _xxh64(<const unsigned char*>PyBytes_AS_STRING(key), kl, 0) % m
         cdef uint64_t k
         cdef const int32_t* table = self._table
-        cdef const unsigned char* live = self._mask
         cdef int64_t* inf = self._inflight
         cdef double f = self.balance_factor, lim, lw
         cdef Py_ssize_t b, pick = -1, first = -1
@@ -2462,7 +2428,6 @@ cdef class Maglev(Selector):
         inf[pick] += 1
         self._lf += 1
         return pick
-
 
 def pick_many(selector, n, key=b"", exclude=None):
     """``n`` picks (``select(key)``, then ``release(idx)`` if ``idx >= 0``); the sum of the indices.
