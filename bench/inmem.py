@@ -2,6 +2,7 @@
 stand-in transports, so no socket, no syscall and no other process is measured.
 
     python bench/inmem.py [--algorithm NAME] [--hash-key KEY] [--requests N]
+                          [--access-log PATH [--access-log-format combined|json]]
 
 prints the CPU time per request of fastlb's own user-space work (the core,
 httptools, the data path and CPython). Under valgrind it gives the steadiest
@@ -12,6 +13,8 @@ figure this machine has, instructions per request::
 
 (the difference of the two totals, divided by 10000). The active switch
 applies: FASTLB_NO_EXTENSIONS=1 measures the pure-Python core and data path.
+``--access-log /dev/null`` measures the cost of the access log (the lines are
+formatted, batched and written by the log thread as in ``fastlb serve``).
 """
 import argparse
 import asyncio
@@ -66,12 +69,13 @@ class NullTransport:
         pass
 
 
-def build(algorithm="round-robin", hash_key="ip", backends=3):
+def build(algorithm="round-robin", hash_key="ip", backends=3, **kw):
     """A Proxy over ``backends`` pooled upstream connections and one client.
-    Returns ``run(n)``, which sends n keep-alive requests through it."""
+    Returns ``run(n)``, which sends n keep-alive requests through it; ``kw``
+    are more ``Options`` (``access_log``, ...)."""
     loop = asyncio.new_event_loop()
     opts = Options(backends=tuple(("127.0.0.1", 9000 + i) for i in range(backends)),
-                   algorithm=algorithm, hash_key=hash_key)
+                   algorithm=algorithm, hash_key=hash_key, **kw)
     p = proxy.Proxy(opts, loop)
     for b in p.backends:
         up = proxy.UpstreamProtocol(b, p)
@@ -94,8 +98,15 @@ def main():
     ap.add_argument("--hash-key", default="ip")
     ap.add_argument("-n", "--requests", type=int, default=100000)
     ap.add_argument("-r", "--rounds", type=int, default=3, help="timed rounds; the best is shown")
+    ap.add_argument("--access-log", default="off", metavar="PATH",
+                    help="access log target, e.g. /dev/null (default off)")
+    ap.add_argument("--access-log-format", default=None, metavar="FORMAT",
+                    help="combined or json (default: fastlb's default)")
     args = ap.parse_args()
-    run = build(args.algorithm, args.hash_key)
+    kw = {"access_log": args.access_log}
+    if args.access_log_format is not None:
+        kw["access_log_format"] = args.access_log_format
+    run = build(args.algorithm, args.hash_key, **kw)
     run(200)
     best = float("inf")
     for _ in range(args.rounds):

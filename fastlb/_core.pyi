@@ -20,6 +20,8 @@ __all__ = [
     "rewrite_response_head",
     "find_head_end",
     "pick_many",
+    "access_log_line",
+    "AccessLogBuffer",
 ]
 
 _Weights = Union[list[int], tuple[int, ...]]
@@ -309,3 +311,33 @@ def find_head_end(data: bytes, start: int = 0) -> int:
 
     Raises TypeError unless ``data`` is bytes, ValueError for a negative ``start``.
     """
+
+def access_log_line(fmt: int, head: Optional[bytes], client: bytes, stamp: bytes, status: int,
+                    sent: int, backend: Optional[bytes], upstream: float, total: float) -> bytes:
+    """One access log line (``fmt`` 0: combined, 1: JSON), as bytes ending in LF.
+
+    ``head``: the request head as received, or the part received (None:
+    nothing to show); ``stamp`` is written as given; ``upstream`` (negative:
+    no backend answered) and ``total`` are seconds, written as milliseconds
+    with 3 decimals. Client-controlled fields are escaped as nginx's
+    escape=default (``"``, ``\\``, controls and bytes >= 0x7F as ``\\xHH``);
+    JSON lines are valid JSON for any input. Full description:
+    ``fastlb._core_py.access_log_line``. Raises TypeError for a non-bytes
+    ``head``/``client``/``stamp``/``backend``, ValueError for another ``fmt``.
+    """
+
+class AccessLogBuffer:
+    """A batch of access log lines, each written straight into the batch (no object per line)."""
+
+    fmt: int        # 0: combined, 1: JSON (read-only)
+    limit: int      # batch size in bytes at which ``add`` returns True (read-only)
+    stamp: bytes    # the time field of the next lines, set by the caller
+
+    def __init__(self, fmt: int = 0, limit: int = 65536) -> None: ...
+    def __len__(self) -> int: ...
+    def add(self, head: Optional[bytes], client: bytes, status: int, sent: int,
+            backend: Optional[bytes], upstream: float, total: float) -> bool:
+        """Append ``access_log_line(self.fmt, head, client, self.stamp, ...)``; True once
+        the batch holds ``limit`` bytes or more."""
+    def take(self) -> bytes:
+        """The lines added since the last ``take`` (the batch is emptied)."""

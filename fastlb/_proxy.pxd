@@ -19,6 +19,7 @@ cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
 cdef object _parse_request_head, _write_request_head, _rewrite_response_head, _ChunkedScanner
 cdef object _find_head_end
+cdef object _clock
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
 cdef dict _ERRORS
 
@@ -63,10 +64,12 @@ cdef class Proxy:
     cdef public bytes proto
     cdef public bytes via             # None: no Via
     cdef public object log            # AccessLog, or None when off
+    cdef public object log_add        # log.buffer.add, bound once (None when off)
     cdef public object _ticker
     cdef public set _tasks
 
     cpdef connect(self, Backend backend, ClientProtocol client, long long gen)
+    @cython.locals(head=bytes, backend=Backend, now=double, t_resp=double)
     cpdef log_request(self, ClientProtocol client, int status)
     cpdef local_error(self, reason)
     @cython.locals(c=ClientProtocol)
@@ -155,8 +158,8 @@ cdef class ClientProtocol:
     cdef public double deadline
     cdef public long long sent        # response bytes written to the client (this request)
     cdef public bint eof
-    cdef public double started
-    cdef public object line           # request line, for the access log
+    cdef public bytes log_head        # access log: the head of the exchange not logged yet
+    cdef public double started, t_up, t_resp   # access log: first byte, sent upstream, response head
     cdef public long long gen         # request number: stale connect attempts check it
     cdef public bint holding          # this request counts against backend in the balancer
     cdef public Selector held_by      # ... in that balancer
@@ -201,5 +204,7 @@ cdef class ClientProtocol:
     cdef _close(self)
     cdef _abort(self)
     cpdef bint in_flight(self)
+    @cython.locals(up=UpstreamProtocol)
+    cpdef _log_cut(self)
     cdef _linger(self)
     cdef _drop_upstream(self)

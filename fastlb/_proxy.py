@@ -54,6 +54,7 @@ import errno
 import logging
 import os
 import resource
+import time
 
 import httptools
 
@@ -85,6 +86,7 @@ _write_request_head = core.write_request_head
 _rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
 _find_head_end = core.find_head_end
+_clock = time.monotonic    # access log timings (the ticker's clock is too coarse)
 
 U_IDLE = 0   # in the pool
 U_HEAD = 1   # waiting for (the rest of) a response head
@@ -261,6 +263,8 @@ class UpstreamProtocol:
             self.resp_flags = flags
             self.framing = framing
             self.state = U_BODY
+            if self.proxy.log is not None:
+                client.t_resp = -1.0    # the head is here: timed by the end if that is in this read
             client.deadline = self.proxy.now + self.proxy.response_timeout
             if framing == BODY_LENGTH:
                 if len(data) - end == length:
@@ -279,6 +283,8 @@ class UpstreamProtocol:
                 client.write_response(out)
                 self._finish(client)
                 return
+            if client.t_resp < 0.0:
+                client.t_resp = _clock()
             self._body(data, end, client, out)
             return
 
@@ -492,8 +498,11 @@ class ClientProtocol:
         self.deadline = 0.0
         self.sent = 0           # response bytes written to the client (this request)
         self.eof = False
-        self.started = 0.0
-        self.line = None        # request line, for the access log
+        # access log (kept only when it is on): the exchange in flight, not logged yet
+        self.log_head = None    # the request head as received so far; None: nothing to log
+        self.started = 0.0      # _clock() at its first byte
+        self.t_up = 0.0         # ... when the request was last sent upstream (0: never)
+        self.t_resp = 0.0       # ... when the response head arrived (0: none; -1: at the end)
         self.gen = 0            # request number: stale connect attempts check it
         self.holding = False    # this request counts against self.backend in the balancer
         self.held_by = None     # ... in that balancer (the main one or the hash fallback)
@@ -517,6 +526,8 @@ class ClientProtocol:
         self.deadline = proxy.now + proxy.header_timeout
 
     def connection_lost(self, exc):
+        if self.log_head is not None:
+            self._log_cut()     # the client went away mid-exchange
         self._release()
         self.state = R_CLOSED
         self.proxy.clients.discard(self)
@@ -529,6 +540,8 @@ class ClientProtocol:
         self.eof = True
         if self.state != R_DONE:
             # The request can never be completed now.
+            if self.log_head is not None:
+                self._log_cut()
             self._close()
         return True
 
@@ -590,6 +603,9 @@ class ClientProtocol:
             whole = b"".join(parts)
             self.parts = None
             self.buf = b""
+            if proxy.log is not None:
+                self.log_head = whole
+                self.t_up = _clock()    # the head is complete: it goes upstream now
         else:
             fed = 0
             whole = data
@@ -605,6 +621,11 @@ class ClientProtocol:
                 whole = data = stripped
                 if not data:
                     return
+            if proxy.log is not None:   # the first bytes of a request: an exchange starts
+                self.log_head = whole
+                self.started = self.t_up = _clock()
+                self.t_resp = 0.0
+                self.backend = None
             end = _find_head_end(whole)
             if end < 0:
                 if len(whole) > proxy.max_header_size:
@@ -629,10 +650,6 @@ class ClientProtocol:
         else:
             head = whole[:end]
             rest = whole[end:]
-        if proxy.log is not None:
-            self.line = head[:head.find(b"\r\n")]
-            self.started = proxy.loop.time()
-            self.backend = None
         # llhttp validates exactly the bytes of this head that it has not seen.
         self.ll_done = False
         try:
@@ -824,6 +841,8 @@ class ClientProtocol:
                 self.up = up
                 if self.wpaused:
                     up.pause_reading()
+                if self.proxy.log is not None:
+                    self.t_up = _clock()
                 up.transport.writelines(outq)
                 self.resume_reading_for(P_CONNECTING)
                 return
@@ -864,6 +883,8 @@ class ClientProtocol:
         self.up = up
         if self.wpaused:
             up.pause_reading()
+        if self.proxy.log is not None:
+            self.t_up = _clock()
         up.transport.writelines(outq)
         self.resume_reading_for(P_CONNECTING)
 
@@ -927,6 +948,8 @@ class ClientProtocol:
         if self.sent == 0:
             self._fail(502)
         else:
+            if self.log_head is not None:
+                self.proxy.log_request(self, up.status)   # cut: the status it got part of
             self._release()
             self.state = R_CLOSED
             self.transport.abort()
@@ -993,18 +1016,27 @@ class ClientProtocol:
             self.resume_reading_for(P_PIPELINE)
             self._head(data)
         if self.eof and (self.state == R_HEAD or self.state == R_BODY):
+            if self.log_head is not None:
+                self._log_cut()     # a pipelined request cut short
             self._close()   # half-closed, and no complete request left
 
     # -------------------------------------------------------- errors, flow, close
 
     def _reject(self, status):
         """Refuse a request fastlb read itself: answer and close."""
+        if self.state == R_HEAD:
+            self.t_up = 0.0     # access log: never sent to the backend chosen for it
         self.state = R_CLOSED
         msg = _ERRORS[(status, False)]
         if status == 503 and self.proxy.health is not None:
             msg = error_response(503, False, b"Retry-After: %d\r\n" % self.proxy.health.retry_after())
         self.sent += len(msg)
         if self.proxy.log is not None:
+            if self.parts is not None:  # a head under way: what arrived of it
+                self.log_head = b"".join(self.parts)
+            elif self.log_head is None:     # refused before a byte was kept (stray CR/LF)
+                self.log_head = self.buf
+                self.started = _clock()
             self.proxy.log_request(self, status)
         self.transport.write(msg)
         self._linger()
@@ -1030,6 +1062,8 @@ class ClientProtocol:
 
     def _fail(self, status):
         """The backend side failed: answer ``status`` if the client can still get it."""
+        if self.sent and self.log_head is not None:
+            self._log_cut()     # part of a response went out: that is what it got
         self._release()
         self._drop_upstream()
         if self.sent:
@@ -1064,6 +1098,8 @@ class ClientProtocol:
                 self.outq = None
                 self._fail(504)
             elif self.sent:
+                if self.log_head is not None:
+                    self._log_cut()
                 self._abort()       # the client stopped sending its body
             else:
                 self._reject(408)
@@ -1083,6 +1119,8 @@ class ClientProtocol:
                     self.wmark = size
                     self.deadline = now + self.proxy.response_timeout
                 else:
+                    if self.log_head is not None:
+                        self._log_cut()
                     self._abort()
                 return
             if self.up is not None:
@@ -1122,6 +1160,14 @@ class ClientProtocol:
         self.proxy.clients.discard(self)
         self._drop_upstream()
         self.transport.abort()
+
+    def _log_cut(self):
+        """Log the exchange in flight as cut short (the client left, or it is
+        dropped): with the status of the response it got part of, and the
+        bytes sent so far; 499 if no response had started (nginx's "client
+        closed request")."""
+        up = self.up
+        self.proxy.log_request(self, up.status if self.sent and up is not None else 499)
 
     def in_flight(self):
         """A request is being read or answered on this connection."""
@@ -1185,7 +1231,9 @@ class Proxy:
         self._health_stop = None
         self.proto = b"http"
         self.via = b"fastlb" if opts.via else None
-        self.log = None if opts.access_log == "off" else AccessLog(opts.access_log)
+        self.log = None if opts.access_log == "off" else AccessLog(opts.access_log,
+                                                                   opts.access_log_format)
+        self.log_add = self.log.buffer.add if self.log is not None else None
         self.now = loop.time()
         self.draining = False   # stopping: every response closes its connection
         self.closed = False
@@ -1321,17 +1369,22 @@ class Proxy:
     # -------------------------------------------------------- access log
 
     def log_request(self, client, status):
-        line = client.line
-        client.line = None
-        if line is None:
-            line = b"-"
-            ms = 0.0
-        else:
-            ms = (self.loop.time() - client.started) * 1000.0
-        backend = client.backend.url if client.backend is not None else "-"
-        self.log.add(
-            f'{client.client_ip.decode()} [{self.log.stamp}] '
-            f'"{line.decode("latin-1")}" {status} {client.sent} {backend} {ms:.2f}ms\n')
+        """The exchange in flight on ``client`` ended with ``status``: its line
+        (once: a second call for the same exchange does nothing)."""
+        head = client.log_head
+        if head is None:
+            return
+        client.log_head = None
+        now = _clock()
+        t_resp = client.t_resp
+        if t_resp < 0.0:
+            t_resp = now        # the response ended in the read that brought its head
+        backend = client.backend
+        if self.log_add(head, client.client_ip, status, client.sent,
+                        backend.authority if backend is not None and client.t_up != 0.0
+                        else None,
+                        t_resp - client.t_up if t_resp != 0.0 else -1.0, now - client.started):
+            self.log.flush()    # a full batch: to the writer thread now
 
     # -------------------------------------------------------- shutdown
 
@@ -1371,7 +1424,12 @@ class Proxy:
         for t in list(self._tasks):
             t.cancel()
         if self.log is not None:
+            for c in list(self.clients):
+                if c.log_head is not None:
+                    c._log_cut()    # still in flight: cut short by the stop
             self.log.close()
+            self.log = None
+            self.log_add = None
 
 
 

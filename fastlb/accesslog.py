@@ -1,8 +1,11 @@
-"""Access log: one line per request, written by a thread so the event loop never blocks on I/O.
+"""Access log: one line per exchange, written by a thread so the event loop never blocks on I/O.
 
-The event loop only appends finished lines to a list; the proxy's ticker
-hands the batch to the writer thread a few times a second (and at once when
-it grows large). With ``--access-log off`` there is no AccessLog object at
+The lines are formatted by the core straight into a batch buffer
+(``fastlb.core.AccessLogBuffer``: compiled, escaped, combined or JSON, no
+Python object per line). The data path calls ``buffer.add`` once per
+exchange; the proxy's ticker hands the batch to the writer thread as one
+bytes object a few times a second, and at once when it reaches
+``BATCH_BYTES``. With ``--access-log off`` there is no AccessLog object at
 all, and the per-request path tests a single attribute.
 """
 import os
@@ -11,39 +14,53 @@ import sys
 import threading
 import time
 
-BATCH_LINES = 1024
+from fastlb.core import AccessLogBuffer
+
+BATCH_BYTES = 65536
+
+# --access-log-format: its values, as the core's format numbers (``fmt`` of access_log_line)
+FORMATS = {"combined": 0, "json": 1}
 
 
 class AccessLog:
-    def __init__(self, target):
-        """``target``: "-" for standard output, or a file path (appended to)."""
+    def __init__(self, target, fmt="combined"):
+        """``target``: "-" for standard output, or a file path (appended to);
+        ``fmt``: a key of ``FORMATS``."""
+        if fmt not in FORMATS:
+            raise ValueError(f"access log format {fmt!r}: not one of {', '.join(FORMATS)}")
+        self.fmt = FORMATS[fmt]
         if target == "-":
             self._fd = sys.stdout.fileno()
             self._own = False
         else:
             self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._own = True
-        self.lines = []
+        self.buffer = AccessLogBuffer(self.fmt, BATCH_BYTES)   # lines not handed over yet
         self._q = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="fastlb-access-log", daemon=True)
         self._thread.start()
-        self.stamp = ""
         self.refresh_stamp()
 
     def refresh_stamp(self):
-        self.stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        """The time field of the next lines, to the second: nginx's
+        $time_local for combined, $time_iso8601 for JSON."""
+        if self.fmt == 0:
+            stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        else:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            stamp = stamp[:-2] + ":" + stamp[-2:]
+        self.buffer.stamp = stamp.encode("ascii")
 
-    def add(self, line):
-        lines = self.lines
-        lines.append(line)
-        if len(lines) >= BATCH_LINES:
+    def add(self, head, client, status, sent, backend, upstream, total):
+        """One line (see ``fastlb.core.access_log_line``); the data path calls
+        ``buffer.add`` itself and ``flush`` when it returns True."""
+        if self.buffer.add(head, client, status, sent, backend, upstream, total):
             self.flush()
 
     def flush(self):
-        if self.lines:
-            batch = "".join(self.lines).encode("utf-8", "backslashreplace")
-            self.lines = []
-            self._q.put(batch)
+        """Hand the lines added so far to the writer thread."""
+        if len(self.buffer):
+            self._q.put(self.buffer.take())
 
     def _run(self):
         while True:

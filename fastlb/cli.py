@@ -262,6 +262,9 @@ def _add_common(p):
                         "soonest is put back on trial)")
     p.add_argument("--access-log", default="off", metavar="-|PATH|off",
                    help="one line per request to stdout (-), a file, or nowhere (off, default)")
+    p.add_argument("--access-log-format", default="combined", choices=["combined", "json"],
+                   help="access log lines: nginx's combined plus backend and times (default), "
+                        "or JSON")
     p.add_argument("--no-via", dest="via", action="store_false",
                    help="do not add a Via header to forwarded requests")
     p.add_argument("--log-level", default="info",
@@ -320,7 +323,8 @@ def options_from_args(args, backends, weights=()):
         header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_idle=args.upstream_max_idle, max_header_size=args.max_header_size,
-        access_log=args.access_log, via=args.via, retries=args.retries,
+        access_log=args.access_log, access_log_format=args.access_log_format,
+        via=args.via, retries=args.retries,
         retry_timeout=args.retry_timeout, health=health,
         max_interim=args.max_interim, drain_timeout=args.drain_timeout,
         body_timeout=args.body_timeout, body_min_rate=args.body_min_rate,

@@ -13,7 +13,8 @@ from fastlb import _core_py
 
 _NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
           "hash64", "hash_key", "ChunkedScanner", "RequestHead", "parse_request_head",
-          "write_request_head", "rewrite_response_head", "find_head_end", "pick_many")
+          "write_request_head", "rewrite_response_head", "find_head_end", "pick_many",
+          "access_log_line", "AccessLogBuffer")
 
 Selector_Py = _core_py.Selector
 RoundRobin_Py = _core_py.RoundRobin
@@ -31,6 +32,8 @@ write_request_head_Py = _core_py.write_request_head
 rewrite_response_head_Py = _core_py.rewrite_response_head
 find_head_end_Py = _core_py.find_head_end
 pick_many_Py = _core_py.pick_many
+access_log_line_Py = _core_py.access_log_line
+AccessLogBuffer_Py = _core_py.AccessLogBuffer
 
 _c = None
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
@@ -60,6 +63,8 @@ if _c is not None:
     rewrite_response_head_C = _c.rewrite_response_head
     find_head_end_C = _c.find_head_end
     pick_many_C = _c.pick_many
+    access_log_line_C = _c.access_log_line
+    AccessLogBuffer_C = _c.AccessLogBuffer
     Selector = Selector_C
     RoundRobin = RoundRobin_C
     WeightedRoundRobin = WeightedRoundRobin_C
@@ -76,12 +81,15 @@ if _c is not None:
     rewrite_response_head = rewrite_response_head_C
     find_head_end = find_head_end_C
     pick_many = pick_many_C
+    access_log_line = access_log_line_C
+    AccessLogBuffer = AccessLogBuffer_C
     IMPL = "c"
 else:
     RoundRobin_C = ChunkedScanner_C = rewrite_response_head_C = None
     RequestHead_C = parse_request_head_C = write_request_head_C = None
     WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
     hash64_C = hash_key_C = find_head_end_C = Selector_C = pick_many_C = None
+    access_log_line_C = AccessLogBuffer_C = None
     Selector = Selector_Py
     RoundRobin = RoundRobin_Py
     WeightedRoundRobin = WeightedRoundRobin_Py
@@ -98,6 +106,8 @@ else:
     rewrite_response_head = rewrite_response_head_Py
     find_head_end = find_head_end_Py
     pick_many = pick_many_Py
+    access_log_line = access_log_line_Py
+    AccessLogBuffer = AccessLogBuffer_Py
     IMPL = "py"
 
 

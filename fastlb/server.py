@@ -50,6 +50,7 @@ class Options:
     body_timeout: float = 60.0           # a request body is due this long after its head...
     body_min_rate: float = 500.0         # ... plus 1 s per this many bytes received (0: none)
     access_log: str = "off"              # "-", a path, or "off"
+    access_log_format: str = "combined"  # "combined" or "json"
     via: bool = True
     retries: int = 2                     # more backends tried after a failure (see README)
     retry_timeout: float = 10.0          # no new try this long after the request arrived

@@ -771,3 +771,33 @@ def wait_for(pred, timeout=5.0, step=0.02):
             return True
         time.sleep(step)
     return pred()
+
+
+# ---------------------------------------------------------------- access log
+
+# One combined line (the default --access-log-format): nginx's combined, then
+# backend, total and upstream time. A field holds no raw '"' (they are escaped).
+ACCESS_LOG_COMBINED = re.compile(
+    r'^(?P<client>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d{3}) '
+    r'(?P<bytes>\d+) "(?P<referer>[^"]*)" "(?P<ua>[^"]*)" (?P<backend>\S+) '
+    r'(?P<total>\d+\.\d{3})ms (?P<upstream>\d+\.\d{3}ms|-)$')
+
+ACCESS_LOG_JSON_KEYS = ["time", "client", "method", "target", "version", "status", "bytes_sent",
+                        "backend", "upstream_ms", "total_ms", "request_id"]
+
+
+def access_log_lines(path, n, timeout=5.0, settle=0.3):
+    """The lines of the access log at ``path`` once it has at least ``n``
+    (waiting up to ``timeout``), read again after ``settle`` seconds so that a
+    line too many shows up too (the log is written a few times a second)."""
+    def count():
+        try:
+            with open(path, "rb") as f:
+                return f.read().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    wait_for(lambda: count() >= n, timeout)
+    time.sleep(settle)
+    with open(path, "rb") as f:
+        return f.read().decode("ascii").splitlines()

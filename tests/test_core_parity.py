@@ -215,7 +215,7 @@ def test_public_names(C):
     c_names = {n for n in dir(C) if not n.startswith("_")}
     assert c_names == set(P.__all__) == stub_names == set(C.__all__)
     for cls in ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random",
-                "Maglev", "ChunkedScanner", "RequestHead"):
+                "Maglev", "ChunkedScanner", "RequestHead", "AccessLogBuffer"):
         py_members = {m for m in dir(getattr(P, cls)) if not m.startswith("_")}
         c_members = {m for m in dir(getattr(C, cls)) if not m.startswith("_")}
         assert py_members == c_members, cls
