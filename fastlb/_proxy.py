@@ -990,9 +990,10 @@ class ClientProtocol:
             self._linger()      # answered before the client finished sending
             return
         if not keep_alive or (self.eof and not self.pending):
-            if self.pending and not self.eof:
-                # the client already sent more: closing now would reset the
-                # connection and could destroy this response (RFC 9112 9.6)
+            if not self.eof:
+                # the client may still be sending (it may even have sent more
+                # already): closing now could reset the connection and destroy
+                # this response (RFC 9112 9.6), so linger
                 self._linger()
             else:
                 self._close()

@@ -667,7 +667,10 @@ def compare(fwd, orig):
         return "method"
     absolute = _ABSOLUTE.fullmatch(orig.target)
     if absolute:
-        if fwd.target not in (orig.target, absolute.group(3) or b"/"):
+        path = absolute.group(3)
+        if not path.startswith(b"/"):
+            path = b"/" + path      # RFC 9112 3.2.1: an empty path is sent as "/"
+        if fwd.target not in (orig.target, path):
             return "target"
     elif fwd.target != orig.target:
         return "target"
