@@ -1,19 +1,19 @@
-"""Command line: ``fastlb serve``, ``fastlb demo``, ``fastlb --version``.
+"""Command line: ``fastlb serve``, ``fastlb check-config``, ``fastlb demo``, ``fastlb --version``.
 
 Every bad flag, bad backend URL or listening error ends in one line on
-standard error and a non-zero exit status, never a traceback. Backend host
-names are looked up once, before listening (``check_backends_resolve``); a
-name that does not resolve is such an error unless ``--allow-unresolved``.
+standard error and a non-zero exit status, never a traceback; a bad
+configuration file (``serve --config FILE``) in one line per problem.
+Backend host names are looked up once, before listening
+(``check_backends_resolve``); a name that does not resolve is such an error
+unless ``--allow-unresolved``.
 """
 import argparse
 import concurrent.futures
-import ipaddress
 import logging
 import re
-import socket
 import sys
-import urllib.parse
 
+from fastlb import validate
 from fastlb.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -71,18 +71,10 @@ def _non_negative_float(text):
 
 def parse_listen(text):
     """``[HOST:]PORT`` (HOST may be ``[v6]``) -> (host, port)."""
-    host, port = "127.0.0.1", text
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1:close + 2] != ":":
-            raise ConfigError(f"--listen: expected [HOST]:PORT, got {text!r}")
-        host, port = text[1:close], text[close + 2:]
-    elif ":" in text:
-        host, _, port = text.rpartition(":")
-        host = host or "0.0.0.0"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen: invalid port in {text!r}")
-    return host, int(port)
+    try:
+        return validate.listen_address(text)
+    except ConfigError as e:
+        raise ConfigError(f"--listen: {e}") from None
 
 
 _PLAIN = re.compile(r"[!-~]+\Z")     # visible ASCII: shown as typed, else quoted
@@ -105,20 +97,18 @@ def parse_backend_spec(text):
         except ValueError:
             raise ConfigError(f"--backend {_shown(text)}: weight must be a whole number") \
                 from None
-        if not 0 <= weight <= 10000:
-            raise ConfigError(f"--backend {_shown(text)}: weight must be from 0 to 10000")
+        if validate.weight_problem(weight):
+            raise ConfigError(f"--backend {_shown(text)}: weight must be from 0 to "
+                              f"{validate.MAX_WEIGHT}")
     return parse_backend(url), weight
 
 
 def parse_hash_key(text):
     """``ip``, ``path``, ``header:NAME``, ``cookie:NAME`` or ``query:NAME``."""
-    kind, sep, name = text.partition(":")
-    if kind in ("ip", "path") and not sep:
-        return text
-    if kind in ("header", "cookie", "query") and name and all(33 <= ord(c) < 127 for c in name):
-        return text
-    raise ConfigError(f"--hash-key {text!r}: expected ip, path, header:NAME, cookie:NAME "
-                      "or query:NAME")
+    try:
+        return validate.hash_key(text)
+    except ConfigError as e:
+        raise ConfigError(f"--hash-key {text!r}: {e}") from None
 
 
 def parse_backend(text):
@@ -126,34 +116,10 @@ def parse_backend(text):
 
     HOST is a name, an IPv4 address or ``[IPv6]``; PORT defaults to 80.
     """
-    shown = _shown(text)
-    if "://" not in text:
-        raise ConfigError(f"--backend {shown}: no scheme: expected http://HOST[:PORT]")
     try:
-        parts = urllib.parse.urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        raise ConfigError(f"--backend {shown}: {e}") from None
-    if parts.scheme != "http":
-        raise ConfigError(f"--backend {shown}: only http:// backends are supported")
-    if not parts.hostname:
-        raise ConfigError(f"--backend {shown}: missing host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ConfigError(f"--backend {shown}: a backend is host and port only, no path")
-    if port == 0:
-        raise ConfigError(f"--backend {shown}: port must be from 1 to 65535")
-    return parts.hostname, 80 if port is None else port
-
-
-def _lookup(host, port):
-    """None if ``host`` resolves, else the reason it does not."""
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        return e.strerror or str(e)
-    except (OSError, UnicodeError) as e:    # e.g. a label longer than 63 characters
-        return str(e) or type(e).__name__
-    return None
+        return validate.backend_url(text)
+    except ConfigError as e:
+        raise ConfigError(f"--backend {_shown(text)}: {e}") from None
 
 
 def check_backends_resolve(backends, urls, allow_unresolved=False, log=None):
@@ -166,16 +132,12 @@ def check_backends_resolve(backends, urls, allow_unresolved=False, log=None):
     """
     names = {}
     for (host, port), url in zip(backends, urls):
-        try:
-            ipaddress.ip_address(host)
-            continue
-        except ValueError:
-            pass
-        names.setdefault((host, port), url)
+        if not validate.is_ip(host):
+            names.setdefault((host, port), url)
     if not names:
         return
     with concurrent.futures.ThreadPoolExecutor(min(16, len(names))) as pool:
-        reasons = list(pool.map(lambda hp: _lookup(*hp), names))
+        reasons = list(pool.map(lambda hp: validate.lookup_problem(*hp), names))
     for url, reason in zip(names.values(), reasons):
         if reason is None:
             continue
@@ -279,6 +241,9 @@ def build_parser():
                         version=f"fastlb {__version__} ({core.IMPL} core, {proxy.IMPL} data path)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="balance requests over backends")
+    serve.add_argument("--config", metavar="FILE",
+                       help="run the configuration file FILE (TOML, see README); the global "
+                            "flags given with it override its settings")
     serve.add_argument("--backend", action="append", default=[], metavar="URL[,weight=N]",
                        help="backend as http://HOST[:PORT], optionally with a weight "
                             "(default 1); repeat for more")
@@ -294,7 +259,21 @@ def build_parser():
                       help="connections sending the burst (default 16)")
     demo.add_argument("--exit", dest="exit_after", action="store_true",
                       help="exit after the burst instead of serving until Ctrl-C")
+    check = sub.add_parser("check-config", help="validate a configuration file without "
+                                                "starting (exit status 0: valid, 1: not)")
+    check.add_argument("file", metavar="FILE")
+    parser.subcommands = {"serve": serve, "demo": demo, "check-config": check}
     return parser
+
+
+def given_flags(parser, argv, command):
+    """The dests of the flags typed on the command line after ``command``
+    (the others are at their defaults, whatever their values)."""
+    sub = build_parser().subcommands[command]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    rest = argv[argv.index(command) + 1:]
+    return set(vars(sub.parse_args(rest)))
 
 
 def options_from_args(args, backends, weights=()):
@@ -334,15 +313,20 @@ def options_from_args(args, backends, weights=()):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "check-config":
+        return check_config(args.file)
     logging.basicConfig(level=args.log_level.upper(), format="fastlb: %(message)s",
                         stream=sys.stderr)
     try:
         if args.command == "serve":
+            if args.config is not None:
+                return _serve_config(args, given_flags(parser, argv, "serve"))
             if not args.backend:
                 raise ConfigError("serve: give at least one --backend http://HOST:PORT")
             specs = [parse_backend_spec(b) for b in args.backend]
@@ -354,7 +338,8 @@ def main(argv=None):
 
         return run_demo(args)
     except ConfigError as e:
-        print(f"fastlb: error: {e}", file=sys.stderr)
+        for issue in e.errors:
+            print(f"fastlb: error: {issue}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         print(f"fastlb: error: {e.strerror or e}", file=sys.stderr)
@@ -363,15 +348,50 @@ def main(argv=None):
         return 0
 
 
-def _run_serve(opts):
+def check_config(path):
+    """``fastlb check-config FILE``: every problem on standard output, one per
+    line (warnings too), then exit status 1; or a summary line and 0."""
+    from fastlb.config import load
+
+    try:
+        config = load(path)
+    except ConfigError as e:
+        for issue in e.errors:
+            print(issue)
+        return EXIT_RUNTIME
+    for issue in config.warnings:
+        print(issue)
+    print(f"{path}: OK ({config.summary()})")
+    return 0
+
+
+def _serve_config(args, given):
+    """``serve --config FILE``: load and validate it all (ConfigError lists
+    every problem), apply the global flags given, run it."""
+    from fastlb.config import apply_flags, load
+
+    config, overrides = apply_flags(load(args.config), args, given)
+    logging.getLogger().setLevel(config.log_level.upper())
+    log = logging.getLogger("fastlb")
+    for issue in config.warnings:
+        log.warning("%s", issue)
+    for override in overrides:
+        log.info("%s", override)
+    opts = config.to_options()
+    (name,) = config.listeners
+    return _run_serve(opts, config.where(f"listeners.{name}.bind"))
+
+
+def _run_serve(opts, where=None):
     from fastlb import server
 
     async def go():
         try:
             await server.serve(opts)
         except OSError as e:
+            at = f" ({where})" if where else ""
             raise ConfigError(
-                f"cannot listen on {opts.listen_host}:{opts.listen_port}: {e.strerror or e}"
+                f"cannot listen on {opts.listen_host}:{opts.listen_port}{at}: {e.strerror or e}"
             ) from None
 
     try:

@@ -5,8 +5,71 @@ class FastLBError(Exception):
     """Base class of every fastlb error."""
 
 
+class ConfigIssue:
+    """One problem with the configuration: where it is and what is wrong.
+
+    ``str()`` gives ``FILE:LINE: PATH: MESSAGE`` (``FILE:LINE:COLUMN:`` for a
+    TOML syntax error), leaving out the parts that are None: a flag's issue is
+    ``--retries: must be at least 0, got -1``. ``path`` is the dotted path of
+    the key in the file (``listeners.web.routes[1].pool``, indexes from 0) or
+    the flag's name; ``severity`` is ``"error"`` or ``"warning"`` (a warning's
+    message starts with ``warning:``).
+    """
+
+    __slots__ = ("message", "path", "file", "line", "column", "severity")
+
+    def __init__(self, message, path=None, file=None, line=None, column=None,
+                 severity="error"):
+        self.message = message
+        self.path = path
+        self.file = file
+        self.line = line
+        self.column = column
+        self.severity = severity
+
+    def __str__(self):
+        out = []
+        if self.file is not None:
+            out.append(self.file)
+            if self.line is not None:
+                out.append(f":{self.line}")
+                if self.column is not None:
+                    out.append(f":{self.column}")
+            out.append(": ")
+        if self.path:
+            out.append(f"{self.path}: ")
+        if self.severity == "warning":
+            out.append("warning: ")
+        out.append(self.message)
+        return "".join(out)
+
+    def __repr__(self):
+        return f"ConfigIssue({str(self)!r})"
+
+    def __eq__(self, other):
+        if not isinstance(other, ConfigIssue):
+            return NotImplemented
+        return all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
+
+    __hash__ = None
+
+
 class ConfigError(FastLBError):
-    """A bad command-line flag or configuration value; the message names it."""
+    """A bad command-line flag or configuration value; the message names it.
+
+    ``errors`` is the list of every problem found (``ConfigIssue``; a loaded
+    file reports them all at once); ``str()`` is one line per problem.
+    ``ConfigError("message")`` is a single problem with no place.
+    """
+
+    def __init__(self, message=None, errors=()):
+        errors = list(errors)
+        if not errors:
+            errors.append(ConfigIssue(str(message)))
+        if message is None:
+            message = "\n".join(str(e) for e in errors)
+        super().__init__(message)
+        self.errors = errors
 
 
 class HTTPError(FastLBError):

@@ -82,11 +82,13 @@ import random
 import re
 from typing import Optional
 
-from fastlb.errors import ConfigError
+from fastlb.errors import ConfigError, ConfigIssue
+from fastlb.validate import number_problem, show
 
 __all__ = [
     "HealthConfig",
     "HealthChecker",
+    "FLAGS",
     "parse_expect",
     "WEIGHT_SCALE",
     "SLOW_START_STEPS",
@@ -104,6 +106,30 @@ _HOST_VALUE = re.compile(r"[!-~](?:[ -~]*[!-~])?\Z")  # visible ASCII, inner spa
 
 # ---------------------------------------------------------------- configuration
 
+# The flag that sets each field: messages of the command line name it (a
+# configuration file names the field itself, see fastlb.config).
+FLAGS = {
+    "path": "--health-path",
+    "interval": "--health-interval",
+    "timeout": "--health-timeout",
+    "rise": "--health-rise",
+    "fall": "--health-fall",
+    "expect": "--health-expect",
+    "host": "--health-host",
+    "slow_start": "--slow-start",
+    "eject_after": "--eject-after",
+    "eject_base": "--eject-base",
+    "eject_max": "--eject-max",
+    "eject_reset": "--eject-reset",
+    "eject_5xx": "--eject-5xx",
+    "max_ejected_percent": "--max-ejected-percent",
+}
+
+
+def _flag(field):
+    return FLAGS.get(field, field)
+
+
 def parse_expect(spec):
     """Parse an expected-status spec into a tuple of inclusive ``(lo, hi)`` ranges.
 
@@ -113,6 +139,14 @@ def parse_expect(spec):
     """
     if not isinstance(spec, str):
         raise ConfigError(f"--health-expect: expected a string, got {spec!r}")
+    try:
+        return _expect_ranges(spec)
+    except ConfigError as e:
+        raise ConfigError(f"--health-expect {spec!r}: {e}") from None
+
+
+def _expect_ranges(spec):
+    """``parse_expect`` for a string; the ``ConfigError`` is the bare reason."""
     ranges = []
     for item in spec.split(","):
         item = item.strip().lower()
@@ -122,34 +156,26 @@ def parse_expect(spec):
             continue
         m = re.fullmatch(r"([0-9]{3})(?:\s*-\s*([0-9]{3}))?", item)
         if m is None:
-            raise ConfigError(
-                f"--health-expect {spec!r}: {item or 'an empty item'!s} is not a status code, "
-                "class (2xx) or range (200-399)")
+            raise ConfigError(f"{item or 'an empty item'!s} is not a status code, "
+                              "class (2xx) or range (200-399)")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) else lo
         if not (100 <= lo <= 599 and 100 <= hi <= 599):
-            raise ConfigError(f"--health-expect {spec!r}: status codes are 100 to 599")
+            raise ConfigError("status codes are 100 to 599")
         if hi < lo:
-            raise ConfigError(f"--health-expect {spec!r}: empty range {item}")
+            raise ConfigError(f"empty range {item}")
         ranges.append((lo, hi))
     return tuple(ranges)
 
 
-def _check_number(flag, value, *, integer=False, minimum=0.0, strict=False):
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value != value:
-        raise ConfigError(f"{flag}: expected {'an integer' if integer else 'a number'}, "
-                          f"got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        rel = "greater than" if strict else "at least"
-        raise ConfigError(f"{flag}: must be {rel} {minimum:g}, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class HealthConfig:
-    """Health-check settings; validated on construction (``ConfigError`` names the flag).
+    """Health-check settings; validated on construction (``ConfigError`` names
+    the flag of every bad field: ``FLAGS``). ``HealthConfig.check`` validates
+    without constructing.
 
-    Suggested flags in brackets.
+    Flags in brackets; a configuration file's ``[pools.NAME.health]`` table
+    has one key per field, named as the field.
     """
 
     path: Optional[str] = None      # [--health-path] None: active checks off
@@ -170,42 +196,69 @@ class HealthConfig:
     expect_ranges: tuple = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.path is not None:
-            if not isinstance(self.path, str) or not self.path.startswith("/") \
-                    or not _VISIBLE.match(self.path):
-                raise ConfigError(f"--health-path {self.path!r}: expected an absolute path "
-                                  "such as /healthz (visible ASCII, no spaces)")
-        _check_number("--health-interval", self.interval, strict=True)
-        timeout = self.timeout
-        if timeout is None:
-            timeout = min(2.0, float(self.interval))
-            object.__setattr__(self, "timeout", timeout)
-        _check_number("--health-timeout", timeout, strict=True)
-        if timeout > self.interval:
-            raise ConfigError(f"--health-timeout {timeout:g}: must not exceed "
-                              f"--health-interval {self.interval:g}")
-        _check_number("--health-rise", self.rise, integer=True, minimum=1)
-        _check_number("--health-fall", self.fall, integer=True, minimum=1)
-        object.__setattr__(self, "expect_ranges", parse_expect(self.expect))
-        if self.host is not None and (not isinstance(self.host, str)
-                                      or not _HOST_VALUE.match(self.host)):
-            raise ConfigError(f"--health-host {self.host!r}: expected a host name "
-                              "(visible ASCII)")
-        _check_number("--slow-start", self.slow_start)
-        _check_number("--eject-after", self.eject_after, integer=True)
-        _check_number("--eject-base", self.eject_base, strict=True)
-        _check_number("--eject-max", self.eject_max, strict=True)
-        if self.eject_max < self.eject_base:
-            raise ConfigError(f"--eject-max {self.eject_max:g}: must be at least "
-                              f"--eject-base {self.eject_base:g}")
-        _check_number("--eject-reset", self.eject_reset, strict=True)
-        if not isinstance(self.eject_5xx, bool):
-            raise ConfigError(f"--eject-5xx: expected a bool, got {self.eject_5xx!r}")
-        if self.max_ejected_percent is not None:
-            _check_number("--max-ejected-percent", self.max_ejected_percent)
-            if self.max_ejected_percent > 100:
-                raise ConfigError(f"--max-ejected-percent {self.max_ejected_percent:g}: "
-                                  "must be at most 100")
+        problems = self.check({f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(self) if f.init})
+        if problems:
+            raise ConfigError(errors=[ConfigIssue(msg, path=_flag(field))
+                                      for field, msg in problems])
+        if self.timeout is None:
+            object.__setattr__(self, "timeout", min(2.0, float(self.interval)))
+        object.__setattr__(self, "expect_ranges", _expect_ranges(self.expect))
+
+    @classmethod
+    def check(cls, values, name=_flag):
+        """Every problem with the settings ``values`` (field -> value; fields
+        left out take their defaults) as ``[(field, message)]``, in field order.
+
+        A message says what is wrong with its field's value; ``name(field)`` is
+        how it refers to another field (the flag by default; the configuration
+        file passes the key's name)."""
+        v = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+        v.update(values)
+        out = []
+
+        def number(field, **kw):
+            problem = number_problem(v[field], **kw)
+            if problem is not None:
+                out.append((field, problem))
+            return problem is None
+
+        path = v["path"]
+        if path is not None and (not isinstance(path, str) or not path.startswith("/")
+                                 or not _VISIBLE.match(path)):
+            out.append(("path", "expected an absolute path such as /healthz (visible ASCII, "
+                                f"no spaces), got {show(path)}"))
+        interval_ok = number("interval", strict=True)
+        if v["timeout"] is not None and number("timeout", strict=True) and interval_ok \
+                and v["timeout"] > v["interval"]:
+            out.append(("timeout", f"must not exceed {name('interval')} ({v['interval']:g}), "
+                                   f"got {v['timeout']:g}"))
+        number("rise", integer=True, minimum=1)
+        number("fall", integer=True, minimum=1)
+        expect = v["expect"]
+        if not isinstance(expect, str):
+            out.append(("expect", f"expected a string, got {show(expect)}"))
+        else:
+            try:
+                _expect_ranges(expect)
+            except ConfigError as e:
+                out.append(("expect", f"{show(expect)}: {e}"))
+        host = v["host"]
+        if host is not None and (not isinstance(host, str) or not _HOST_VALUE.match(host)):
+            out.append(("host", f"expected a host name (visible ASCII), got {show(host)}"))
+        number("slow_start")
+        number("eject_after", integer=True)
+        base_ok = number("eject_base", strict=True)
+        if number("eject_max", strict=True) and base_ok and v["eject_max"] < v["eject_base"]:
+            out.append(("eject_max", f"must be at least {name('eject_base')} "
+                                     f"({v['eject_base']:g}), got {v['eject_max']:g}"))
+        number("eject_reset", strict=True)
+        if not isinstance(v["eject_5xx"], bool):
+            out.append(("eject_5xx", f"expected true or false, got {show(v['eject_5xx'])}"))
+        pct = v["max_ejected_percent"]
+        if pct is not None and number("max_ejected_percent") and pct > 100:
+            out.append(("max_ejected_percent", f"must be at most 100, got {pct:g}"))
+        return out
 
     def max_ejected(self, n):
         """How many of a pool of ``n`` backends passive ejection may take out at a time."""

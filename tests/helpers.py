@@ -500,12 +500,15 @@ def run_fastlb(*args, timeout=30, **kw):
 
 class FastlbProcess:
     """``python -m fastlb serve`` with ``--listen 127.0.0.1:0``; the port is read
-    from its "listening on" line on stderr."""
+    from its "listening on" line on stderr. ``backends=None``: ``serve`` with
+    only the ``extra`` arguments (e.g. ``--config FILE``)."""
 
     def __init__(self, backends, *extra, stdout=subprocess.DEVNULL):
-        args = ["serve", "--listen", f"{HOST}:0"]
-        for h, p in backends:
-            args += ["--backend", f"http://{h}:{p}"]
+        args = ["serve"]
+        if backends is not None:
+            args += ["--listen", f"{HOST}:0"]
+            for h, p in backends:
+                args += ["--backend", f"http://{h}:{p}"]
         args += list(extra)
         self.proc = subprocess.Popen(fastlb_cmd(*args), stdout=stdout,
                                      stderr=subprocess.PIPE, cwd=REPO)

@@ -1,0 +1,258 @@
+"""The configuration model: what fastlb is told to run, as frozen dataclasses.
+
+A ``Config`` has global settings, listeners and pools. Both come from either
+a configuration file (``fastlb.config.load``) or the flags of ``fastlb
+serve`` (``fastlb.config.from_flags``: one listener and one pool, both named
+``default``); a model built by either has been validated as a whole (every
+reference resolves, every value is in range) and is never changed: reload
+builds a new one.
+
+::
+
+    Config
+      listeners: {name: ListenerConfig}      in file order
+        host, port, default_pool, client-side timeouts and limits
+        routes: (RouteConfig, ...)           first match wins, in file order
+          host / path_prefix / path / headers -> pool (+ strip_prefix)
+      pools: {name: PoolConfig}              in file order
+        algorithm, hash_key, upstream timeouts, retries
+        backends: (BackendConfig, ...)       url, host, port, weight
+        health: fastlb.health.HealthConfig
+      access_log, via, log_level, drain_timeout, allow_unresolved
+
+Defaults are those of the flags (and of ``fastlb.server.Options``). The
+dicts and tuples are not to be modified: the model is shared as it is.
+
+Routing (``RouteConfig.matches``) is written here as the reference of what a
+route means; the data path compiles the routes of a listener into its own
+lookup structure at load time and must give the same answers.
+"""
+import dataclasses
+from typing import Optional
+
+from fastlb.errors import ConfigError
+from fastlb.health import HealthConfig
+from fastlb.validate import format_address
+
+__all__ = ["Config", "ListenerConfig", "RouteConfig", "PoolConfig", "BackendConfig",
+           "DEFAULT_NAME"]
+
+DEFAULT_NAME = "default"    # the listener and the pool that the flags describe
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    """One backend of a pool: ``http://HOST[:PORT]`` and its weight."""
+
+    url: str            # as written in the file or flag
+    host: str           # lower-cased name or IP address (no brackets)
+    port: int
+    weight: int = 1     # 0 to 10000; 0: never chosen
+
+    @property
+    def address(self):
+        """``host:port`` (IPv6 in brackets): what identifies it in its pool."""
+        return format_address(self.host, self.port)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteConfig:
+    """Where requests that match go. Every condition given must hold; a route
+    with no condition matches every request.
+
+    * ``host``: the request's host (``Host`` header, or the authority of an
+      absolute-form target) without its port, compared case-insensitively;
+      ``*.example.com`` matches any name ending in ``.example.com`` (one label
+      or more: ``a.example.com``, ``a.b.example.com``) but not
+      ``example.com`` itself. Stored lower-cased.
+    * ``path_prefix``: the path starts with this string (a plain string
+      prefix: ``/v1`` matches ``/v1x`` too; end it with ``/`` to match whole
+      segments). ``path``: the path is exactly this. The path is the target
+      up to ``?``, as the client sent it (not decoded).
+    * ``headers``: each named header (name case-insensitive, stored
+      lower-cased) is present with exactly this value (case-sensitive,
+      surrounding whitespace ignored).
+    * ``strip_prefix`` (needs ``path_prefix``): the backend is sent the path
+      without the prefix, always starting with ``/`` (``/v1/users`` under
+      ``/v1/`` or ``/v1`` goes as ``/users``); the query is kept.
+    """
+
+    pool: str
+    host: Optional[str] = None
+    path_prefix: Optional[str] = None
+    path: Optional[str] = None
+    headers: dict = dataclasses.field(default_factory=dict)
+    strip_prefix: bool = False
+
+    def matches(self, host, path, headers=None):
+        """Reference semantics: does a request for ``host`` (as in its Host
+        header, port allowed), ``path`` (no query) and ``headers`` (lower-cased
+        name -> value) match? Not for the per-request path."""
+        if self.host is not None:
+            h = (host or "").strip().lower()
+            if h.startswith("["):
+                h = h[1:h.find("]")] if "]" in h else h
+            elif h.count(":") == 1:
+                h = h.partition(":")[0]
+            h = h.rstrip(".")
+            if self.host.startswith("*."):
+                if not h.endswith(self.host[1:]) or len(h) <= len(self.host) - 1:
+                    return False
+            elif h != self.host:
+                return False
+        if self.path is not None and path != self.path:
+            return False
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
+            return False
+        for name, value in self.headers.items():
+            got = (headers or {}).get(name)
+            if got is None or got.strip() != value:
+                return False
+        return True
+
+    def forwarded_path(self, path):
+        """The path sent to the backend for a matching request path."""
+        if not self.strip_prefix:
+            return path
+        rest = path[len(self.path_prefix):]
+        return rest if rest.startswith("/") else "/" + rest
+
+    @property
+    def catch_all(self):
+        """The route has no condition: it matches every request."""
+        return (self.host is None and self.path_prefix is None and self.path is None
+                and not self.headers)
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerConfig:
+    """An address clients connect to, with its client-side limits and routes.
+
+    A request goes to the pool of the first route that matches it, else to
+    ``default_pool``; with no match and no default pool it gets 404.
+    """
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    default_pool: Optional[str] = None
+    header_timeout: float = 10.0        # a whole request head within this, else 408
+    keepalive_timeout: float = 75.0     # idle client keep-alive connection
+    max_header_size: int = 65536        # bytes; larger head -> 431
+    body_timeout: float = 60.0          # a request body is due this long after its head...
+    body_min_rate: float = 500.0        # ... plus 1 s per this many bytes received (0: none)
+    backlog: int = 1024                 # listen() backlog
+    routes: tuple = ()                  # (RouteConfig, ...): first match wins
+
+    @property
+    def bind(self):
+        """``host:port`` (IPv6 in brackets)."""
+        return format_address(self.host, self.port)
+
+    def pools_used(self):
+        """Names of the pools this listener sends requests to, in order, once each."""
+        names = [r.pool for r in self.routes]
+        if self.default_pool is not None:
+            names.append(self.default_pool)
+        return tuple(dict.fromkeys(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """Backends that serve alike, how one is chosen, and the upstream settings."""
+
+    name: str
+    backends: tuple = ()                # (BackendConfig, ...), at least one
+    algorithm: str = "round-robin"      # one of fastlb.selection.ALGORITHMS
+    hash_key: str = "ip"                # maglev: ip, path, header:NAME, cookie:NAME, query:NAME
+    hash_balance_factor: float = 0.0    # maglev: bounded load (0 = off, else >= 1)
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0      # upstream silent this long -> 504
+    retries: int = 2                    # more backends tried after a failure
+    retry_timeout: float = 10.0         # no new try this long after the request arrived
+    upstream_idle_timeout: float = 60.0  # idle pooled upstream connection
+    upstream_max_idle: int = 64         # idle pooled connections per backend
+    max_interim: int = 10               # 1xx responses relayed per request, at most
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole configuration: global settings, listeners and pools (see the module)."""
+
+    listeners: dict = dataclasses.field(default_factory=dict)   # name -> ListenerConfig
+    pools: dict = dataclasses.field(default_factory=dict)       # name -> PoolConfig
+    access_log: str = "off"             # "-", a path, or "off"
+    access_log_format: str = "combined"  # a key of fastlb.accesslog.FORMATS: combined, json
+    via: bool = True                    # add Via: 1.1 fastlb to forwarded requests
+    log_level: str = "info"             # debug, info, warning, error
+    drain_timeout: float = 30.0         # SIGTERM/SIGINT: in-flight requests get this long
+    allow_unresolved: bool = False      # a backend host that does not resolve: a warning
+    # where it came from: the file name as given (None: flags), and the
+    # warnings found while loading (fastlb.errors.ConfigIssue)
+    source: Optional[str] = dataclasses.field(default=None, compare=False)
+    warnings: tuple = dataclasses.field(default=(), compare=False, repr=False)
+    _lines: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    # The global settings, in the order of the README's table.
+    GLOBAL = ("access_log", "access_log_format", "via", "log_level", "drain_timeout", "allow_unresolved")
+
+    def where(self, path):
+        """``FILE:LINE`` of a dotted path (``"listeners.web.bind"``), for
+        messages about a setting after loading (e.g. "cannot listen"); the
+        line of its table when the key itself is not in the file; None for
+        a model built from flags."""
+        if self.source is None:
+            return None
+        line = self._lines.get(path)
+        while line is None and path:
+            path = path.rpartition(".")[0] if "." in path else ""
+            line = self._lines.get(path)
+        return f"{self.source}:{line}" if line else self.source
+
+    def counts(self):
+        """``(listeners, pools, routes, backends)``."""
+        return (len(self.listeners), len(self.pools),
+                sum(len(li.routes) for li in self.listeners.values()),
+                sum(len(p.backends) for p in self.pools.values()))
+
+    def summary(self):
+        """``2 listeners, 3 pools, 5 routes, 6 backends``."""
+        words = ("listener", "pool", "route", "backend")
+        return ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in zip(self.counts(), words))
+
+    def to_options(self):
+        """The ``fastlb.server.Options`` of a configuration that today's data
+        path can run: one listener whose requests all go to one pool (its
+        ``default_pool``, no routes). Raises ``ConfigError`` otherwise."""
+        from fastlb.server import Options
+
+        if len(self.listeners) != 1 or len(self.pools) != 1:
+            raise ConfigError(
+                f"{self.source or 'configuration'}: {self.summary()}: serve runs one listener "
+                "and one pool for now (several listeners, several pools and routing are "
+                "not wired into the data path yet)")
+        (li,) = self.listeners.values()
+        (pool,) = self.pools.values()
+        if li.routes or li.default_pool != pool.name:
+            raise ConfigError(
+                f"{self.where(f'listeners.{li.name}') or 'configuration'}: "
+                f"listeners.{li.name}: serve runs a listener without routes, whose "
+                "default_pool takes every request, for now (routing is not wired into the "
+                "data path yet)")
+        return Options(
+            listen_host=li.host, listen_port=li.port, backlog=li.backlog,
+            header_timeout=li.header_timeout, keepalive_timeout=li.keepalive_timeout,
+            max_header_size=li.max_header_size, body_timeout=li.body_timeout,
+            body_min_rate=li.body_min_rate,
+            backends=tuple((b.host, b.port) for b in pool.backends),
+            weights=tuple(b.weight for b in pool.backends),
+            algorithm=pool.algorithm, hash_key=pool.hash_key,
+            hash_balance_factor=pool.hash_balance_factor,
+            connect_timeout=pool.connect_timeout, response_timeout=pool.response_timeout,
+            retries=pool.retries, retry_timeout=pool.retry_timeout,
+            upstream_idle_timeout=pool.upstream_idle_timeout,
+            upstream_max_idle=pool.upstream_max_idle, max_interim=pool.max_interim,
+            health=pool.health,
+            access_log=self.access_log, access_log_format=self.access_log_format, via=self.via, drain_timeout=self.drain_timeout,
+        )
