@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """User-space instructions per proxied request: fastlb, nginx and haproxy side by side.
 
-    python bench/instructions.py                       # the default table, a few minutes
+    python bench/instructions.py                       # the default table (8-12 min here)
+    python bench/instructions.py --logs off --connections 1                 # ~2 min
     python bench/instructions.py --rows big256 --logs off --connections 16 -n 300
     python bench/instructions.py --json /tmp/ir.json --keep /tmp/ir-dumps
 
@@ -21,15 +22,16 @@ the same request and connection count:
 
 The ``summary:`` line is used, not ``totals:``. ``summary`` is each thread's
 counter minus its value at the zero: it is 0 for a dump of an idle nginx and
-grows linearly with N. ``totals`` sums the cost lines written, and those keep
-some costs from before the zero in a dump that follows the first run of new
-code paths (seen up to 30 % too high, then equal to ``summary`` on the next
-repeat), so it is only recorded in the JSON.
+grows linearly with N. ``totals`` sums the cost lines written, and in some
+dumps (the first ones of a process) those still hold costs from before the
+zero (seen up to 30 % too high, then equal to ``summary``), so it is only
+recorded in the JSON.
 
 Idle work counts too: a timer that fires while the requests run is in the
 dump. Callgrind slows a proxy ~50x, so such work weighs ~50x more per request
 than at native speed. Each target's idle rate (Ir per second with no traffic,
-measured once after start) and each measurement's length are in the JSON,
+measured once per start, after the first warm-up) and each measurement's
+length are in the JSON,
 and the table's notes give the share of the figure they make.
 
 Two parts of each figure are also shown apart, read from the dump: CPython's
@@ -39,14 +41,15 @@ one instruction (glibc's memcpy uses it for copies of a few KiB and more), so
 a copy of a 256 KiB body weighs ~256,000 Ir, where the CPU takes a few
 microseconds: for the big rows, read the memcpy share as "bytes copied".
 
-What moves between repeats: the one-connection rows with small bodies agree
-within ~0.1 %. At 16 connections a proxy's count depends on how many ready
-sockets one loop iteration serves, and fastlb's on its per-connection work
-and on whether a GC run fell in the measurement: ~1 %. With 16 KiB and
-256 KiB bodies the count depends on how the body is split into reads (a body
-that arrives with its head is sliced, i.e. copied, one that arrives alone is
-not): up to ~10 % for fastlb. The table gives each cell's spread, with and
-without GC.
+What moves between repeats: nginx repeats within 0.5 %, haproxy too but with
+256 KiB bodies (up to 2.5 %). fastlb does on a quiet machine with one connection and small bodies;
+otherwise its count moves with work paid per second rather than per request
+(its ticker, the access log's batch hand-off: their share grows with a
+measurement's length), at 16 connections with how many ready sockets one
+loop iteration serves, its per-connection work and CPython's GC (~1-3 %),
+and with big bodies with how the body is split into reads (a body that
+arrives with its head is sliced, i.e. copied; one that arrives alone is
+not). The table gives each cell's spread, with and without GC.
 
 Rows (``--rows``): ``small`` (``GET /``, 16-byte body, h2load's 2 headers),
 ``headers`` (``GET /`` with the 9 browser header lines of bench/inmem.py's
@@ -534,7 +537,7 @@ def default_n(row, connections):
 
 def run(targets=DEFAULT_TARGETS, rows=tuple(ROWS), logs=(False, True), connections=(1, 16),
         n=None, repeats=2, warmup=None, keep=None, python=None, no_rep_movsb=False,
-        out=sys.stderr):
+        top=0, out=sys.stderr):
     """Measure every cell; returns a dict (see ``format_table`` and ``--json``)."""
     python = python or os.environ.get("FASTLB_BENCH_PYTHON") or sys.executable
     targets = list(targets)
@@ -578,6 +581,7 @@ def run(targets=DEFAULT_TARGETS, rows=tuple(ROWS), logs=(False, True), connectio
                                    port, workdir, None))
             bports.append(port)
 
+        running_logs = []   # the log settings done before this one
         for log in logs:
             running = []
             logged = {}   # target -> requests sent, to compare with the lines logged
@@ -588,7 +592,6 @@ def run(targets=DEFAULT_TARGETS, rows=tuple(ROWS), logs=(False, True), connectio
                                                  NO_REP_MOVSB if no_rep_movsb else None)
                 running.append((t, proc, lines, sink))
                 logged[t] = 0
-                idle.setdefault(t, []).append(idle_rate(proc))
             for row in rows:
                 for c in connections:
                     rn = n or default_n(row, c)
@@ -597,6 +600,9 @@ def run(targets=DEFAULT_TARGETS, rows=tuple(ROWS), logs=(False, True), connectio
                         w = warmup if warmup is not None else max(200, 10 * c)
                         h2load(proc.port, row, w, c)
                         logged[t] += w
+                        if len(idle.get(t, ())) < len(running_logs) + 1:
+                            # once per start, after traffic: startup work is over
+                            idle.setdefault(t, []).append(idle_rate(proc))
                         reps = []
                         for r in range(repeats):
                             proc.zero()
@@ -634,6 +640,9 @@ def run(targets=DEFAULT_TARGETS, rows=tuple(ROWS), logs=(False, True), connectio
                               f"{' '.join(f'{x:,.0f}' for x in irs)} Ir/request "
                               f"({secs:.1f} s each)",
                               file=out, flush=True)
+                        if top:
+                            print("\n".join(f"      {x}" for x in top_functions(d, rn, top)),
+                                  file=out, flush=True)
                     cells.append(cell)
             for t, proc, lines, sink in running:
                 proc.stop()
@@ -646,6 +655,7 @@ def run(targets=DEFAULT_TARGETS, rows=tuple(ROWS), logs=(False, True), connectio
                 if sink:
                     sink.close()
             running = []
+            running_logs.append(log)
     finally:
         for _, proc, _, sink in running:
             try:
@@ -744,8 +754,10 @@ def format_table(result):
         f"cyclic GC, which runs in some measurements and not others, by up to "
         f"{100 * result['max_spread_without_gc']:.2f} % "
         f"({'within' if result['agree_without_gc'] else 'NOT within'} 0.5 %). "
-        "memcpy: Ir in memcpy/memmove, where valgrind counts each byte of a `rep movsb` "
-        "as an instruction.")
+        + ("memcpy: Ir in memcpy/memmove, glibc kept off `rep movsb` (--no-rep-movsb)."
+           if result["config"].get("no_rep_movsb") else
+           "memcpy: Ir in memcpy/memmove, where valgrind counts each byte of a `rep movsb` "
+           "as an instruction."))
     for note in result["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -777,6 +789,9 @@ def main(argv=None):
     p.add_argument("--no-rep-movsb", action="store_true",
                    help="run the proxies with glibc's memcpy kept off rep movsb, which "
                         "valgrind counts per byte (GLIBC_TUNABLES)")
+    p.add_argument("--top", type=int, default=0, metavar="K",
+                   help="print each measurement's K costliest functions (self Ir per "
+                        "request, last repeat) to stderr")
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
     p.add_argument("--keep", metavar="DIR",
                    help="keep every measured callgrind dump in DIR (for callgrind_annotate)")
@@ -793,7 +808,7 @@ def main(argv=None):
         print(f"skipped: {', '.join(missing)} not found; install with: {APT_LINE}")
         return 0
     result = run(targets, rows, logs, conns, a.requests, a.repeats, a.warmup, a.keep,
-                 no_rep_movsb=a.no_rep_movsb)
+                 no_rep_movsb=a.no_rep_movsb, top=a.top)
     print(format_table(result))
     if a.json:
         with open(a.json, "w") as f:
