@@ -784,6 +784,8 @@ class ClientProtocol:
                 return
             self.scanner = None
             self.state = R_DONE
+            # the body is in: from now on the backend owes the response
+            self.deadline = proxy.now + proxy.response_timeout
         self._send_up(piece)
         if rest is not None:
             self._stash(rest)
@@ -931,11 +933,15 @@ class ClientProtocol:
             self.outq = [self.req_head]
             self.proxy.connect(up.backend, self, self.gen)
             return
-        self.proxy.note_failure(up.backend, reason)
+        if not up.reused:
+            # on a reused connection it is the keep-alive race again (this
+            # request's one fresh retry is spent): not the backend's fault
+            self.proxy.note_failure(up.backend, reason)
         nxt = self._next_backend()
         if nxt is None:
             self._fail(502)
             return
+        self.retried = False    # one fresh retry per backend for the race
         self.outq = [self.req_head]
         self._send_to(nxt)
 

@@ -17,6 +17,7 @@ from fastlb import validate
 from fastlb.errors import ConfigError
 
 EXIT_USAGE = 2
+_LARGEST = 2 ** 31 - 1      # counts, sizes and seconds the data path keeps in C ints
 EXIT_RUNTIME = 1
 
 
@@ -33,6 +34,8 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+        if not value <= _LARGEST:
+            raise argparse.ArgumentTypeError(f"too large (at most {_LARGEST}): {text!r}")
         return value
 
     conv.__name__ = kind.__name__
@@ -44,6 +47,8 @@ def _non_negative_int(text):
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value > _LARGEST:
+        raise argparse.ArgumentTypeError(f"too large (at most {_LARGEST}): {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
