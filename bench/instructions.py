@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """User-space instructions per proxied request: fastlb, nginx and haproxy side by side.
 
-    python bench/instructions.py                       # the default table (8-12 min here)
+    python bench/instructions.py                       # the default table (7-12 min here)
     python bench/instructions.py --logs off --connections 1                 # ~2 min
     python bench/instructions.py --rows big256 --logs off --connections 16 -n 300
     python bench/instructions.py --json /tmp/ir.json --keep /tmp/ir-dumps
@@ -41,9 +41,10 @@ one instruction (glibc's memcpy uses it for copies of a few KiB and more), so
 a copy of a 256 KiB body weighs ~256,000 Ir, where the CPU takes a few
 microseconds: for the big rows, read the memcpy share as "bytes copied".
 
-What moves between repeats: nginx repeats within 0.5 %, haproxy too but with
-256 KiB bodies (up to 2.5 %). fastlb does on a quiet machine with one connection and small bodies;
-otherwise its count moves with work paid per second rather than per request
+What moves between repeats: with --no-rep-movsb nginx and haproxy repeat
+within 0.5 %; counted per byte, their copies vary with read sizes (up to
+~4.5 % for haproxy with big bodies). fastlb repeats within 0.1 % on a quiet
+machine with one connection and small bodies; otherwise its count moves with work paid per second rather than per request
 (its ticker, the access log's batch hand-off: their share grows with a
 measurement's length), at 16 connections with how many ready sockets one
 loop iteration serves, its per-connection work and CPython's GC (~1-3 %),
