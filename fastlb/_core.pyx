@@ -1956,33 +1956,17 @@ cdef class WeightedRoundRobin(Selector):
             self._current[i] = 0
 
     cpdef Py_ssize_t select(self, key=b"") except -3:
-        cdef Py_ssize_t n = self.n, i = self._start, k, best = -1
-        cdef int64_t total = 0, c, bestc = 0, w
-        cdef const unsigned char* live = self._live
-        cdef const int64_t* weight = self._weight
-        cdef int64_t* cur = self._current
-        for k in range(n):
-            if live[i]:
-                w = weight[i]
-                c = cur[i] + w
-                cur[i] = c
-                total += w
-                if best < 0 or c > bestc:
-                    best = i
-                    bestc = c
-            i = i + 1 if i + 1 < n else 0
-        if best < 0:
-            return -1
-        cur[best] = bestc - total
-        self._inflight[best] += 1
-        return best
+        return self._pick(self._live)
 
     cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
         # nginx's pass over the peers not tried: excluded ones keep their current weight
         self._exclude(exclude)
+        return self._pick(self._mask)
+
+    cdef inline Py_ssize_t _pick(self, const unsigned char* live):
+        """nginx's smooth weighted pass over the backends ``live`` allows."""
         cdef Py_ssize_t n = self.n, i = self._start, k, best = -1
         cdef int64_t total = 0, c, bestc = 0, w
-        cdef const unsigned char* live = self._mask
         cdef const int64_t* weight = self._weight
         cdef int64_t* cur = self._current
         for k in range(n):
@@ -2000,7 +1984,6 @@ cdef class WeightedRoundRobin(Selector):
         cur[best] = bestc - total
         self._inflight[best] += 1
         return best
-
 
 cdef class LeastConn(Selector):
     """Fewest requests in flight per unit of weight; ties to the first in rotation.
@@ -2015,31 +1998,17 @@ cdef class LeastConn(Selector):
         self._next = seed % self.n
 
     cpdef Py_ssize_t select(self, key=b"") except -3:
-        cdef Py_ssize_t n = self.n, i = self._next, k, best = -1
-        cdef int64_t bf = 0, bw = 1, f, w
-        cdef const unsigned char* live = self._live
-        cdef const int64_t* weight = self._weight
-        cdef int64_t* inf = self._inflight
-        for k in range(n):
-            if live[i]:
-                f = inf[i]
-                w = weight[i]
-                if best < 0 or f * bw < bf * w:
-                    best = i
-                    bf = f
-                    bw = w
-            i = i + 1 if i + 1 < n else 0
-        if best < 0:
-            return -1
-        self._next = best + 1 if best + 1 < n else 0
-        inf[best] += 1
-        return best
+        return self._pick(self._live)
 
     cpdef Py_ssize_t select_excluding(self, exclude, key=b"") except -3:
         self._exclude(exclude)
+        return self._pick(self._mask)
+
+    cdef inline Py_ssize_t _pick(self, const unsigned char* live):
+        """The fewest in flight per unit of weight among the backends ``live``
+        allows, ties in rotation."""
         cdef Py_ssize_t n = self.n, i = self._next, k, best = -1
         cdef int64_t bf = 0, bw = 1, f, w
-        cdef const unsigned char* live = self._mask
         cdef const int64_t* weight = self._weight
         cdef int64_t* inf = self._inflight
         for k in range(n):
@@ -2056,7 +2025,6 @@ cdef class LeastConn(Selector):
         self._next = best + 1 if best + 1 < n else 0
         inf[best] += 1
         return best
-
 
 cdef class _Seeded(Selector):
     cdef uint64_t _rng

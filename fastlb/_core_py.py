@@ -1609,53 +1609,22 @@ class Maglev(Selector):
     def select(self, key=b""):
         if type(key) is not bytes:
             raise TypeError("key must be bytes")
-        if not key:
-            return -2
-        if self._nlive == 0:
-            return -1
-        m = self.table_size
-        table = self._table
-        live = self._live
-        c = hash64(key) % m
-        f = self.balance_factor
-        inf = self._inflight
-        pick = -1
-        if f == 0.0:
-            for _ in range(m):
-                b = table[c]
-                if live[b]:
-                    pick = b
-                    break
-                c = c + 1 if c + 1 < m else 0
-        else:
-            first = -1
-            lim = f * float(self._lf + 1)
-            lw = float(self._lw)
-            weight = self._weight
-            for _ in range(m):
-                b = table[c]
-                if live[b]:
-                    if float(inf[b]) * lw < lim * float(weight[b]):
-                        pick = b
-                        break
-                    if first < 0:
-                        first = b
-                c = c + 1 if c + 1 < m else 0
-            if pick < 0:
-                pick = first
-        inf[pick] += 1
-        self._lf += 1
-        return pick
+        return self._walk(key, self._live, self._nlive)
 
     def select_excluding(self, exclude, key=b""):
         # select's walk from the key's entry, passing excluded backends too; the
         # bounded load still compares with the mean over every live backend
-        live, m_left = self._exclude(exclude)
+        live, left = self._exclude(exclude)
         if type(key) is not bytes:
             raise TypeError("key must be bytes")
+        return self._walk(key, live, left)
+
+    def _walk(self, key, live, nlive):
+        """The table walk from the key's entry to the first backend ``live`` allows
+        (and, with a balance factor, under the load bound)."""
         if not key:
             return -2
-        if m_left == 0:
+        if nlive == 0:
             return -1
         m = self.table_size
         table = self._table
