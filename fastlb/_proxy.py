@@ -194,6 +194,10 @@ class UpstreamProtocol:
             client.response_aborted(self, "backend closed mid-response")
 
     def eof_received(self):
+        if self.client is None:
+            # a pooled connection the backend closed: out of the pool now, not
+            # at connection_lost (a request in this same loop turn would take it)
+            self.drop_idle()
         return False
 
     def pause_writing(self):
