@@ -109,3 +109,30 @@ def test_huge_integer_flags_never_give_a_traceback(flag):
     err = out.decode()
     assert "Traceback" not in err, err
     assert b"listening on" in out or proc.returncode == 2, err
+
+
+def test_pooled_connection_closed_by_the_backend_is_not_reused(make_backend, make_lb):
+    """The backend closed a pooled connection (its FIN is read) just before a
+    POST arrives, both in one turn of the event loop: the connection is dead
+    and known to be, so it must leave the pool at its EOF (as it does on any
+    byte), and the POST goes on a fresh connection instead of failing 502."""
+    be = make_backend("A")
+    lb = make_lb([be])
+    backend = lb.proxy.backends[0]
+    statuses = []
+    for _ in range(3):
+        with raw_connect(lb.port, 5) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert Reader(c, 5).read_response().status == 200
+            assert wait_for(lambda: len(backend.idle) == 1)
+            # the balancer's loop is busy for a moment; meanwhile the backend
+            # closes the idle connection, then the client sends a POST
+            lb.lt.loop.call_soon_threadsafe(time.sleep, 0.3)
+            time.sleep(0.05)
+            be.close_idle_connections()
+            time.sleep(0.05)
+            c.sendall(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+            statuses.append(Reader(c, 5).read_response().status)
+    assert statuses == [200] * 3
+    assert sum(1 for q in be.requests if q.method == "POST") == 3
+
