@@ -47,12 +47,22 @@ def open_fds(pid):
 def test_keepalive_race_on_reused_connection_is_not_a_backend_failure(make_backend, make_lb):
     """A POST whose pooled connection the backend closed as it was reused gets a
     502 (it cannot be retried), but the backend is not blamed: no ejection."""
+    held = []
+
     def handler(be, req):
         if req.index_on_conn >= 1:
             return Reply(None, close=True)     # closed as fastlb reused it
-        return ok_response()
+        # hold the first answers until four requests are in, so that the four
+        # priming requests are on four connections (none is reused early)
+        if len(held) >= 4:
+            return ok_response()
+        held.append(req.conn)
+        if len(held) == 4:
+            for conn in held:
+                conn.transport.write(ok_response())
+        return HANG
 
-    be = make_backend("A", handler=handler)
+    be = make_backend("A", handler=handler, on_head=_remember_conn)
     lb = make_lb([be])      # passive checks: 3 failures in a row eject
     # prime the pool with several idle keep-alive connections
     socks = [raw_connect(lb.port) for _ in range(4)]
