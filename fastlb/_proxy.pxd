@@ -52,6 +52,7 @@ cdef class Proxy:
     cdef public bint closed
     cdef public long long local_errors, stalls
     cdef public Py_ssize_t upstreams  # open upstream connections
+    cdef public Py_ssize_t connecting # upstream connects in progress
     cdef public object listener       # fastlb.server.Listener (paused on fd pressure)
     cdef public Py_ssize_t fd_base, fd_budget
     cdef public double _local_logged

@@ -522,7 +522,7 @@ class ClientProtocol:
         proxy = self.proxy
         clients = proxy.clients
         clients.add(self)
-        if len(clients) + proxy.upstreams >= proxy.fd_budget:
+        if len(clients) + proxy.upstreams + proxy.connecting >= proxy.fd_budget:
             proxy.fd_pressure()
         peer = transport.get_extra_info("peername")
         if peer:
@@ -875,6 +875,7 @@ class ClientProtocol:
         self.holding = True
         self.held_by = balancer
         self.tries += 1
+        self.retried = False    # the stale keep-alive race may happen on this one too
         return proxy.backends[idx]
 
     def upstream_connected(self, up, gen):
@@ -1251,6 +1252,7 @@ class Proxy:
         self.local_errors = 0   # fastlb's own shortages (fds, buffers) since start
         self.stalls = 0         # event-loop stalls that pushed deadlines back
         self.upstreams = 0      # open upstream connections (fds)
+        self.connecting = 0     # upstream connects in progress (each holds an fd)
         self.listener = None    # fastlb.server.Listener: paused when fds run short
         self.fd_base = 0        # fds open besides connections (set by start)
         self.fd_budget = 1 << 30  # connections (client + upstream) before pausing accepts
@@ -1279,7 +1281,7 @@ class Proxy:
         if soft == resource.RLIM_INFINITY:
             self.fd_budget = 1 << 30
             return
-        self.fd_budget = max(1, soft - self.fd_base - FD_RESERVE - len(self.backends))
+        self.fd_budget = soft - self.fd_base - FD_RESERVE - len(self.backends)
 
     def fd_pressure(self):
         """fastlb's connections reached its fd budget: stop accepting until
@@ -1289,15 +1291,23 @@ class Proxy:
                                 f"backend connections open, near the fd limit")
 
     def fd_room(self):
-        """Whether accepting may resume: well below the budget again."""
+        """Whether accepting may resume: well below the budget again. If not,
+        idle pooled backend connections are given up first."""
         budget = self.fd_budget
-        return len(self.clients) + self.upstreams < budget - max(4, budget // 8)
+        if len(self.clients) + self.upstreams + self.connecting < budget - max(4, budget // 8):
+            return True
+        for b in self.backends:
+            if b.idle:
+                b.close_idle()
+        return False
 
     def _tick(self):
         now = self.loop.time()
         late = now - self.now - self.tick
         self.now = now
         self._update_fd_budget()
+        if len(self.clients) + self.upstreams + self.connecting >= self.fd_budget:
+            self.fd_pressure()
         if late > STALL:
             # The loop itself was stalled (a blocked thread, a suspended
             # process): deadlines that passed meanwhile say nothing about
@@ -1321,6 +1331,8 @@ class Proxy:
     # -------------------------------------------------------- upstream connections
 
     def connect(self, backend, client, gen):
+        if len(self.clients) + self.upstreams + self.connecting >= self.fd_budget:
+            self.fd_pressure()
         task = self.loop.create_task(_connect(self, backend, client, gen))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -1448,6 +1460,7 @@ async def _connect(proxy, backend, client, gen):
     """Open a fresh connection to ``backend`` for request ``gen`` of ``client``."""
     loop = proxy.loop
     backend.connecting += 1
+    proxy.connecting += 1
     started = loop.time()
     try:
         _, up = await asyncio.wait_for(
@@ -1469,4 +1482,5 @@ async def _connect(proxy, backend, client, gen):
         return
     finally:
         backend.connecting -= 1
+        proxy.connecting -= 1
     client.upstream_connected(up, gen)

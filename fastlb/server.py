@@ -97,6 +97,7 @@ class Listener:
         self._pressure = False      # in an episode of shortage (logged once)
         self._busy = False          # (re)starting servers
         self._watch = None
+        self._retry = None          # the pending retry of a failed (re)start
         self.pauses = 0             # pauses for shortage, since start
         self.restarts = 0           # accept sockets lost by uvloop and served again
 
@@ -162,6 +163,8 @@ class Listener:
         self._restart()
 
     def _restart(self):
+        if self._retry is not None:
+            return              # a retry is already due: one chain only
         task = self._loop.create_task(self._serve_all())
         task.add_done_callback(self._restarted)
 
@@ -173,11 +176,16 @@ class Listener:
                 self._pressure = True
                 log.warning("cannot accept connections: %s; retrying every %gs",
                             getattr(exc, "strerror", None) or exc, ACCEPT_PAUSE)
-            self._loop.call_later(ACCEPT_PAUSE, self._restart)
+            if self._retry is None:
+                self._retry = self._loop.call_later(ACCEPT_PAUSE, self._retry_now)
             return
         if self._pressure and not self._paused and not self._closed:
             self._pressure = False
             log.warning("accepting connections again")
+
+    def _retry_now(self):
+        self._retry = None
+        self._restart()
 
     def _watchdog(self):
         self._watch = None
@@ -207,6 +215,9 @@ class Listener:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self._stop_servers()
         for sock in self.sockets:
             sock.close()

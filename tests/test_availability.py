@@ -428,7 +428,8 @@ def test_health_checks_that_meet_our_own_fd_shortage_do_not_take_backends_down(m
         assert wait_for(lambda: any(b"/h" in r.target.encode() for r in be.requests), 5)
         pid = fl.proc.pid
         hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid), hard))
+        # below what is open, so that no check can get an fd (one may be open right now)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid) - 2, hard))
         time.sleep(1.2)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (4096, hard))
         assert get(fl.port).status == 200
