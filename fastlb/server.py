@@ -75,9 +75,10 @@ class Listener:
       near the fd limit, before ``accept()`` could fail): accepting stops
       for ACCEPT_PAUSE seconds at a time until there is room again, logged
       once per episode;
-    * a watchdog: if uvloop's accept still hits EMFILE (or ENOMEM), uvloop
-      closes its duplicate; the watchdog notices within WATCH_EVERY seconds
-      and serves the socket again from a fresh duplicate.
+    * a watchdog: if uvloop's server on a duplicate goes away (closed
+      after an accept error, or the duplicate fails to open), the watchdog
+      notices within WATCH_EVERY seconds and serves the socket again from a
+      fresh duplicate, with one retry chain at a time.
 
     The surface of ``asyncio.Server`` that fastlb and its tests use:
     ``sockets``, ``close()``, ``wait_closed()``, ``is_serving()``.
