@@ -73,6 +73,9 @@ if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
         Extension("fastlb._core", ["fastlb/_core.pyx"], extra_compile_args=["-O2"]),
         # The data path: plain Python, compiled with the C types of _proxy.pxd.
         Extension("fastlb._proxy", ["fastlb/_proxy.py"], extra_compile_args=["-O2"]),
+        # The route lookup the data path calls: plain Python, typed by _routing.pxd.
+        Extension("fastlb.runtime._routing", ["fastlb/runtime/_routing.py"],
+                  extra_compile_args=["-O2"]),
     ]
 
 setup(

@@ -3,6 +3,7 @@ stand-in transports, so no socket, no syscall and no other process is measured.
 
     python bench/inmem.py [--algorithm NAME] [--hash-key KEY] [--requests N]
                           [--access-log PATH [--access-log-format combined|json]]
+                          [--routes N]
 
 prints the CPU time per request of fastlb's own user-space work (the core,
 httptools, the data path and CPython). Under valgrind it gives the steadiest
@@ -15,6 +16,8 @@ figure this machine has, instructions per request::
 applies: FASTLB_NO_EXTENSIONS=1 measures the pure-Python core and data path.
 ``--access-log /dev/null`` measures the cost of the access log (the lines are
 formatted, batched and written by the log thread as in ``fastlb serve``).
+``--routes N`` puts N routes on the listener, half exact hosts and half path
+prefixes, of which only the last matches the request (the cost of routing).
 """
 import argparse
 import asyncio
@@ -69,14 +72,35 @@ class NullTransport:
         pass
 
 
-def build(algorithm="round-robin", hash_key="ip", backends=3, **kw):
+def with_routes(opts, n):
+    """The Config of ``opts`` with ``n`` routes: exact hosts and path
+    prefixes that miss the benchmark's request, then one prefix that takes it."""
+    import dataclasses
+
+    from fastlb.config import RouteConfig
+    from fastlb.runtime import build as rt_build
+
+    config = rt_build.as_config(opts)
+    (name, li), = config.listeners.items()
+    routes = []
+    for i in range(n - 1):
+        if i % 2:
+            routes.append(RouteConfig(pool=name, host=f"h{i}.example.com"))
+        else:
+            routes.append(RouteConfig(pool=name, path_prefix=f"/p{i}/"))
+    routes.append(RouteConfig(pool=name, path_prefix="/index"))
+    li = dataclasses.replace(li, routes=tuple(routes), default_pool=None)
+    return dataclasses.replace(config, listeners={name: li})
+
+
+def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, **kw):
     """A Proxy over ``backends`` pooled upstream connections and one client.
     Returns ``run(n)``, which sends n keep-alive requests through it; ``kw``
     are more ``Options`` (``access_log``, ...)."""
     loop = asyncio.new_event_loop()
     opts = Options(backends=tuple(("127.0.0.1", 9000 + i) for i in range(backends)),
                    algorithm=algorithm, hash_key=hash_key, **kw)
-    p = proxy.Proxy(opts, loop)
+    p = proxy.Proxy(with_routes(opts, routes) if routes else opts, loop)
     for b in p.backends:
         up = proxy.UpstreamProtocol(b, p)
         up.connection_made(NullTransport())
@@ -102,8 +126,10 @@ def main():
                     help="access log target, e.g. /dev/null (default off)")
     ap.add_argument("--access-log-format", default=None, metavar="FORMAT",
                     help="combined or json (default: fastlb's default)")
+    ap.add_argument("--routes", type=int, default=0, metavar="N",
+                    help="N routes on the listener, only the last matching (default 0)")
     args = ap.parse_args()
-    kw = {"access_log": args.access_log}
+    kw = {"access_log": args.access_log, "routes": args.routes}
     if args.access_log_format is not None:
         kw["access_log_format"] = args.access_log_format
     run = build(args.algorithm, args.hash_key, **kw)

@@ -6,6 +6,7 @@ cimport cython
 
 from fastlb._core cimport Selector   # the selectors' C-level select/release
 from fastlb._core cimport RequestHead  # flags, framing, length, key read as C fields
+from fastlb.runtime._routing cimport Router, Route   # a listener's compiled routes
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
@@ -26,41 +27,35 @@ cdef dict _ERRORS
 cdef class ClientProtocol
 cdef class UpstreamProtocol
 cdef class Proxy
+cdef class Pool
+cdef class Front
 
 
 @cython.final
 cdef class Proxy:
     """State shared by every connection of one balancer (read on every request)."""
-    cdef public object opts, loop
-    cdef public list backends
-    cdef public Selector balancer     # the selector (fastlb.selection)
-    cdef public Selector fallback     # hashing algorithms: picks for requests without a key
-    cdef public object balancers      # both, kept in step (health checks steer this)
-    cdef public list weights          # configured weights
-    cdef public int hash_kind         # 0: no key, 1: client address, 2: RequestHead.key
-    cdef public int hash_what         # KEY_* (fastlb.errors): where parse_request_head finds the key
-    cdef public bytes hash_name
+    cdef public object opts, loop, config
+    cdef public dict pools            # name -> Pool
+    cdef public dict fronts           # listener name -> Front
+    cdef public Front front           # the first listener's (ClientProtocol's default)
+    cdef public list retired          # Backends a reload removed, finishing their requests
+    cdef public Py_ssize_t n_backends
+    cdef public list backends         # the first pool's (for callers that know one pool)
+    cdef public object balancer, fallback, balancers, health
+    cdef public list weights
     cdef public set clients
-    cdef public double connect_timeout, response_timeout, header_timeout, keepalive_timeout
+    cdef public double response_timeout   # a closing connection flushes this long at most
     cdef public double now            # the ticker's clock: deadlines are computed from it
     cdef public double tick
-    cdef public Py_ssize_t max_header_size
-    cdef public int max_interim       # 1xx responses relayed per request, at most
-    cdef public double body_timeout   # a body is due this long after its head...
-    cdef public double body_rate_inv  # ... plus this many seconds per byte received
     cdef public bint draining         # stopping: responses close their connections
     cdef public bint closed
     cdef public long long local_errors, stalls
     cdef public Py_ssize_t upstreams  # open upstream connections
     cdef public Py_ssize_t connecting # upstream connects in progress
-    cdef public object listener       # fastlb.server.Listener (paused on fd pressure)
+    cdef public object listener       # the first Front's fastlb.server.Listener
     cdef public Py_ssize_t fd_base, fd_budget
     cdef public double _local_logged
     cdef public long long _local_quiet
-    cdef public int max_tries         # backends tried for one request, at most
-    cdef public double retry_timeout  # no new try this long after the request arrived
-    cdef public object health         # HealthChecker or None
-    cdef public bint eject_5xx        # 5xx responses count as backend failures
     cdef public object _health_stop
     cdef public bytes proto
     cdef public bytes via             # None: no Via
@@ -75,12 +70,53 @@ cdef class Proxy:
     cpdef local_error(self, reason)
     @cython.locals(c=ClientProtocol)
     cpdef start_drain(self)
+    @cython.locals(c=ClientProtocol)
+    cpdef drain_front(self, Front front)
+
+
+@cython.final
+cdef class Pool:
+    """One pool: backends, selector, upstream settings (read on every request)."""
+    cdef public str name
+    cdef public list backends
+    cdef public Selector balancer     # the selector (fastlb.selection)
+    cdef public Selector fallback     # hashing algorithms: picks for requests without a key
+    cdef public object balancers      # both, kept in step (health checks steer this)
+    cdef public list weights          # configured weights
+    cdef public int hash_kind         # 0: no key, 1: client address, 2: RequestHead.key
+    cdef public int hash_what         # KEY_* (fastlb.errors): where parse_request_head finds the key
+    cdef public bytes hash_name
+    cdef public double connect_timeout, response_timeout, retry_timeout, idle_timeout
+    cdef public int max_tries         # backends tried for one request, at most
+    cdef public int max_interim       # 1xx responses relayed per request, at most
+    cdef public object health         # HealthChecker or None
+    cdef public bint eject_5xx        # 5xx responses count as backend failures
+    cdef public object config
+    cdef public bint retired
+
+
+@cython.final
+cdef class Front:
+    """One listener's client-side settings and routes (read on every request)."""
+    cdef public str name
+    cdef public double header_timeout, keepalive_timeout
+    cdef public Py_ssize_t max_header_size
+    cdef public double body_timeout   # a body is due this long after its head...
+    cdef public double body_rate_inv  # ... plus this many seconds per byte received
+    cdef public Pool pool             # requests matching no route (None: 404)
+    cdef public Router router         # None: no routes
+    cdef public int hash_what
+    cdef public bytes hash_name
+    cdef public bint draining
+    cdef public object listener, config
 
 
 @cython.final
 cdef class Backend:
-    cdef public int index
-    cdef public str url, host
+    cdef public int index             # in its pool's selector (may change on reload)
+    cdef public str url, host, address
+    cdef public Pool pool
+    cdef public bint retired
     cdef public int port
     cdef public bytes authority      # "host:port", sent as Host to HTTP/1.0 requests without one
     cdef public list idle            # idle UpstreamProtocol, LIFO (the oldest first)
@@ -129,6 +165,9 @@ cdef class UpstreamProtocol:
 @cython.final
 cdef class ClientProtocol:
     cdef public Proxy proxy
+    cdef public Front front           # this connection's listener
+    cdef public Pool pool             # the pool of the request in flight
+    cdef public int bidx              # its backend's index in that pool's selector
     cdef public object transport
     cdef public object parser         # httptools.HttpRequestParser: the strict validator
     cdef public object feed           # parser.feed_data, bound once
@@ -169,10 +208,11 @@ cdef class ClientProtocol:
     cdef public double body_end       # the request body is due by then
 
     cpdef data_received(self, data)
-    @cython.locals(proxy=Proxy, parts=list, whole=bytes, head=bytes, rest=bytes, stripped=bytes,
+    @cython.locals(proxy=Proxy, front=Front, pool=Pool, parts=list, whole=bytes, head=bytes,
+                   rest=bytes, stripped=bytes,
                    probe=bytes, end=Py_ssize_t, fed=Py_ssize_t, i=Py_ssize_t, c=int, idx=int,
                    flags=int, framing=int, length="long long", backend=Backend, hash_kind=int,
-                   req=RequestHead)
+                   req=RequestHead, route=Route)
     cdef _head(self, bytes data)
     @cython.locals(proxy=Proxy, n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
                    piece=bytes, rest=bytes, deadline=double)
@@ -183,7 +223,7 @@ cdef class ClientProtocol:
     cdef _forward(self, Backend backend, bytes out)
     @cython.locals(up=UpstreamProtocol)
     cdef _send_to(self, Backend backend)
-    @cython.locals(proxy=Proxy, idx=Py_ssize_t, balancer=Selector)
+    @cython.locals(pool=Pool, idx=Py_ssize_t, balancer=Selector)
     cdef _next_backend(self)
     cdef _release(self)
     cpdef upstream_connected(self, UpstreamProtocol up, long long gen)

@@ -96,16 +96,23 @@ U_DONE = 3   # closed or released
 
 
 class Backend:
-    """One backend server: its address and its pool of idle connections."""
+    """One backend server of a pool: its address and its idle connections.
 
+    A backend is identified by its pool and its address (``host:port``),
+    never by its position: a reload that keeps it (same pool, same address)
+    keeps this very object, with its pooled connections and counters, and
+    only ``index`` (its position in the pool's selector) may change."""
 
     def __init__(self, index, host, port, max_idle=64):
         self.index = index
         self.host = host
         self.port = port
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.address = netloc
         self.url = f"http://{netloc}"
         self.authority = netloc.encode("ascii")
+        self.pool = None        # the Pool it serves in (the last one, once retired)
+        self.retired = False    # removed by a reload: finishing its requests
         self.idle = []          # LIFO of idle UpstreamProtocol; the oldest first
         self.max_idle = max_idle
         self.connecting = 0
@@ -140,7 +147,61 @@ class Backend:
             up.close()
 
     def __repr__(self):
-        return f"<Backend {self.url}>"
+        return f"<Backend {self.pool.name if self.pool is not None else '?'}/{self.address}>"
+
+
+class Pool:
+    """Backends that serve alike, their selector, and the upstream settings.
+
+    Built from a ``PoolConfig`` by ``fastlb.runtime.build``; a reload builds a
+    new Pool (reusing the Backend objects it keeps), and requests in flight
+    finish on the Pool they started on."""
+
+    def __init__(self, name):
+        self.name = name
+        self.backends = []
+        self.balancer = None
+        self.fallback = None
+        self.balancers = None
+        self.weights = []
+        self.hash_kind = 0      # 0: no key, 1: client address, 2: RequestHead.key
+        self.hash_what = 0      # KEY_*: where parse_request_head finds the key
+        self.hash_name = b""
+        self.connect_timeout = 5.0
+        self.response_timeout = 60.0
+        self.max_tries = 3
+        self.retry_timeout = 10.0
+        self.max_interim = 10
+        self.idle_timeout = 60.0
+        self.health = None      # fastlb.health.HealthChecker, when checks are on
+        self.eject_5xx = False
+        self.config = None      # the PoolConfig it was built from
+        self.retired = False    # replaced by a reload
+
+    def __repr__(self):
+        return f"<Pool {self.name}: {len(self.backends)} backends>"
+
+
+class Front:
+    """One listener's client-side settings and routes, read on every request.
+
+    Clients keep their Front for life; a reload updates it in place, so the
+    next request on a kept connection already uses the new routes."""
+
+    def __init__(self, name):
+        self.name = name
+        self.header_timeout = 10.0
+        self.keepalive_timeout = 75.0
+        self.max_header_size = 65536
+        self.body_timeout = 60.0
+        self.body_rate_inv = 0.0
+        self.pool = None        # the pool of requests that match no route (None: 404)
+        self.router = None      # fastlb.runtime.routing.Router, or None: no routes
+        self.hash_what = 0      # the hash key parse_request_head extracts
+        self.hash_name = b""
+        self.draining = False   # removed by a reload, or stopping
+        self.listener = None    # fastlb.server.Listener
+        self.config = None      # the ListenerConfig it was built from
 
 
 class UpstreamProtocol:
@@ -205,7 +266,7 @@ class UpstreamProtocol:
         if client is not None:
             client.pause_reading_for(1)
             # the backend owes progress now: judged by the response timeout
-            client.deadline = self.proxy.now + self.proxy.response_timeout
+            client.deadline = self.proxy.now + client.pool.response_timeout
 
     def resume_writing(self):
         client = self.client
@@ -221,7 +282,7 @@ class UpstreamProtocol:
             return
         self.got_bytes = True
         if self.state == U_BODY:
-            client.deadline = self.proxy.now + self.proxy.response_timeout
+            client.deadline = self.proxy.now + client.pool.response_timeout
             self._body(data, 0, client, None)
             return
         if self.buf:
@@ -231,17 +292,17 @@ class UpstreamProtocol:
         while True:
             end = _find_head_end(data, pos)
             if end < 0:
-                if len(data) - pos > self.proxy.max_header_size:
+                if len(data) - pos > client.front.max_header_size:
                     self._bad(client, "response head too large")
                     return
                 self.buf = data[pos:]
                 return
-            if end - pos > self.proxy.max_header_size:
+            if end - pos > client.front.max_header_size:
                 self._bad(client, "response head too large")
                 return
             req_flags = client.req_flags
             if client.state != R_DONE or (client.eof and not client.pending) \
-                    or self.proxy.draining:
+                    or self.proxy.draining or client.front.draining:
                 # The client connection closes after this response: say so.
                 req_flags &= ~REQ_KEEP_ALIVE
             try:
@@ -256,8 +317,8 @@ class UpstreamProtocol:
                 # still runs from the end of the request: interim responses
                 # do not extend it, and there are at most ``max_interim``.
                 self.interim += 1
-                if self.interim > self.proxy.max_interim:
-                    self._bad(client, "more than %d interim responses" % self.proxy.max_interim)
+                if self.interim > client.pool.max_interim:
+                    self._bad(client, "more than %d interim responses" % client.pool.max_interim)
                     return
                 if not req_flags & REQ_HTTP10:
                     client.write(out)   # not counted in ``sent``: a 502 may still follow
@@ -269,7 +330,7 @@ class UpstreamProtocol:
             self.state = U_BODY
             if self.proxy.log is not None:
                 client.t_resp = -1.0    # the head is here: timed by the end if that is in this read
-            client.deadline = self.proxy.now + self.proxy.response_timeout
+            client.deadline = self.proxy.now + client.pool.response_timeout
             if framing == BODY_LENGTH:
                 if len(data) - end == length:
                     # The common case: the whole response in one read.
@@ -444,6 +505,7 @@ _REASONS = {
     400: "Bad Request",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    404: "Not Found",
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
@@ -470,8 +532,11 @@ _ERRORS[(503, True)] = error_response(503, True, b"Retry-After: 1\r\n")
 
 class ClientProtocol:
 
-    def __init__(self, proxy):
+    def __init__(self, proxy, front=None):
         self.proxy = proxy
+        self.front = front if front is not None else proxy.front
+        self.pool = None        # the pool of the request in flight (chosen by its route)
+        self.bidx = -1          # its backend's index in that pool's selector
         self.transport = None
         self.parser = _HttpRequestParser(self)
         self.feed = self.parser.feed_data
@@ -527,7 +592,7 @@ class ClientProtocol:
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0].encode("ascii")
-        self.deadline = proxy.now + proxy.header_timeout
+        self.deadline = proxy.now + self.front.header_timeout
 
     def connection_lost(self, exc):
         if self.log_head is not None:
@@ -559,7 +624,9 @@ class ClientProtocol:
     def resume_writing(self):
         self.wpaused = False
         # the client is reading again: that is progress for the response timeout
-        self.deadline = self.proxy.now + self.proxy.response_timeout
+        pool = self.pool
+        self.deadline = self.proxy.now + (pool.response_timeout if pool is not None
+                                          else self.proxy.response_timeout)
         up = self.up
         if up is not None:
             up.resume_reading()
@@ -582,6 +649,7 @@ class ClientProtocol:
 
     def _head(self, data):
         proxy = self.proxy
+        front = self.front
         parts = self.parts
         if parts is not None:
             # A head arriving in pieces: search only the new bytes (and the
@@ -591,7 +659,7 @@ class ClientProtocol:
             i = _find_head_end(probe)
             if i < 0:
                 self.plen += len(data)
-                if self.plen > proxy.max_header_size:
+                if self.plen > front.max_header_size:
                     self._reject(431)
                     return
                 parts.append(data)
@@ -632,10 +700,10 @@ class ClientProtocol:
                 self.backend = None
             end = _find_head_end(whole)
             if end < 0:
-                if len(whole) > proxy.max_header_size:
+                if len(whole) > front.max_header_size:
                     self._reject(431)
                     return
-                self.deadline = proxy.now + proxy.header_timeout
+                self.deadline = proxy.now + front.header_timeout
                 self.buf = whole        # the first piece: a head is under way
                 self.parts = [whole]
                 self.plen = len(whole)
@@ -645,7 +713,7 @@ class ClientProtocol:
                 except _HttpParserError:
                     self._reject(400)
                 return
-        if end > proxy.max_header_size:
+        if end > front.max_header_size:
             self._reject(431)
             return
         if end == len(whole):
@@ -670,7 +738,7 @@ class ClientProtocol:
             return
 
         try:
-            req = _parse_request_head(head, proxy.hash_what, proxy.hash_name)
+            req = _parse_request_head(head, front.hash_what, front.hash_name)
         except HTTPError as e:
             self._reject(e.status)
             return
@@ -678,24 +746,45 @@ class ClientProtocol:
         if framing == BODY_NONE and not self.ll_done:
             self._reject(400)
             return
-        # Only a valid request reaches the selector.
-        balancer = proxy.balancer
-        hash_kind = proxy.hash_kind
+        # Only a valid request is routed and reaches the selector.
+        strip = None
+        if front.router is None:
+            pool = front.pool           # one pool, no routes: nothing to look up
+        else:
+            route = front.router.route(req, head)
+            if route is None:
+                self._reject(404)
+                return
+            pool = route.pool
+            strip = route.strip
+            if pool.hash_kind == 2 and (pool.hash_what != front.hash_what
+                                        or pool.hash_name != front.hash_name):
+                # this pool hashes on another key than the listener's first
+                req = _parse_request_head(head, pool.hash_what, pool.hash_name)
+        if pool is None:
+            self._reject(404)
+            return
+        self.pool = pool
+        balancer = pool.balancer
+        hash_kind = pool.hash_kind
         if hash_kind == 0:
             idx = balancer.select()
         else:
             idx = balancer.select(self.client_ip if hash_kind == 1 else req.key)
             if idx == -2:       # the request has no key: the fallback algorithm picks
-                balancer = proxy.fallback
+                balancer = pool.fallback
                 idx = balancer.select()
         if idx < 0:
             self._reject(503)
             return
-        backend = proxy.backends[idx]
+        backend = pool.backends[idx]
         self.backend = backend
+        self.bidx = idx
         self.holding = True
         self.held_by = balancer
         out = _write_request_head(req, self.client_ip, proxy.proto, proxy.via, backend.authority)
+        if strip is not None:
+            out = strip_target(out, strip)
         flags = req.flags
         length = req.length
         self.req_flags = flags
@@ -720,11 +809,11 @@ class ClientProtocol:
             self.scanner = _ChunkedScanner()
             self.req_head = None
             self.ll_skip = self.ll_done
-        self.deadline = proxy.now + proxy.response_timeout
+        self.deadline = proxy.now + pool.response_timeout
         if self.state == R_BODY:
             # the whole body is due within body_timeout (slow-POST defence),
             # extended by a second per body_min_rate bytes received
-            self.body_end = proxy.now + proxy.body_timeout
+            self.body_end = proxy.now + front.body_timeout
             if self.body_end < self.deadline:
                 self.deadline = self.body_end
         self._forward(backend, out)
@@ -743,8 +832,8 @@ class ClientProtocol:
         # strict Content-Length or chunked reading, so llhttp is not fed it.
         proxy = self.proxy
         n = len(data)
-        self.body_end += (n - start) * proxy.body_rate_inv
-        deadline = proxy.now + proxy.response_timeout
+        self.body_end += (n - start) * self.front.body_rate_inv
+        deadline = proxy.now + self.pool.response_timeout
         self.deadline = deadline if deadline < self.body_end else self.body_end
         rest = None
         if self.framing == BODY_LENGTH:
@@ -789,7 +878,7 @@ class ClientProtocol:
             self.scanner = None
             self.state = R_DONE
             # the body is in: from now on the backend owes the response
-            self.deadline = proxy.now + proxy.response_timeout
+            self.deadline = proxy.now + self.pool.response_timeout
         self._send_up(piece)
         if rest is not None:
             self._stash(rest)
@@ -857,16 +946,16 @@ class ClientProtocol:
     def _next_backend(self):
         """Pick another backend for a failed request: never one it failed on, at most
         ``max_tries`` in all. Returns None when there is none left."""
-        proxy = self.proxy
+        pool = self.pool
         tried = self.tried
         if tried is None:
             tried = self.tried = set()
-        tried.add(self.backend.index)
+        tried.add(self.bidx)
         self._release()
-        if self.tries >= proxy.max_tries or proxy.now - self.t0 > proxy.retry_timeout:
+        if self.tries >= pool.max_tries or self.proxy.now - self.t0 > pool.retry_timeout:
             return None
         # retries go by the fallback of a hashing algorithm: the key's backend failed
-        balancer = proxy.balancer if proxy.fallback is None else proxy.fallback
+        balancer = pool.balancer if pool.fallback is None else pool.fallback
         # the algorithm's own choice among the backends not tried yet (least-conn:
         # the least loaded of them, not the one just released for failing)
         idx = balancer.select_excluding(tried)
@@ -876,7 +965,8 @@ class ClientProtocol:
         self.held_by = balancer
         self.tries += 1
         self.retried = False    # the stale keep-alive race may happen on this one too
-        return proxy.backends[idx]
+        self.bidx = idx
+        return pool.backends[idx]
 
     def upstream_connected(self, up, gen):
         """``proxy.connect`` made a fresh connection for request ``gen``."""
@@ -969,7 +1059,7 @@ class ClientProtocol:
         """End this request's claim on its backend (least-connections counts)."""
         if self.holding:
             self.holding = False
-            self.held_by.release(self.backend.index)
+            self.held_by.release(self.bidx)
 
     def write_response(self, data):
         self.sent += len(data)
@@ -990,8 +1080,8 @@ class ClientProtocol:
         backend = self.backend
         if self.holding:
             self.holding = False
-            self.held_by.release(backend.index)
-        if status >= 500 and proxy.eject_5xx:
+            self.held_by.release(self.bidx)
+        if status >= 500 and self.pool.eject_5xx:
             proxy.note_failure(backend, "status %d" % status)
         elif backend.fail_streak:
             proxy.note_success(backend)
@@ -1014,12 +1104,12 @@ class ClientProtocol:
     def _next_request(self):
         """The exchange is over and the connection stays open: read the next
         request, starting with any that were pipelined behind this one."""
-        if self.proxy.draining:
+        if self.proxy.draining or self.front.draining:
             self._close()
             return
         self.state = R_HEAD
         self.sent = 0
-        self.deadline = self.proxy.now + self.proxy.keepalive_timeout
+        self.deadline = self.proxy.now + self.front.keepalive_timeout
         # pauses that belonged to the finished exchange end with it
         self.resume_reading_for(P_CONNECTING | P_UPSTREAM)
         if self.pending:
@@ -1040,8 +1130,8 @@ class ClientProtocol:
             self.t_up = 0.0     # access log: never sent to the backend chosen for it
         self.state = R_CLOSED
         msg = _ERRORS[(status, False)]
-        if status == 503 and self.proxy.health is not None:
-            msg = error_response(503, False, b"Retry-After: %d\r\n" % self.proxy.health.retry_after())
+        if status == 503 and self.pool is not None and self.pool.health is not None:
+            msg = error_response(503, False, b"Retry-After: %d\r\n" % self.pool.health.retry_after())
         self.sent += len(msg)
         if self.proxy.log is not None:
             if self.parts is not None:  # a head under way: what arrived of it
@@ -1129,7 +1219,7 @@ class ClientProtocol:
                 size = self.transport.get_write_buffer_size()
                 if size < self.wmark:
                     self.wmark = size
-                    self.deadline = now + self.proxy.response_timeout
+                    self.deadline = now + self.pool.response_timeout
                 else:
                     if self.log_head is not None:
                         self._log_cut()
@@ -1198,53 +1288,39 @@ class ClientProtocol:
 # ---------------------------------------------------------------- shared state
 
 class Proxy:
-    """State shared by every connection of one balancer."""
+    """State shared by every connection of one balancer: the pools, the
+    listeners' Fronts, the clock, fd accounting, the access log.
+
+    ``opts`` is a ``fastlb.config.Config`` (listeners, routes, pools), or a
+    ``fastlb.server.Options`` (one listener and one pool, as the flags give).
+    The objects the data path reads are built from it by
+    ``fastlb.runtime.build``, which also applies a reload."""
 
     def __init__(self, opts, loop):
+        from fastlb.runtime import build
+
         self.opts = opts
         self.loop = loop
-        self.backends = [Backend(i, h, p, opts.upstream_max_idle)
-                         for i, (h, p) in enumerate(opts.backends)]
-        n = len(self.backends)
-        self.weights = list(opts.weights) if opts.weights else [1] * n
-        names = [b.authority for b in self.backends]
-        algo_opts = {}
-        if opts.algorithm in HASHED:
-            algo_opts["balance_factor"] = opts.hash_balance_factor
-        self.balancer = make_balancer(opts.algorithm, self.weights, names, **algo_opts)
-        # Hashing: where the key comes from, and the algorithm for requests without one.
-        self.hash_kind = 0
-        self.hash_what = 0      # KEY_*: where parse_request_head finds the key
-        self.hash_name = b""
+        config = build.as_config(opts)
+        self.config = None
+        self.pools = {}         # name -> Pool
+        self.fronts = {}        # listener name -> Front
+        self.front = None       # the first Front (ClientProtocol's default)
+        self.retired = []       # Backends removed by a reload, finishing their requests
+        self.n_backends = 0
+        # the first pool's, for callers that know one pool (see build.publish)
+        self.backends = []
+        self.balancer = None
         self.fallback = None
-        self.balancers = self.balancer  # what health checks and the admin side steer
-        if opts.algorithm in HASHED:
-            kind, _, name = opts.hash_key.partition(":")
-            self.hash_kind = 1 if kind == "ip" else 2
-            self.hash_what = KEY_KINDS.get(kind, 0)
-            self.hash_name = name.encode("latin-1")
-            self.fallback = make_balancer("weighted-round-robin", self.weights, names)
-            self.balancers = BalancerSet(self.balancer, self.fallback)
+        self.balancers = None
+        self.weights = []
+        self.health = None
         self.clients = set()
-        self.connect_timeout = opts.connect_timeout
-        self.response_timeout = opts.response_timeout
-        self.header_timeout = opts.header_timeout
-        self.keepalive_timeout = opts.keepalive_timeout
-        self.max_header_size = opts.max_header_size
-        self.max_interim = opts.max_interim
-        # a body must arrive within body_timeout of its head, plus a second
-        # per body_min_rate bytes (0: no total deadline, or no extension)
-        self.body_timeout = opts.body_timeout if opts.body_timeout > 0 else 1e300
-        self.body_rate_inv = 1.0 / opts.body_min_rate if opts.body_min_rate > 0 else 0.0
-        self.max_tries = 1 + opts.retries
-        self.retry_timeout = opts.retry_timeout
-        self.health = None      # fastlb.health.HealthChecker, when checks are on
-        self.eject_5xx = False  # 5xx responses count as backend failures
-        self._health_stop = None
+        self.response_timeout = 60.0    # closing connections flush for this long at most
         self.proto = b"http"
-        self.via = b"fastlb" if opts.via else None
-        self.log = None if opts.access_log == "off" else AccessLog(opts.access_log,
-                                                                   opts.access_log_format)
+        self.via = b"fastlb" if config.via else None
+        self.log = None if config.access_log == "off" else AccessLog(config.access_log,
+                                                                     config.access_log_format)
         self.log_add = self.log.buffer.add if self.log is not None else None
         self.now = loop.time()
         self.draining = False   # stopping: every response closes its connection
@@ -1253,15 +1329,16 @@ class Proxy:
         self.stalls = 0         # event-loop stalls that pushed deadlines back
         self.upstreams = 0      # open upstream connections (fds)
         self.connecting = 0     # upstream connects in progress (each holds an fd)
-        self.listener = None    # fastlb.server.Listener: paused when fds run short
+        self.listener = None    # the first Front's fastlb.server.Listener
         self.fd_base = 0        # fds open besides connections (set by start)
         self.fd_budget = 1 << 30  # connections (client + upstream) before pausing accepts
         self._local_logged = -LOCAL_LOG_EVERY
         self._local_quiet = 0   # shortages not logged since the last line
-        self.tick = min(0.25, opts.header_timeout / 4, opts.response_timeout / 4,
-                        opts.keepalive_timeout / 4, opts.upstream_idle_timeout / 4)
+        self.tick = 0.25
         self._ticker = None
         self._tasks = set()
+        self._health_stop = None
+        build.apply(self, build.plan(self, config))
 
     # -------------------------------------------------------- timers
 
@@ -1281,14 +1358,18 @@ class Proxy:
         if soft == resource.RLIM_INFINITY:
             self.fd_budget = 1 << 30
             return
-        self.fd_budget = soft - self.fd_base - FD_RESERVE - len(self.backends)
+        self.fd_budget = soft - self.fd_base - FD_RESERVE - self.n_backends
 
     def fd_pressure(self):
         """fastlb's connections reached its fd budget: stop accepting until
         some close (before accept() itself could fail)."""
-        if self.listener is not None:
-            self.listener.pause(f"{len(self.clients)} client and {self.upstreams} "
-                                f"backend connections open, near the fd limit")
+        why = None
+        for front in self.fronts.values():
+            if front.listener is not None:
+                if why is None:
+                    why = (f"{len(self.clients)} client and {self.upstreams} "
+                           f"backend connections open, near the fd limit")
+                front.listener.pause(why)
 
     def fd_room(self):
         """Whether accepting may resume: well below the budget again. If not,
@@ -1296,10 +1377,17 @@ class Proxy:
         budget = self.fd_budget
         if len(self.clients) + self.upstreams + self.connecting < budget - max(4, budget // 8):
             return True
-        for b in self.backends:
+        for b in self.all_backends():
             if b.idle:
                 b.close_idle()
         return False
+
+    def all_backends(self):
+        """Every backend with connections to look after: those of the pools,
+        then the retired ones."""
+        for pool in self.pools.values():
+            yield from pool.backends
+        yield from self.retired
 
     def _tick(self):
         now = self.loop.time()
@@ -1319,14 +1407,29 @@ class Proxy:
         else:
             for client in [c for c in self.clients if c.deadline < now]:
                 client.timed_out(now)
-        cutoff = now - self.opts.upstream_idle_timeout
-        for b in self.backends:
-            if b.idle:
-                b.sweep_idle(cutoff)
+        for pool in self.pools.values():
+            cutoff = now - pool.idle_timeout
+            for b in pool.backends:
+                if b.idle:
+                    b.sweep_idle(cutoff)
+        if self.retired:
+            self._sweep_retired()
         if self.log is not None:
             self.log.refresh_stamp()
             self.log.flush()
         self._ticker = self.loop.call_later(self.tick, self._tick)
+
+    def _sweep_retired(self):
+        """Backends a reload removed: once their last request is over, their
+        idle connections are closed and they are forgotten."""
+        keep = []
+        for b in self.retired:
+            b.close_idle()      # a retired backend pools nothing (max_idle 0)
+            if b.active or b.connecting:
+                keep.append(b)
+            else:
+                log.debug("backend %s (retired) finished its requests", b.url)
+        self.retired = keep
 
     # -------------------------------------------------------- upstream connections
 
@@ -1351,14 +1454,16 @@ class Proxy:
         backend.failures += 1
         backend.fail_streak += 1
         log.debug("backend %s: %s", backend.url, reason)
-        if self.health is not None:
-            self.health.on_failure(backend.index, reason)
+        pool = backend.pool
+        if pool is not None and pool.health is not None and not backend.retired:
+            pool.health.on_failure(backend.index, reason)
 
-    def _on_trial(self, idx):
-        # a backend back on trial: report its next success to the checker
-        backend = self.backends[idx]
-        if backend.fail_streak == 0:
-            backend.fail_streak = 1
+    def note_success(self, backend):
+        """A response completed on a backend that had failed since its last success."""
+        backend.fail_streak = 0
+        pool = backend.pool
+        if pool is not None and pool.health is not None and not backend.retired:
+            pool.health.on_success(backend.index)
 
     def local_error(self, reason):
         """fastlb's own shortage (fds, buffers, memory): counted, logged at
@@ -1383,11 +1488,13 @@ class Proxy:
             if c.state == R_HEAD and not c.buf:
                 c._close()
 
-    def note_success(self, backend):
-        """A response completed on a backend that had failed since its last success."""
-        backend.fail_streak = 0
-        if self.health is not None:
-            self.health.on_success(backend.index)
+    def drain_front(self, front):
+        """A listener removed by a reload: its idle connections close now,
+        the others after their response."""
+        front.draining = True
+        for c in list(self.clients):
+            if c.front is front and c.state == R_HEAD and not c.buf:
+                c._close()
 
     # -------------------------------------------------------- access log
 
@@ -1409,43 +1516,56 @@ class Proxy:
                         t_resp - client.t_up if t_resp != 0.0 else -1.0, now - client.started):
             self.log.flush()    # a full batch: to the writer thread now
 
-    # -------------------------------------------------------- shutdown
+    # -------------------------------------------------------- health, shutdown
 
-    def start_health(self, config):
-        """Start active and passive health checks (``fastlb.health.HealthConfig``)."""
-        from fastlb.health import HealthChecker
+    def start_health(self, config=None):
+        """Start every pool's health checks. ``config`` (a
+        ``fastlb.health.HealthConfig``) replaces the checks of a proxy built
+        from Options, whose single pool then gets them."""
+        from fastlb.runtime import build
 
-        if not (config.active or config.passive):
-            return
-        self.eject_5xx = config.eject_5xx
-        if config.slow_start and self.opts.algorithm == "round-robin":
-            log.warning("--slow-start has no effect with round-robin, which ignores weights; "
-                        "use weighted-round-robin")
-        self.health = HealthChecker(self.backends, self.balancers, config, self.loop,
-                                    weights=self.weights, on_trial=self._on_trial)
-        self.health.start()
+        if config is not None and len(self.pools) == 1:
+            (pool,) = self.pools.values()
+            build.set_health(self, pool, config)
+        for pool in self.pools.values():
+            if pool.health is not None and not pool.health._started:
+                pool.health.start()
 
     async def wait_closed(self):
         """After ``close()``: wait for the health checks to stop."""
         if self._health_stop is not None:
             await self._health_stop
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop_health(self, pools):
+        """Stop the health checks of ``pools`` (in the background: the task
+        is kept, so nothing is left behind)."""
+        checkers = [p.health for p in pools if p.health is not None]
+        if checkers:
+            task = self.loop.create_task(_stop_all(checkers))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return task
+        return None
 
     def close(self):
         if self.closed:
             return
         self.closed = True
         self.draining = True
-        if self.health is not None and self._health_stop is None:
-            self._health_stop = self.loop.create_task(self.health.stop())
+        self._health_stop = self.stop_health(list(self.pools.values()))
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        for b in self.backends:
+        for b in list(self.all_backends()):
             b.close_idle()
         for c in list(self.clients):
             c.transport.close()
         for t in list(self._tasks):
-            t.cancel()
+            if t is not self._health_stop:
+                t.cancel()
         if self.log is not None:
             for c in list(self.clients):
                 if c.log_head is not None:
@@ -1455,10 +1575,26 @@ class Proxy:
             self.log_add = None
 
 
+async def _stop_all(checkers):
+    await asyncio.gather(*(h.stop() for h in checkers), return_exceptions=True)
+
+
+def strip_target(out, n):
+    """``out`` (a head written for a backend) with the first ``n`` bytes of
+    its target removed (a route's ``strip_prefix``); the path sent always
+    starts with ``/``, and the query is kept."""
+    sp1 = out.find(b" ")
+    sp2 = out.find(b" ", sp1 + 1)
+    rest = out[sp1 + 1 + n:sp2]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return out[:sp1 + 1] + rest + out[sp2:]
+
 
 async def _connect(proxy, backend, client, gen):
     """Open a fresh connection to ``backend`` for request ``gen`` of ``client``."""
     loop = proxy.loop
+    timeout = client.pool.connect_timeout
     backend.connecting += 1
     proxy.connecting += 1
     started = loop.time()
@@ -1466,9 +1602,9 @@ async def _connect(proxy, backend, client, gen):
         _, up = await asyncio.wait_for(
             loop.create_connection(
                 lambda: UpstreamProtocol(backend, proxy), backend.host, backend.port),
-            proxy.connect_timeout)
+            timeout)
     except asyncio.TimeoutError:
-        if loop.time() - started > proxy.connect_timeout + STALL:
+        if loop.time() - started > timeout + STALL:
             # our own timer fired late: the loop was stalled, not the backend
             client.upstream_local_error("event loop stalled during connect", gen)
         else:

@@ -254,6 +254,9 @@ def build_parser():
                             "(default 1); repeat for more")
     serve.add_argument("--allow-unresolved", action="store_true",
                        help="start even if a backend host name does not resolve (a warning)")
+    serve.add_argument("--pid-file", metavar="FILE",
+                       help="write the process id to FILE (removed at exit), for "
+                            "fastlb reload --pid-file FILE")
     _add_common(serve)
     demo = sub.add_parser("demo", help="run three demo backends behind the balancer and load them")
     _add_common(demo)
@@ -267,7 +270,15 @@ def build_parser():
     check = sub.add_parser("check-config", help="validate a configuration file without "
                                                 "starting (exit status 0: valid, 1: not)")
     check.add_argument("file", metavar="FILE")
-    parser.subcommands = {"serve": serve, "demo": demo, "check-config": check}
+    reload_ = sub.add_parser("reload", help="make a running fastlb serve --config reload its "
+                                            "file (SIGHUP), after checking the file")
+    reload_.add_argument("--pid-file", required=True, metavar="FILE",
+                         help="the --pid-file of the running fastlb serve")
+    reload_.add_argument("--config", metavar="FILE",
+                         help="check this file first, and signal only if it is valid "
+                              "(the running process reads its own --config file)")
+    parser.subcommands = {"serve": serve, "demo": demo, "check-config": check,
+                          "reload": reload_}
     return parser
 
 
@@ -326,6 +337,8 @@ def main(argv=None):
         return EXIT_USAGE
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "reload":
+        return send_reload(args.pid_file, args.config)
     logging.basicConfig(level=args.log_level.upper(), format="fastlb: %(message)s",
                         stream=sys.stderr)
     try:
@@ -338,7 +351,7 @@ def main(argv=None):
             opts = options_from_args(args, [s[0] for s in specs], [s[1] for s in specs])
             check_backends_resolve(opts.backends, [b.partition(",")[0] for b in args.backend],
                                    args.allow_unresolved)
-            return _run_serve(opts)
+            return _run_serve(opts, pid_file=args.pid_file)
         from fastlb.demo import run_demo
 
         return run_demo(args)
@@ -370,9 +383,45 @@ def check_config(path):
     return 0
 
 
+def send_reload(pid_file, config_path=None):
+    """``fastlb reload --pid-file F``: SIGHUP to the process named in F
+    (after checking ``config_path``, when given: an invalid file is not
+    signalled). The running process logs what the reload changed, or every
+    problem of a file it refused."""
+    import os
+    import signal
+
+    if config_path is not None and check_config(config_path) != 0:
+        print(f"fastlb: error: {config_path} is not valid: not reloading", file=sys.stderr)
+        return EXIT_RUNTIME
+    try:
+        with open(pid_file) as f:
+            text = f.read().strip()
+    except OSError as e:
+        print(f"fastlb: error: --pid-file {pid_file}: {e.strerror}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if not text.isdigit() or int(text) <= 1:
+        print(f"fastlb: error: --pid-file {pid_file}: no process id in it ({text[:40]!r})",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    pid = int(text)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"fastlb: error: --pid-file {pid_file}: no process {pid} (stale file?)",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    except PermissionError:
+        print(f"fastlb: error: not allowed to signal process {pid}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"fastlb: sent SIGHUP to {pid}: it reloads its configuration (see its log)")
+    return 0
+
+
 def _serve_config(args, given):
     """``serve --config FILE``: load and validate it all (ConfigError lists
-    every problem), apply the global flags given, run it."""
+    every problem), apply the global flags given, run it. SIGHUP loads the
+    file again, with the same flags over it."""
     from fastlb.config import apply_flags, load
 
     config, overrides = apply_flags(load(args.config), args, given)
@@ -382,26 +431,45 @@ def _serve_config(args, given):
         log.warning("%s", issue)
     for override in overrides:
         log.info("%s", override)
-    opts = config.to_options()
-    (name,) = config.listeners
-    return _run_serve(opts, config.where(f"listeners.{name}.bind"))
+
+    def load_again():
+        new, _ = apply_flags(load(args.config), args, given)
+        for issue in new.warnings:
+            log.warning("%s", issue)
+        return new
+
+    return _run_serve(config, config=config, load_config=load_again, pid_file=args.pid_file)
 
 
-def _run_serve(opts, where=None):
+def _run_serve(opts, config=None, load_config=None, pid_file=None):
+    import os
+
     from fastlb import server
 
     async def go():
         try:
-            await server.serve(opts)
-        except OSError as e:
+            await server.serve(opts, load_config=load_config)
+        except server.ListenError as e:
+            where = config.where(f"listeners.{e.listener}.bind") if config is not None else None
             at = f" ({where})" if where else ""
-            raise ConfigError(
-                f"cannot listen on {opts.listen_host}:{opts.listen_port}{at}: {e.strerror or e}"
-            ) from None
+            raise ConfigError(f"cannot listen on {e.bind}{at}: {e.strerror or e}") from None
 
+    if pid_file is not None:
+        try:
+            with open(pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            print(f"fastlb: error: --pid-file {pid_file}: {e.strerror}", file=sys.stderr)
+            return EXIT_RUNTIME
     try:
         server.run(go())
     except ConfigError as e:
         print(f"fastlb: error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
+    finally:
+        if pid_file is not None:
+            try:
+                os.unlink(pid_file)
+            except OSError:
+                pass
     return 0

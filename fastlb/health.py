@@ -388,6 +388,32 @@ class HealthChecker:
 
     # -------------------------------------------------------- lifecycle
 
+    # what a backend kept across a reload carries over (weights and the
+    # slow-start ramp start afresh from the new configuration)
+    _CARRIED = ("up", "confirmed", "oks", "fails", "admin", "eligible", "pfails", "ejected",
+                "ejected_until", "eject_count", "awaiting", "trial", "readmitted_at",
+                "last_failure")
+
+    def inherit(self, old, pairs):
+        """Before ``start()``: take over what ``old`` (another checker) knows
+        of the backends a reload keeps. ``pairs``: ``(new index, old index)``.
+        A backend ejected stays ejected until its back-off ends; one DOWN
+        stays DOWN until checks pass (or at once, if checks are now off)."""
+        if self._started:
+            raise RuntimeError("inherit before start")
+        for new_i, old_i in pairs:
+            src = old._states[old_i]
+            dst = self._states[new_i]
+            for name in self._CARRIED:
+                setattr(dst, name, getattr(src, name))
+            if not self.config.active:
+                dst.up = True       # nothing would ever check it again
+            dst.eligible = dst.up and dst.admin and not dst.ejected
+        self._n_serving = sum(1 for st in self._states if st.weight > 0 and st.eligible)
+        self._n_ejected = sum(1 for st in self._states if st.ejected)
+        self._dry = old._dry
+        self._none_logged = old._none_logged and self._n_serving == 0
+
     def start(self):
         """Start the active checks (if any); sync weights for slow start."""
         if self._started:
@@ -400,6 +426,12 @@ class HealthChecker:
                 self._bal.set_eligible(st.index, st.eligible)
             if cfg.slow_start > 0:
                 self._set_weight(st, st.weight * WEIGHT_SCALE)
+            if st.ejected:
+                # carried over by inherit(): the back-off goes on
+                if st.awaiting and not cfg.active:
+                    self._loop.call_soon(self._eject_expired, st)
+                elif not st.awaiting:
+                    st.timer = self._loop.call_at(st.ejected_until, self._eject_expired, st)
         if cfg.active:
             now = self._loop.time()
             for st in self._states:

@@ -41,3 +41,5 @@ Backend = _mod.Backend
 Proxy = _mod.Proxy
 ClientProtocol = _mod.ClientProtocol
 UpstreamProtocol = _mod.UpstreamProtocol
+Pool = _mod.Pool
+Front = _mod.Front

@@ -10,8 +10,9 @@ uvloop ever lets go of it.
 Stopping. SIGTERM and SIGINT start a drain: stop accepting at once, close
 idle keep-alive connections, let requests in flight finish (their responses
 say ``Connection: close``) for up to ``drain_timeout`` seconds, then exit. A
-second SIGTERM or SIGINT stops at once. SIGHUP never stops the process: it
-is logged (reloading needs a configuration file).
+second SIGTERM or SIGINT stops at once. SIGHUP never stops the process: with
+a configuration file it reloads it (``reload``: an invalid file changes
+nothing), else it is logged.
 """
 import asyncio
 import dataclasses
@@ -21,8 +22,9 @@ import signal
 import socket
 
 from fastlb import core
-from fastlb.health import HealthConfig
+from fastlb.config.model import Config
 from fastlb.proxy import ClientProtocol, Proxy
+from fastlb.runtime import build
 
 log = logging.getLogger("fastlb")
 
@@ -251,23 +253,101 @@ def _listen_sockets(host, port, backlog):
     return socks
 
 
-async def start(opts, loop=None):
-    """Start a balancer; returns ``(proxy, listener)``. Raises OSError if it cannot listen."""
-    loop = loop or asyncio.get_running_loop()
-    proxy = Proxy(opts, loop)
-    socks = _listen_sockets(opts.listen_host, opts.listen_port, opts.backlog)
-    listener = Listener(loop, socks, lambda: ClientProtocol(proxy), opts.backlog,
+class ListenError(OSError):
+    """A listener's address cannot be listened on: ``listener`` (its name),
+    ``bind`` (``host:port``), and the OSError's errno and strerror."""
+
+    def __init__(self, lc, err):
+        super().__init__(err.errno, err.strerror or str(err))
+        self.listener = lc.name
+        self.bind = lc.bind
+
+
+def _bind(lc):
+    try:
+        return _listen_sockets(lc.host, lc.port, lc.backlog)
+    except OSError as e:
+        raise ListenError(lc, e) from None
+
+
+async def _start_front(proxy, front, loop):
+    lc = front.config
+    socks = _bind(lc)
+    listener = Listener(loop, socks, lambda: ClientProtocol(proxy, front), lc.backlog,
                         room=proxy.fd_room)
-    proxy.listener = listener
+    front.listener = listener
     try:
         await listener.start()
     except BaseException:
+        front.listener = None
         listener.close()
+        raise
+    return listener
+
+
+async def start(opts, loop=None):
+    """Start a balancer for ``opts`` (``Options`` or a ``fastlb.config.Config``);
+    returns ``(proxy, listener)`` (the first listener; every one is
+    ``front.listener`` of ``proxy.fronts``). Raises OSError if it cannot listen."""
+    loop = loop or asyncio.get_running_loop()
+    proxy = Proxy(opts, loop)
+    try:
+        for front in proxy.fronts.values():
+            await _start_front(proxy, front, loop)
+    except BaseException:
+        _close_listeners(proxy)
         proxy.close()
         raise
+    build.publish(proxy)
     proxy.start()
-    proxy.start_health(opts.health if opts.health is not None else HealthConfig())
-    return proxy, listener
+    proxy.start_health()
+    return proxy, proxy.listener
+
+
+def _close_listeners(proxy):
+    for front in proxy.fronts.values():
+        if front.listener is not None:
+            front.listener.close()
+
+
+async def reload(proxy, config):
+    """Run ``config`` (valid: see ``fastlb.config``) from now on, without
+    dropping a connection (see ``fastlb.runtime.build``). Returns the
+    one-line summary of what changed. Raises OSError if a new listener
+    cannot listen; then nothing has changed."""
+    loop = asyncio.get_running_loop()
+    plan = build.plan(proxy, config)
+    # open the new listeners' sockets first: if one cannot be bound, the
+    # old configuration stays as it is
+    moved = {f.config.bind for f in plan.fronts_remove}
+    pending = []
+    try:
+        for lc in plan.fronts_add:
+            if lc.bind in moved:
+                continue    # the same address, re-added: bound after the old one closes
+            pending.append((lc, _bind(lc)))
+    except BaseException:
+        for _, socks in pending:
+            for sock in socks:
+                sock.close()
+        raise
+    added, removed = build.apply(proxy, plan)
+    for front in removed:
+        if front.listener is not None:
+            front.listener.close()
+    ready = dict((lc.name, socks) for lc, socks in pending)
+    for front in added:
+        lc = front.config
+        socks = ready.pop(lc.name, None)
+        if socks is None:
+            socks = _bind(lc)
+        listener = Listener(loop, socks, lambda f=front: ClientProtocol(proxy, f), lc.backlog,
+                            room=proxy.fd_room)
+        front.listener = listener
+        await listener.start()
+    build.publish(proxy)
+    proxy.start_health()
+    return plan.summary()
 
 
 async def drain(proxy, listener, timeout, interrupt=None):
@@ -275,7 +355,9 @@ async def drain(proxy, listener, timeout, interrupt=None):
     seconds, or until ``interrupt`` is done), then close everything.
     Returns the number of client connections that were still open at the end."""
     loop = asyncio.get_running_loop()
-    listener.close()
+    if listener is not None:
+        listener.close()
+    _close_listeners(proxy)
     proxy.start_drain()
     deadline = loop.time() + timeout
     while proxy.clients and loop.time() < deadline:
@@ -288,13 +370,16 @@ async def drain(proxy, listener, timeout, interrupt=None):
     return left
 
 
-async def serve(opts, ready=None):
-    """Run until SIGINT or SIGTERM, then drain."""
+async def serve(opts, ready=None, load_config=None):
+    """Run until SIGINT or SIGTERM, then drain. ``load_config``: a function
+    that reads the configuration again (SIGHUP reloads with it; it raises
+    ``fastlb.errors.ConfigError`` listing the problems of an invalid one)."""
     loop = asyncio.get_running_loop()
     proxy, listener = await start(opts, loop)
     stop = loop.create_future()
     now = loop.create_future()
     signals = []
+    reloading = []
 
     def on_stop(signame):
         if not stop.done():
@@ -304,26 +389,41 @@ async def serve(opts, ready=None):
             now.set_result(None)
 
     def on_hup():
-        log.warning("SIGHUP: nothing to reload (reloading needs a configuration file); "
-                    "carrying on")
+        if load_config is None:
+            log.warning("SIGHUP: nothing to reload (reloading needs a configuration file); "
+                        "carrying on")
+            return
+        if reloading:
+            log.warning("SIGHUP: a reload is under way; this one is skipped")
+            return
+        task = loop.create_task(_reload_from(proxy, load_config))
+        reloading.append(task)
+        task.add_done_callback(lambda t: reloading.remove(t))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop, sig.name)
         signals.append(sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     signals.append(signal.SIGHUP)
-    addrs = ", ".join(_fmt(s.getsockname()) for s in listener.sockets)
-    log.info("fastlb %s (%s core) listening on %s -> %s", _version(), core.IMPL, addrs,
-             ", ".join(b.url for b in proxy.backends))
+    for front in proxy.fronts.values():
+        addrs = ", ".join(_fmt(s.getsockname()) for s in front.listener.sockets)
+        pools = front.config.pools_used()
+        log.info("fastlb %s (%s core) listening on %s -> %s", _version(), core.IMPL, addrs,
+                 ", ".join(b.url for b in proxy.pools[pools[0]].backends)
+                 if len(pools) == 1 and not front.config.routes
+                 else f"{len(front.config.routes)} routes, pools {', '.join(pools)}")
     if ready is not None:
         ready(proxy, listener)
     try:
         signame = await stop
+        for task in list(reloading):
+            await task
         busy = sum(1 for c in proxy.clients if c.in_flight())
+        timeout = proxy.config.drain_timeout
         log.info("%s: draining: %d request(s) in flight, %d connection(s); "
                  "up to %gs (send %s again to stop now)", signame, busy, len(proxy.clients),
-                 opts.drain_timeout, signame)
-        left = await drain(proxy, listener, opts.drain_timeout, now)
+                 timeout, signame)
+        left = await drain(proxy, None, timeout, now)
         if left:
             log.warning("drain ended with %d connection(s) still open: closed", left)
         else:
@@ -331,9 +431,32 @@ async def serve(opts, ready=None):
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        listener.close()
+        _close_listeners(proxy)
         proxy.close()
         await proxy.wait_closed()
+
+
+async def _reload_from(proxy, load_config):
+    from fastlb.errors import ConfigError
+
+    log.info("SIGHUP: reloading the configuration")
+    try:
+        config = load_config()
+    except ConfigError as e:
+        log.error("reload refused, the running configuration is unchanged:\n%s", e)
+        return
+    except OSError as e:
+        log.error("reload refused, the running configuration is unchanged: %s", e)
+        return
+    try:
+        summary = await reload(proxy, config)
+    except ListenError as e:
+        log.error("reload refused, the running configuration is unchanged: cannot listen "
+                  "on %s (listener %s): %s", e.bind, e.listener, e.strerror)
+        return
+    if proxy.config.source is not None:
+        logging.getLogger().setLevel(config.log_level.upper())
+    log.info("reloaded (%s): %s", config.summary(), summary)
 
 
 def _fmt(sockname):

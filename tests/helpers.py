@@ -149,6 +149,64 @@ class Balancer:
             self.lt.stop()
 
 
+class ConfigBalancer:
+    """``fastlb.server.start(config)`` for TOML ``text`` on its own loop
+    thread; ``reload(text)`` applies another text as SIGHUP would;
+    ``port(name)`` is a listener's port (bind ``127.0.0.1:0`` in the text)."""
+
+    def __init__(self, text):
+        from fastlb.config import loads
+
+        self.lt = LoopThread("fastlb")
+        config = loads(text, "test.toml", resolve=False)
+
+        async def go():
+            return await start(config, asyncio.get_running_loop())
+
+        self.proxy, self.server = self.lt.call(go())
+
+    def port(self, name):
+        return self.proxy.fronts[name].listener.sockets[0].getsockname()[1]
+
+    def url(self, name):
+        return f"http://{HOST}:{self.port(name)}"
+
+    def reload(self, text):
+        """The summary line of the change (ConfigError for invalid text)."""
+        from fastlb import server
+        from fastlb.config import loads
+
+        config = loads(text, "test.toml", resolve=False)
+        return self.lt.call(server.reload(self.proxy, config))
+
+    def stop(self):
+        from fastlb import server
+
+        async def down():
+            server._close_listeners(self.proxy)
+            self.proxy.close()
+            await self.proxy.wait_closed()
+
+        try:
+            self.lt.call(down(), timeout=10)
+        finally:
+            self.lt.stop()
+
+
+@pytest.fixture
+def make_config_lb():
+    made = []
+
+    def make(text):
+        lb = ConfigBalancer(text)
+        made.append(lb)
+        return lb
+
+    yield make
+    for lb in made:
+        lb.stop()
+
+
 def free_dead_port():
     """A port on 127.0.0.1 where nothing listens (connections are refused)."""
     s = socket.socket()
@@ -637,6 +695,18 @@ def exchange(port, data, timeout=5.0, split=None, shut=False):
         if shut:
             s.shutdown(socket.SHUT_WR)
         return recv_until_close(s, timeout)
+
+
+def ok_response(body=b"ok", extra=b""):
+    return (b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+            + extra + b"\r\n" + body)
+
+
+def get(port, path="/", method="GET", body=b"", timeout=5.0, headers=b""):
+    with raw_connect(port, timeout) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: t\r\n".encode() + headers
+                  + (b"Content-Length: %d\r\n" % len(body) if body else b"") + b"\r\n" + body)
+        return Reader(s, timeout).read_response(method=method)
 
 
 class Response:

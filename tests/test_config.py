@@ -16,7 +16,7 @@ from fastlb.config.flags import FLAGS
 from fastlb.config.locate import Locator, dotted
 from fastlb.errors import ConfigError, ConfigIssue
 from fastlb.health import HealthConfig
-from fastlb.server import Options
+from fastlb.runtime import build
 from helpers import (  # noqa: F401  (fixtures are used by name)
     HOST,
     REPO,
@@ -114,8 +114,6 @@ def test_minimal_file_takes_every_default():
         listeners={"web": ListenerConfig(name="web", default_pool="app")},
         pools={"app": PoolConfig(name="app", backends=(
             BackendConfig("http://127.0.0.1:9001", "127.0.0.1", 9001),))})
-    assert c.to_options() == Options(backends=(("127.0.0.1", 9001),), weights=(1,),
-                                     health=HealthConfig())
 
 
 def test_values_are_normalised():
@@ -541,8 +539,9 @@ def test_route_reference_semantics():
 def test_every_serve_flag_has_a_place_in_the_model():
     serve = cli.build_parser().subcommands["serve"]
     dests = {a.dest for a in serve._actions if a.option_strings and a.dest != "help"}
-    assert dests - {f.dest for f in FLAGS} == {"config"}
-    assert {f.dest for f in FLAGS if f.dest in dests} == dests - {"config"}
+    process = {"config", "pid_file"}       # about the process, not the configuration
+    assert dests - {f.dest for f in FLAGS} == process
+    assert {f.dest for f in FLAGS if f.dest in dests} == dests - process
 
 
 def test_flag_defaults_are_the_model_defaults():
@@ -623,8 +622,9 @@ def test_flags_build_the_model_of_the_equivalent_file(argv, text):
     assert from_flags(args) == from_file
     # and the model runs as serve always ran those flags
     specs = [cli.parse_backend_spec(b) for b in args.backend]
-    assert from_file.to_options() == cli.options_from_args(
-        args, [s[0] for s in specs], [s[1] for s in specs])
+    as_run = build.as_config(cli.options_from_args(
+        args, [s[0] for s in specs], [s[1] for s in specs]))
+    assert (as_run.listeners, as_run.pools) == (from_file.listeners, from_file.pools)
 
 
 def test_from_flags_reports_every_bad_flag():
@@ -683,21 +683,6 @@ def test_given_flags_sees_flags_typed_at_their_default_value():
                                     "--drain", "30"],    # an abbreviation, as argparse takes
                            "serve") == {"retries", "access_log", "drain_timeout"}
     assert cli.given_flags(parser, ["serve"], "serve") == set()
-
-
-def test_to_options_refuses_what_is_not_wired_yet():
-    with pytest.raises(ConfigError) as info:
-        load(EXAMPLE).to_options()
-    assert str(info.value) == (
-        f"{EXAMPLE}: 2 listeners, 3 pools, 3 routes, 5 backends: serve runs one listener "
-        "and one pool for now (several listeners, several pools and routing are not wired "
-        "into the data path yet)")
-    routed = loads(MINIMAL + '[[listeners.web.routes]]\npath = "/x"\npool = "app"\n', "r.toml")
-    with pytest.raises(ConfigError) as info:
-        routed.to_options()
-    assert str(info.value) == (
-        "r.toml:1: listeners.web: serve runs a listener without routes, whose default_pool "
-        "takes every request, for now (routing is not wired into the data path yet)")
 
 
 def test_issue_format():
@@ -793,14 +778,6 @@ def test_serve_config_with_a_pool_flag_is_an_error(tmp_path):
     assert (p.returncode, p.stderr) == (
         2, f"fastlb: error: --backend: cannot be combined with --config: it is backends in "
            f"the file's [pools.NAME] tables ({path})\n")
-
-
-def test_serve_config_not_wired_yet_is_a_clear_error():
-    p = run_fastlb("serve", "--config", "examples/fastlb.toml", timeout=15)
-    assert (p.returncode, p.stderr) == (
-        2, "fastlb: error: examples/fastlb.toml: 2 listeners, 3 pools, 3 routes, 5 backends: "
-           "serve runs one listener and one pool for now (several listeners, several pools "
-           "and routing are not wired into the data path yet)\n")
 
 
 @pytest.mark.usefixtures("active_core")

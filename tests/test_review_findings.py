@@ -9,23 +9,12 @@ import time
 
 import pytest
 
-from helpers import HANG, HOST, FastlbProcess, LoopThread, Reader, Reply, raw_connect, wait_for
+from helpers import (HANG, HOST, FastlbProcess, LoopThread, Reader, Reply, get, ok_response,
+                     raw_connect, wait_for)
 from helpers import active_core, backend_loop, make_backend, make_lb  # noqa: F401  (fixtures)
 from fastlb.server import Listener, _listen_sockets
 
 pytestmark = pytest.mark.usefixtures("active_core")
-
-
-def ok_response(body=b"ok", extra=b""):
-    return (b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
-            + extra + b"\r\n" + body)
-
-
-def get(port, path="/", method="GET", body=b"", timeout=5.0, headers=b""):
-    with raw_connect(port, timeout) as s:
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: t\r\n".encode() + headers
-                  + (b"Content-Length: %d\r\n" % len(body) if body else b"") + b"\r\n" + body)
-        return Reader(s, timeout).read_response(method=method)
 
 
 def open_fds(pid):

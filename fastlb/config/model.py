@@ -220,39 +220,3 @@ class Config:
         """``2 listeners, 3 pools, 5 routes, 6 backends``."""
         words = ("listener", "pool", "route", "backend")
         return ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in zip(self.counts(), words))
-
-    def to_options(self):
-        """The ``fastlb.server.Options`` of a configuration that today's data
-        path can run: one listener whose requests all go to one pool (its
-        ``default_pool``, no routes). Raises ``ConfigError`` otherwise."""
-        from fastlb.server import Options
-
-        if len(self.listeners) != 1 or len(self.pools) != 1:
-            raise ConfigError(
-                f"{self.source or 'configuration'}: {self.summary()}: serve runs one listener "
-                "and one pool for now (several listeners, several pools and routing are "
-                "not wired into the data path yet)")
-        (li,) = self.listeners.values()
-        (pool,) = self.pools.values()
-        if li.routes or li.default_pool != pool.name:
-            raise ConfigError(
-                f"{self.where(f'listeners.{li.name}') or 'configuration'}: "
-                f"listeners.{li.name}: serve runs a listener without routes, whose "
-                "default_pool takes every request, for now (routing is not wired into the "
-                "data path yet)")
-        return Options(
-            listen_host=li.host, listen_port=li.port, backlog=li.backlog,
-            header_timeout=li.header_timeout, keepalive_timeout=li.keepalive_timeout,
-            max_header_size=li.max_header_size, body_timeout=li.body_timeout,
-            body_min_rate=li.body_min_rate,
-            backends=tuple((b.host, b.port) for b in pool.backends),
-            weights=tuple(b.weight for b in pool.backends),
-            algorithm=pool.algorithm, hash_key=pool.hash_key,
-            hash_balance_factor=pool.hash_balance_factor,
-            connect_timeout=pool.connect_timeout, response_timeout=pool.response_timeout,
-            retries=pool.retries, retry_timeout=pool.retry_timeout,
-            upstream_idle_timeout=pool.upstream_idle_timeout,
-            upstream_max_idle=pool.upstream_max_idle, max_interim=pool.max_interim,
-            health=pool.health,
-            access_log=self.access_log, access_log_format=self.access_log_format, via=self.via, drain_timeout=self.drain_timeout,
-        )

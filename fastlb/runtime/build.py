@@ -1,0 +1,286 @@
+"""From a configuration to the objects the data path reads, and reload as a diff.
+
+``plan(proxy, config)`` builds what a configuration needs without touching
+the running proxy: a ``Pool`` per pool (reusing the ``Backend`` objects of
+backends it keeps: same pool name, same address) and the settings of each
+listener's ``Front``. ``apply(proxy, plan)`` then swaps them in, in one go
+and without awaiting, so no request sees half of each:
+
+* a kept backend keeps its object (pooled connections, counters) and its
+  health state (carried into the new pool's checker);
+* a removed backend is retired: it takes no new request (its pool is gone
+  from every route), finishes those in flight, pools nothing, and the
+  ticker closes its idle connections once the last one is over;
+* a kept listener's Front is updated in place, so the next request on an
+  open connection uses the new routes; a removed one drains (the caller
+  closes its listening socket); an added one is created (the caller starts
+  its listener).
+
+The first build is a plan against an empty proxy.
+"""
+import logging
+
+from fastlb.config.model import (DEFAULT_NAME, BackendConfig, Config, ListenerConfig,
+                                 PoolConfig)
+from fastlb.errors import KEY_KINDS
+from fastlb.health import HealthConfig
+from fastlb.proxy import Backend, Front, Pool
+from fastlb.runtime.routing import Router
+from fastlb.selection import HASHED, BalancerSet, make_balancer
+from fastlb.validate import format_address
+
+log = logging.getLogger("fastlb")
+
+
+def as_config(opts):
+    """A ``Config`` for ``opts``: itself, or the one listener and one pool
+    (both ``default``) that a ``fastlb.server.Options`` describes."""
+    if isinstance(opts, Config):
+        return opts
+    n = len(opts.backends)
+    weights = tuple(opts.weights) if opts.weights else (1,) * n
+    backends = tuple(BackendConfig(url=f"http://{format_address(h, p)}", host=h, port=p,
+                                   weight=w) for (h, p), w in zip(opts.backends, weights))
+    pool = PoolConfig(
+        name=DEFAULT_NAME, backends=backends, algorithm=opts.algorithm, hash_key=opts.hash_key,
+        hash_balance_factor=opts.hash_balance_factor, connect_timeout=opts.connect_timeout,
+        response_timeout=opts.response_timeout, retries=opts.retries,
+        retry_timeout=opts.retry_timeout, upstream_idle_timeout=opts.upstream_idle_timeout,
+        upstream_max_idle=opts.upstream_max_idle, max_interim=opts.max_interim,
+        health=opts.health if opts.health is not None else HealthConfig())
+    listener = ListenerConfig(
+        name=DEFAULT_NAME, host=opts.listen_host, port=opts.listen_port,
+        default_pool=DEFAULT_NAME, header_timeout=opts.header_timeout,
+        keepalive_timeout=opts.keepalive_timeout, max_header_size=opts.max_header_size,
+        body_timeout=opts.body_timeout, body_min_rate=opts.body_min_rate, backlog=opts.backlog)
+    return Config(listeners={DEFAULT_NAME: listener}, pools={DEFAULT_NAME: pool},
+                  access_log=opts.access_log, access_log_format=opts.access_log_format,
+                  via=opts.via, drain_timeout=opts.drain_timeout)
+
+
+class Plan:
+    """What ``apply`` swaps in (see the module docstring)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.pools = {}             # name -> new Pool
+        self.assign = []            # (Backend, pool, index, max_idle) to set at apply
+        self.inherit = {}           # pool name -> (old Pool, [(new idx, old idx)])
+        self.retire = []            # Backends no pool keeps
+        self.retire_pools = []      # old Pools replaced
+        self.fronts_add = []        # ListenerConfig of listeners to create
+        self.fronts_keep = []       # (Front, ListenerConfig) updated in place
+        self.fronts_remove = []     # Fronts to drain
+        self.changes = []           # words for the log line
+
+    def summary(self):
+        return "; ".join(self.changes) if self.changes else "nothing changed"
+
+
+def _key_spec(pc):
+    """``(hash_kind, hash_what, hash_name)`` of a pool's algorithm and key."""
+    if pc.algorithm not in HASHED:
+        return 0, 0, b""
+    kind, _, name = pc.hash_key.partition(":")
+    return (1 if kind == "ip" else 2), KEY_KINDS.get(kind, 0), name.encode("latin-1")
+
+
+def _plan_pool(plan, pc, old):
+    pool = Pool(pc.name)
+    pool.config = pc
+    old_by_addr = {b.address: b for b in old.backends} if old is not None else {}
+    old_index = {b.address: i for i, b in enumerate(old.backends)} if old is not None else {}
+    pairs = []
+    added = 0
+    for i, bc in enumerate(pc.backends):
+        b = old_by_addr.pop(bc.address, None)
+        if b is None:
+            b = Backend(i, bc.host, bc.port, pc.upstream_max_idle)
+            added += 1
+        else:
+            pairs.append((i, old_index[bc.address]))
+        plan.assign.append((b, pool, i, pc.upstream_max_idle))
+        pool.backends.append(b)
+    plan.retire.extend(old_by_addr.values())
+    if old is not None:
+        plan.inherit[pc.name] = (old, pairs)
+        plan.retire_pools.append(old)
+        if added or old_by_addr:
+            plan.changes.append(f"pool {pc.name}: backends +{added} -{len(old_by_addr)}")
+        elif old.config != pc:
+            plan.changes.append(f"pool {pc.name}: settings changed")
+    n = len(pool.backends)
+    pool.weights = [bc.weight for bc in pc.backends] or [1] * n
+    names = [b.authority for b in pool.backends]
+    algo_opts = {}
+    if pc.algorithm in HASHED:
+        algo_opts["balance_factor"] = pc.hash_balance_factor
+    pool.balancer = make_balancer(pc.algorithm, pool.weights, names, **algo_opts)
+    pool.balancers = pool.balancer
+    pool.hash_kind, pool.hash_what, pool.hash_name = _key_spec(pc)
+    if pc.algorithm in HASHED:
+        pool.fallback = make_balancer("weighted-round-robin", pool.weights, names)
+        pool.balancers = BalancerSet(pool.balancer, pool.fallback)
+    pool.connect_timeout = pc.connect_timeout
+    pool.response_timeout = pc.response_timeout
+    pool.max_tries = 1 + pc.retries
+    pool.retry_timeout = pc.retry_timeout
+    pool.max_interim = pc.max_interim
+    pool.idle_timeout = pc.upstream_idle_timeout
+    return pool
+
+
+def plan(proxy, config):
+    """A Plan that makes ``proxy`` run ``config`` (nothing is changed yet)."""
+    p = Plan(config)
+    for name, pc in config.pools.items():
+        p.pools[name] = _plan_pool(p, pc, proxy.pools.get(name))
+    for name, old in proxy.pools.items():
+        if name not in config.pools:
+            p.retire.extend(old.backends)
+            p.retire_pools.append(old)
+            p.changes.append(f"pool {name} removed ({len(old.backends)} backends)")
+    added = [n for n in config.pools if n not in proxy.pools]
+    if added and proxy.pools:
+        p.changes.append("pools added: " + ", ".join(added))
+    for name, lc in config.listeners.items():
+        front = proxy.fronts.get(name)
+        if front is None:
+            p.fronts_add.append(lc)
+            if proxy.fronts:
+                p.changes.append(f"listener {name} added on {lc.bind}")
+        elif (front.config.host, front.config.port) != (lc.host, lc.port):
+            p.fronts_remove.append(front)
+            p.fronts_add.append(lc)
+            p.changes.append(f"listener {name} moved from {front.config.bind} to {lc.bind}")
+        else:
+            p.fronts_keep.append((front, lc))
+            if front.config.routes != lc.routes:
+                p.changes.append(f"listener {name}: routes {len(front.config.routes)} -> "
+                                 f"{len(lc.routes)}")
+            elif front.config != lc:
+                p.changes.append(f"listener {name}: settings changed")
+    old = proxy.config
+    if old is not None and (old.access_log, old.access_log_format) != (
+            config.access_log, config.access_log_format):
+        p.changes.append("access_log kept as it was (it changes at a restart)")
+    if old is not None and old.via != config.via:
+        p.changes.append(f"via {'on' if config.via else 'off'}")
+    for name, front in proxy.fronts.items():
+        if name not in config.listeners:
+            p.fronts_remove.append(front)
+            p.changes.append(f"listener {name} on {front.config.bind} removed")
+    return p
+
+
+def _set_front(front, lc, pools):
+    front.config = lc
+    front.header_timeout = lc.header_timeout
+    front.keepalive_timeout = lc.keepalive_timeout
+    front.max_header_size = lc.max_header_size
+    front.body_timeout = lc.body_timeout if lc.body_timeout > 0 else 1e300
+    front.body_rate_inv = 1.0 / lc.body_min_rate if lc.body_min_rate > 0 else 0.0
+    default = pools.get(lc.default_pool) if lc.default_pool is not None else None
+    front.pool = default
+    front.router = (Router([(rc, pools[rc.pool]) for rc in lc.routes], default)
+                    if lc.routes else None)
+    # the key parse_request_head extracts: the default pool's, else the
+    # first routed pool's that hashes on one (another pool's re-parses)
+    front.hash_what, front.hash_name = 0, b""
+    for name in ((lc.default_pool,) if lc.default_pool else ()) + tuple(r.pool for r in lc.routes):
+        pool = pools[name]
+        if pool.hash_kind == 2:
+            front.hash_what, front.hash_name = pool.hash_what, pool.hash_name
+            break
+
+
+def set_health(proxy, pool, config, inherit=None):
+    """Give ``pool`` a (not yet started) health checker for ``config``,
+    carrying the state of kept backends from ``inherit`` = (old Pool, pairs)."""
+    from fastlb.health import HealthChecker
+
+    pool.health = None
+    pool.eject_5xx = False
+    if not (config.active or config.passive):
+        return
+    pool.eject_5xx = config.eject_5xx
+    if config.slow_start and pool.config is not None and pool.config.algorithm == "round-robin":
+        log.warning("pool %s: slow start has no effect with round-robin, which ignores "
+                    "weights; use weighted-round-robin", pool.name)
+    backends = pool.backends
+
+    def on_trial(idx):
+        # a backend back on trial: report its next success to the checker
+        b = backends[idx]
+        if b.fail_streak == 0:
+            b.fail_streak = 1
+
+    pool.health = HealthChecker(backends, pool.balancers, config, proxy.loop,
+                                weights=pool.weights, on_trial=on_trial)
+    if inherit is not None:
+        old, pairs = inherit
+        if old.health is not None and pairs:
+            pool.health.inherit(old.health, pairs)
+
+
+def apply(proxy, p):
+    """Swap the plan in (synchronous: no request runs in between). Returns
+    ``(fronts added, fronts removed)``: the caller starts and stops their
+    listeners."""
+    for b, pool, index, max_idle in p.assign:
+        b.index = index
+        b.pool = pool
+        b.max_idle = max_idle
+        b.retired = False
+    for b in p.retire:
+        b.retired = True
+        b.max_idle = 0      # nothing goes back to its pool
+        if b not in proxy.retired:
+            proxy.retired.append(b)
+    for pool in p.pools.values():
+        set_health(proxy, pool, pool.config.health, p.inherit.get(pool.name))
+    for pool in p.retire_pools:
+        pool.retired = True
+    old_pools = p.retire_pools
+    proxy.pools = p.pools
+    added = []
+    for front, lc in p.fronts_keep:
+        _set_front(front, lc, p.pools)
+    for front in p.fronts_remove:
+        proxy.fronts.pop(front.name, None)
+        proxy.drain_front(front)
+    for lc in p.fronts_add:
+        front = Front(lc.name)
+        _set_front(front, lc, p.pools)
+        proxy.fronts[lc.name] = front
+        added.append(front)
+    # keep the listeners' order of the file
+    proxy.fronts = {name: proxy.fronts[name] for name in p.config.listeners}
+    proxy.config = p.config
+    publish(proxy)
+    if old_pools:
+        proxy.stop_health(old_pools)
+    return added, list(p.fronts_remove)
+
+
+def publish(proxy):
+    """Refresh what the proxy keeps from its pools and fronts."""
+    pools = proxy.pools
+    first = pools.get(DEFAULT_NAME) or next(iter(pools.values()), None)
+    proxy.backends = first.backends if first is not None else []
+    proxy.balancer = first.balancer if first is not None else None
+    proxy.fallback = first.fallback if first is not None else None
+    proxy.balancers = first.balancers if first is not None else None
+    proxy.weights = first.weights if first is not None else []
+    proxy.health = first.health if first is not None else None
+    proxy.front = next(iter(proxy.fronts.values()), None)
+    proxy.listener = proxy.front.listener if proxy.front is not None else None
+    proxy.n_backends = sum(len(pl.backends) for pl in pools.values())
+    proxy.response_timeout = max((pl.response_timeout for pl in pools.values()), default=60.0)
+    proxy.via = b"fastlb" if proxy.config.via else None
+    ticks = [0.25]
+    for f in proxy.fronts.values():
+        ticks += [f.header_timeout / 4, f.keepalive_timeout / 4]
+    for pl in pools.values():
+        ticks += [pl.response_timeout / 4, pl.idle_timeout / 4]
+    proxy.tick = min(ticks)
