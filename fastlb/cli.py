@@ -254,6 +254,9 @@ def build_parser():
                             "(default 1); repeat for more")
     serve.add_argument("--allow-unresolved", action="store_true",
                        help="start even if a backend host name does not resolve (a warning)")
+    serve.add_argument("--demo-backends", action="store_true",
+                       help="with --config: first start a small demo backend on every "
+                            "loopback backend address of the file, to try the file out")
     serve.add_argument("--pid-file", metavar="FILE",
                        help="write the process id to FILE (removed at exit), for "
                             "fastlb reload --pid-file FILE")
@@ -345,6 +348,9 @@ def main(argv=None):
         if args.command == "serve":
             if args.config is not None:
                 return _serve_config(args, given_flags(parser, argv, "serve"))
+            if args.demo_backends:
+                raise ConfigError("--demo-backends: needs --config (fastlb demo runs demo "
+                                  "backends behind flags)")
             if not args.backend:
                 raise ConfigError("serve: give at least one --backend http://HOST:PORT")
             specs = [parse_backend_spec(b) for b in args.backend]
@@ -438,21 +444,57 @@ def _serve_config(args, given):
             log.warning("%s", issue)
         return new
 
-    return _run_serve(config, config=config, load_config=load_again, pid_file=args.pid_file)
+    demo = None
+    if args.demo_backends:
+        demo = _demo_addresses(config)
+    return _run_serve(config, config=config, load_config=load_again, pid_file=args.pid_file,
+                      demo=demo)
 
 
-def _run_serve(opts, config=None, load_config=None, pid_file=None):
+def _demo_addresses(config):
+    """The backend addresses of ``config`` for --demo-backends: every one
+    must be on a loopback address (ConfigError otherwise)."""
+    import ipaddress
+
+    out = {}
+    for pool in config.pools.values():
+        for i, b in enumerate(pool.backends):
+            try:
+                loopback = ipaddress.ip_address(b.host).is_loopback
+            except ValueError:
+                loopback = b.host == "localhost"
+            if not loopback:
+                raise ConfigError(f"--demo-backends: pools.{pool.name}.backends[{i}]: "
+                                  f"{b.url} is not a loopback address")
+            out.setdefault((b.host, b.port), f"{pool.name}-{len(out) + 1}")
+    return out
+
+
+def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
     import os
 
     from fastlb import server
 
     async def go():
+        servers = []
+        if demo:
+            from fastlb.demo import start_backends
+
+            try:
+                servers = await start_backends(demo)
+            except OSError as e:
+                raise ConfigError(f"--demo-backends: {e.strerror or e}") from None
+            logging.getLogger("fastlb").info(
+                "demo backends on %s", ", ".join(f"{h}:{p}" for h, p in demo))
         try:
             await server.serve(opts, load_config=load_config)
         except server.ListenError as e:
             where = config.where(f"listeners.{e.listener}.bind") if config is not None else None
             at = f" ({where})" if where else ""
             raise ConfigError(f"cannot listen on {e.bind}{at}: {e.strerror or e}") from None
+        finally:
+            for srv in servers:
+                srv.close()
 
     if pid_file is not None:
         try:

@@ -45,6 +45,26 @@ class DemoBackend(asyncio.Protocol):
                 return
 
 
+async def start_backends(addresses):
+    """A DemoBackend server on each ``(host, port)`` of ``addresses`` (a dict
+    address -> name); returns the servers. OSError names the address."""
+    loop = asyncio.get_running_loop()
+    servers = []
+    try:
+        for (host, port), name in addresses.items():
+            try:
+                servers.append(await loop.create_server(lambda n=name: DemoBackend(n),
+                                                        host, port))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") \
+                    from None
+    except BaseException:
+        for srv in servers:
+            srv.close()
+        raise
+    return servers
+
+
 async def _get(reader, writer, host):
     writer.write(b"GET /demo HTTP/1.1\r\nHost: " + host + b"\r\nUser-Agent: fastlb-demo\r\n\r\n")
     head = await reader.readuntil(b"\r\n\r\n")

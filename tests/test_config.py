@@ -76,7 +76,7 @@ def test_example_loads_to_the_expected_model():
         },
         pools={
             "app": PoolConfig(
-                name="app", algorithm="round-robin",
+                name="app", algorithm="weighted-round-robin",
                 backends=(BackendConfig("http://127.0.0.1:9001", "127.0.0.1", 9001, 1),
                           BackendConfig("http://127.0.0.1:9002", "127.0.0.1", 9002, 1)),
                 connect_timeout=5.0, response_timeout=60.0, retries=2, retry_timeout=10.0,
@@ -103,9 +103,9 @@ def test_example_loads_to_the_expected_model():
     assert c.source == EXAMPLE
     assert c.summary() == "2 listeners, 3 pools, 3 routes, 5 backends"
     # the model keeps the places of its keys
-    assert c.where("pools.api.backends") == f"{EXAMPLE}:85"
-    assert c.where("listeners.web.routes[1].pool") == f"{EXAMPLE}:37"
-    assert c.where("listeners.internal.keepalive_timeout") == f"{EXAMPLE}:44"   # its table
+    assert c.where("pools.api.backends") == f"{EXAMPLE}:87"
+    assert c.where("listeners.web.routes[1].pool") == f"{EXAMPLE}:39"
+    assert c.where("listeners.internal.keepalive_timeout") == f"{EXAMPLE}:46"   # its table
 
 
 def test_minimal_file_takes_every_default():
@@ -539,7 +539,7 @@ def test_route_reference_semantics():
 def test_every_serve_flag_has_a_place_in_the_model():
     serve = cli.build_parser().subcommands["serve"]
     dests = {a.dest for a in serve._actions if a.option_strings and a.dest != "help"}
-    process = {"config", "pid_file"}       # about the process, not the configuration
+    process = {"config", "pid_file", "demo_backends"}   # the process, not the configuration
     assert dests - {f.dest for f in FLAGS} == process
     assert {f.dest for f in FLAGS if f.dest in dests} == dests - process
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from fastlb.errors import ConfigError
-from helpers import (HANG, HOST, FastlbProcess, Reader, fastlb_cmd, ok_response, raw_connect,
-                     wait_for, REPO)
+from helpers import (HANG, HOST, REPO, FastlbProcess, Reader, fastlb_cmd, free_dead_port,
+                     ok_response, raw_connect, wait_for)
 from helpers import active_core, backend_loop, make_backend, make_config_lb  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("active_core")
@@ -316,3 +316,35 @@ def test_serve_runs_the_example_file(tmp_path, make_backend):
             assert c.get(lb.url + "/").headers["x-backend"] in ("9001", "9002")
     finally:
         assert lb.terminate() == 0
+
+
+def test_demo_backends_serve_a_file_on_its_own_addresses(tmp_path):
+    """--demo-backends starts a backend on each loopback backend address of
+    the file: the example can be tried as written (ports moved here)."""
+    ports = [free_dead_port() for _ in range(3)]
+    text = _text({"app": [type("B", (), {"port": p})() for p in ports[:2]],
+                  "r": [type("B", (), {"port": ports[2]})()]}, routes=[("/r/", "r")])
+    path = tmp_path / "lb.toml"
+    path.write_text(text)
+    lb = FastlbProcess(None, "--config", str(path), "--demo-backends")
+    try:
+        with httpx.Client(timeout=5) as c:
+            assert c.get(lb.url + "/r/x").headers["x-backend"] == "r-3"
+            assert {c.get(lb.url + "/").headers["x-backend"] for _ in range(4)} == \
+                {"app-1", "app-2"}
+    finally:
+        assert lb.terminate() == 0
+
+
+def test_demo_backends_refuses_what_it_cannot_serve(tmp_path):
+    path = tmp_path / "lb.toml"
+    path.write_text('[listeners.web]\nbind = "127.0.0.1:0"\ndefault_pool = "app"\n'
+                    '[pools.app]\nbackends = ["http://10.9.9.9:80"]\n')
+    p = subprocess.run(fastlb_cmd("serve", "--config", str(path), "--demo-backends"),
+                       capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert (p.returncode, p.stderr) == (
+        2, "fastlb: error: --demo-backends: pools.app.backends[0]: http://10.9.9.9:80 is not "
+           "a loopback address\n")
+    p = subprocess.run(fastlb_cmd("serve", "--backend", "http://127.0.0.1:1", "--demo-backends"),
+                       capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert p.returncode == 2 and "--demo-backends: needs --config" in p.stderr
