@@ -290,15 +290,17 @@ class _State:
     """What the checker knows about one backend."""
 
     __slots__ = (
-        "index", "url", "host", "port", "request", "weight", "cur_weight",
+        "index", "url", "label", "host", "port", "request", "weight", "cur_weight",
         "up", "confirmed", "oks", "fails", "admin", "eligible",
         "pfails", "ejected", "ejected_until", "eject_count", "awaiting", "trial",
         "held", "readmitted_at", "timer", "ramp", "ramp_step", "wake", "last_failure",
     )
 
-    def __init__(self, backend, weight, request):
+    def __init__(self, backend, weight, request, pool=None):
         self.index = backend.index
         self.url = backend.url
+        # in log lines: which pool, when there are several (identity is pool + address)
+        self.label = backend.url if pool is None else f"{backend.url} (pool {pool})"
         self.host = backend.host
         self.port = backend.port
         self.request = request
@@ -344,7 +346,7 @@ class HealthChecker:
     """
 
     def __init__(self, backends, balancer, config, loop, logger=None, weights=None,
-                 seed=None, on_trial=None):
+                 seed=None, on_trial=None, pool=None):
         from fastlb import __version__
 
         backends = list(backends)
@@ -357,6 +359,7 @@ class HealthChecker:
             if isinstance(w, bool) or not isinstance(w, int) or w < 0:
                 raise ValueError(f"weights are non-negative ints, got {w!r}")
         self.config = config
+        self.pool = pool            # the pool's name (None: the only pool)
         self._loop = loop
         self._bal = balancer
         self._log = logger if logger is not None else logging.getLogger("fastlb.health")
@@ -369,7 +372,7 @@ class HealthChecker:
             request = (f"GET {config.path} HTTP/1.1\r\nHost: {host}\r\n"
                        f"User-Agent: fastlb-health/{__version__}\r\n"
                        "Connection: close\r\n\r\n").encode("ascii") if config.active else b""
-            self._states.append(_State(b, w, request))
+            self._states.append(_State(b, w, request, pool))
         # the pool: backends that can be chosen (weight > 0); passive ejection
         # never leaves it without one in rotation (see the module docstring)
         self._n_pool = sum(1 for st in self._states if st.weight > 0)
@@ -486,6 +489,8 @@ class HealthChecker:
             out.append({
                 "index": st.index,
                 "url": st.url,
+                "address": _netloc(st.host, st.port),
+                "pool": self.pool,
                 "state": "UP" if st.up else "DOWN",
                 "checked": st.confirmed,
                 "eligible": st.eligible,
@@ -515,7 +520,7 @@ class HealthChecker:
         if st.admin == enabled:
             return
         st.admin = enabled
-        self._log.info(f"backend {st.url} {'enabled' if enabled else 'disabled'} by admin")
+        self._log.info(f"backend {st.label} {'enabled' if enabled else 'disabled'} by admin")
         self._update(st)
 
     # -------------------------------------------------------- passive
@@ -532,7 +537,7 @@ class HealthChecker:
             st.eject_count = 0   # back and answering: the next ejection is short again
         if self._dry:
             self._dry = False
-            self._log.info(f"backend {st.url} answered: the pool is serving again")
+            self._log.info(f"backend {st.label} answered: the pool is serving again")
 
     def on_failure(self, idx, reason="failure"):
         """A request to backend ``idx`` failed: connect failure, reset, timeout,
@@ -565,7 +570,7 @@ class HealthChecker:
             if not st.held and st.weight:
                 st.held = True
                 self._n_held += 1
-                msg = (f"backend {st.url} not ejected ({why}): at most {self._max_ejected} "
+                msg = (f"backend {st.label} not ejected ({why}): at most {self._max_ejected} "
                        f"of {self._n_pool} may be out at a time (--max-ejected-percent)")
                 if self._dry:
                     self._log.debug(msg)
@@ -589,7 +594,7 @@ class HealthChecker:
         if st.timer is not None:
             st.timer.cancel()
         st.timer = self._loop.call_at(st.ejected_until, self._eject_expired, st)
-        msg = f"backend {st.url} ejected for {backoff:g}s: {why}"
+        msg = f"backend {st.label} ejected for {backoff:g}s: {why}"
         if self._dry:
             self._log.debug(msg)    # the pool is still dry: said once already
         else:
@@ -619,7 +624,7 @@ class HealthChecker:
         if self._on_trial is not None:
             self._on_trial(st.index)
         if not forced:      # the fallback logs its own
-            self._log.info(f"backend {st.url} {why}")
+            self._log.info(f"backend {st.label} {why}")
         self._update(st, forced)
 
     def _fallback(self):
@@ -636,7 +641,7 @@ class HealthChecker:
         if best.timer is not None:
             best.timer.cancel()
             best.timer = None
-        why = f"backend {best.url} re-admitted on trial early (its back-off ends soonest)"
+        why = f"backend {best.label} re-admitted on trial early (its back-off ends soonest)"
         if self._dry:       # once per dry spell; the repeats at debug level
             self._log.debug(why)
         else:
@@ -666,7 +671,7 @@ class HealthChecker:
             if ok is None:
                 # fastlb itself is short of fds or memory: the check says
                 # nothing about the backend, so nothing is recorded
-                self._log.debug(f"check of {st.url} not run: {reason}")
+                self._log.debug(f"check of {st.label} not run: {reason}")
             else:
                 self._record_check(st, ok, reason, started)
             next_at = started + interval
@@ -720,7 +725,7 @@ class HealthChecker:
             st.oks += 1
             if not st.up and st.oks >= cfg.rise:
                 st.up = True
-                self._log.info(f"backend {st.url} is UP: {_times(st.oks, 'successful check')}")
+                self._log.info(f"backend {st.label} is UP: {_times(st.oks, 'successful check')}")
             if st.ejected and st.oks >= cfg.rise:
                 # With active checks the checks judge, as in HAProxy: ``rise``
                 # passing checks in a row since the ejection end it, back-off
@@ -741,7 +746,7 @@ class HealthChecker:
                     why = _times(st.fails, "failed check")
                 else:
                     why = "first check failed"
-                self._log.warning(f"backend {st.url} is DOWN: {why} ({reason})")
+                self._log.warning(f"backend {st.label} is DOWN: {why} ({reason})")
         st.confirmed = True
         self._update(st)
 

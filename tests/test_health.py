@@ -958,7 +958,8 @@ def test_snapshot_fields():
             hc.on_failure(1, "connection refused")
             a, b = hc.snapshot()
             assert a == {
-                "index": 0, "url": "http://127.0.0.1:1", "state": "UP", "checked": False,
+                "index": 0, "url": "http://127.0.0.1:1", "address": "127.0.0.1:1", "pool": None,
+                "state": "UP", "checked": False,
                 "eligible": True, "admin": "enabled", "ejected": False,
                 "ejected_until": None, "eject_remaining": 0.0, "awaiting_check": False,
                 "trial": False, "held": False, "ejections": 0, "consecutive_successes": 0,

@@ -348,3 +348,18 @@ def test_demo_backends_refuses_what_it_cannot_serve(tmp_path):
     p = subprocess.run(fastlb_cmd("serve", "--backend", "http://127.0.0.1:1", "--demo-backends"),
                        capture_output=True, text=True, cwd=REPO, timeout=30)
     assert p.returncode == 2 and "--demo-backends: needs --config" in p.stderr
+
+
+def test_with_several_pools_a_backend_is_named_with_its_pool(make_backend, make_config_lb,
+                                                             caplog):
+    a, b = make_backend("A"), make_backend("B")
+    lb = make_config_lb(_text({"app": [a], "other": [a, b]}, routes=[("/o/", "other")]))
+    other = lb.proxy.pools["other"]
+    ba = other.backends[0]
+    assert ba is not lb.proxy.pools["app"].backends[0]     # same address, another pool
+    with caplog.at_level("WARNING", logger="fastlb.health"):
+        lb.lt.call_soon(lambda: [lb.proxy.note_failure(ba, "test") for _ in range(3)])
+    assert f"backend http://{HOST}:{a.port} (pool other) ejected for 5s" in caplog.text
+    snap = other.health.snapshot()[0]
+    assert (snap["pool"], snap["address"], snap["ejected"]) == ("other", f"{HOST}:{a.port}", True)
+    assert not lb.proxy.pools["app"].health.snapshot()[0]["ejected"]

@@ -215,8 +215,10 @@ def set_health(proxy, pool, config, inherit=None):
         if b.fail_streak == 0:
             b.fail_streak = 1
 
+    named = len(proxy.config.pools) > 1 if proxy.config is not None else False
     pool.health = HealthChecker(backends, pool.balancers, config, proxy.loop,
-                                weights=pool.weights, on_trial=on_trial)
+                                weights=pool.weights, on_trial=on_trial,
+                                pool=pool.name if named else None)
     if inherit is not None:
         old, pairs = inherit
         if old.health is not None and pairs:
@@ -227,6 +229,7 @@ def apply(proxy, p):
     """Swap the plan in (synchronous: no request runs in between). Returns
     ``(fronts added, fronts removed)``: the caller starts and stops their
     listeners."""
+    proxy.config = p.config
     for b, pool, index, max_idle in p.assign:
         b.index = index
         b.pool = pool
@@ -256,7 +259,6 @@ def apply(proxy, p):
         added.append(front)
     # keep the listeners' order of the file
     proxy.fronts = {name: proxy.fronts[name] for name in p.config.listeners}
-    proxy.config = p.config
     publish(proxy)
     if old_pools:
         proxy.stop_health(old_pools)
