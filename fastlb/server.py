@@ -380,6 +380,7 @@ async def serve(opts, ready=None, load_config=None):
     now = loop.create_future()
     signals = []
     reloading = []
+    again = [False]
 
     def on_stop(signame):
         if not stop.done():
@@ -393,12 +394,21 @@ async def serve(opts, ready=None, load_config=None):
             log.warning("SIGHUP: nothing to reload (reloading needs a configuration file); "
                         "carrying on")
             return
+        if stop.done():
+            log.warning("SIGHUP while stopping: not reloading")
+            return
         if reloading:
-            log.warning("SIGHUP: a reload is under way; this one is skipped")
+            again[0] = True     # read the file once more when this reload is done
             return
         task = loop.create_task(_reload_from(proxy, load_config))
         reloading.append(task)
-        task.add_done_callback(lambda t: reloading.remove(t))
+        task.add_done_callback(reloaded)
+
+    def reloaded(task):
+        reloading.remove(task)
+        if again[0]:
+            again[0] = False
+            on_hup()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop, sig.name)
