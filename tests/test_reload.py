@@ -5,6 +5,7 @@ checks, and as ``fastlb serve --config`` + SIGHUP / ``fastlb reload`` for
 what a user does. Backends are real servers on 127.0.0.1.
 """
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -363,3 +364,42 @@ def test_with_several_pools_a_backend_is_named_with_its_pool(make_backend, make_
     snap = other.health.snapshot()[0]
     assert (snap["pool"], snap["address"], snap["ejected"]) == ("other", f"{HOST}:{a.port}", True)
     assert not lb.proxy.pools["app"].health.snapshot()[0]["ejected"]
+
+
+def test_reloads_leave_no_fd_behind(tmp_path, make_backend):
+    """Twenty reloads through four shapes (backends, a route, a listener
+    added and removed) with requests in between, then the first shape again:
+    once idle connections have timed out, fastlb has exactly the fds it had."""
+    bes = [make_backend(n) for n in "ABC"]
+    extra = "upstream_idle_timeout = 0.3\n"
+    shapes = [
+        _text({"app": bes[:1]}, extra=extra),
+        _text({"app": bes[:2], "r": bes[2:]}, routes=[("/r/", "r")], extra=extra),
+        _text({"app": bes[1:]}, listeners=("web", "more"), extra=extra),
+        _text({"app": bes[2:], "r": bes[:1]}, routes=[("/r/", "r")], listeners=("web", "more"),
+              extra=extra),
+    ]
+    lb, path, _ = _serve(tmp_path, shapes[0])
+
+    def fds():
+        return len(os.listdir(f"/proc/{lb.proc.pid}/fd"))
+
+    try:
+        with httpx.Client(timeout=5) as c:
+            assert c.get(lb.url + "/").status_code == 200
+        time.sleep(1.0)
+        before = fds()
+        for i in range(1, 21):
+            path.write_text(shapes[i % 4])
+            lb.proc.send_signal(signal.SIGHUP)
+            assert _log_has(lb, "reloaded (", timeout=5)
+            lb.stderr_lines.clear()
+            with httpx.Client(timeout=5) as c:
+                for p in ("/", "/r/x"):
+                    assert c.get(lb.url + p).status_code == 200
+        path.write_text(shapes[0])
+        lb.proc.send_signal(signal.SIGHUP)
+        assert _log_has(lb, "reloaded (", timeout=5)
+        assert wait_for(lambda: fds() == before, timeout=5), (fds(), before)
+    finally:
+        lb.kill()
