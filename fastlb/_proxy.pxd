@@ -225,6 +225,8 @@ cdef class ClientProtocol:
     cdef _send_to(self, Backend backend)
     @cython.locals(pool=Pool, idx=Py_ssize_t, balancer=Selector)
     cdef _next_backend(self)
+    @cython.locals(pool=Pool, moved=set, b=Backend)
+    cdef Pool _moved_pool(self, Pool old, set tried)
     cdef _release(self)
     cpdef upstream_connected(self, UpstreamProtocol up, long long gen)
     cpdef upstream_connect_failed(self, Backend backend, reason, long long gen)

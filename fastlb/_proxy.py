@@ -954,6 +954,13 @@ class ClientProtocol:
         self._release()
         if self.tries >= pool.max_tries or self.proxy.now - self.t0 > pool.retry_timeout:
             return None
+        if pool.retired:
+            # a reload replaced the pool since the request started: retry in
+            # the pool of the same name now, never on a backend it removed
+            pool = self._moved_pool(pool, tried)
+            if pool is None:
+                return None
+            tried = self.tried
         # retries go by the fallback of a hashing algorithm: the key's backend failed
         balancer = pool.balancer if pool.fallback is None else pool.fallback
         # the algorithm's own choice among the backends not tried yet (least-conn:
@@ -967,6 +974,22 @@ class ClientProtocol:
         self.retried = False    # the stale keep-alive race may happen on this one too
         self.bidx = idx
         return pool.backends[idx]
+
+    def _moved_pool(self, old, tried):
+        """The pool that replaced ``old`` (same name), with ``tried`` moved
+        to its indices (by backend: kept ones are the same objects); None if
+        the pool is gone."""
+        pool = self.proxy.pools.get(old.name)
+        if pool is None:
+            return None
+        moved = set()
+        for i in tried:
+            b = old.backends[i]
+            if b.pool is pool and not b.retired:
+                moved.add(b.index)
+        self.tried = moved
+        self.pool = pool
+        return pool
 
     def upstream_connected(self, up, gen):
         """``proxy.connect`` made a fresh connection for request ``gen``."""

@@ -401,12 +401,13 @@ def send_reload(pid_file, config_path=None):
         print(f"fastlb: error: {config_path} is not valid: not reloading", file=sys.stderr)
         return EXIT_RUNTIME
     try:
-        with open(pid_file) as f:
-            text = f.read().strip()
+        with open(pid_file, "rb") as f:
+            text = f.read(64).strip()
     except OSError as e:
         print(f"fastlb: error: --pid-file {pid_file}: {e.strerror}", file=sys.stderr)
         return EXIT_RUNTIME
-    if not text.isdigit() or int(text) <= 1:
+    # a process id: ASCII digits, more than 1, within what the kernel hands out
+    if not (text.isdigit() and 1 < int(text) <= 4194304):
         print(f"fastlb: error: --pid-file {pid_file}: no process id in it ({text[:40]!r})",
               file=sys.stderr)
         return EXIT_RUNTIME
@@ -486,8 +487,14 @@ def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
                 raise ConfigError(f"--demo-backends: {e.strerror or e}") from None
             logging.getLogger("fastlb").info(
                 "demo backends on %s", ", ".join(f"{h}:{p}" for h, p in demo))
+        def ready(proxy, listener):
+            # the signal handlers are in place: SIGHUP reloads from now on
+            if pid_file is not None:
+                with open(pid_file, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+
         try:
-            await server.serve(opts, load_config=load_config)
+            await server.serve(opts, ready=ready, load_config=load_config)
         except server.ListenError as e:
             where = config.where(f"listeners.{e.listener}.bind") if config is not None else None
             at = f" ({where})" if where else ""
@@ -497,9 +504,8 @@ def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
                 srv.close()
 
     if pid_file is not None:
-        try:
-            with open(pid_file, "w") as f:
-                f.write(f"{os.getpid()}\n")
+        try:    # writable? (written once listening, with the signal handlers in place)
+            open(pid_file, "a").close()
         except OSError as e:
             print(f"fastlb: error: --pid-file {pid_file}: {e.strerror}", file=sys.stderr)
             return EXIT_RUNTIME

@@ -435,6 +435,14 @@ class HealthChecker:
                     self._loop.call_soon(self._eject_expired, st)
                 elif not st.awaiting:
                     st.timer = self._loop.call_at(st.ejected_until, self._eject_expired, st)
+        if self._n_ejected:
+            # carried over into a pool where they are too many (a smaller
+            # pool, a smaller share): passive ejection never empties a pool,
+            # nor keeps more out than the share
+            while self._n_ejected > self._max_ejected and self._readmit_soonest():
+                pass
+            if self._n_serving == 0:
+                self._fallback()
         if cfg.active:
             now = self._loop.time()
             for st in self._states:
@@ -626,6 +634,22 @@ class HealthChecker:
         if not forced:      # the fallback logs its own
             self._log.info(f"backend {st.label} {why}")
         self._update(st, forced)
+
+    def _readmit_soonest(self):
+        """Re-admit on trial the ejected backend whose back-off ends soonest
+        (over the share after a reload); False if there is none."""
+        best = None
+        for st in self._states:
+            if st.ejected and (best is None or st.ejected_until < best.ejected_until):
+                best = st
+        if best is None:
+            return False
+        if best.timer is not None:
+            best.timer.cancel()
+            best.timer = None
+        self._readmit(best, f"re-admitted on trial: at most {self._max_ejected} of "
+                            f"{self._n_pool} may be out at a time")
+        return True
 
     def _fallback(self):
         """No backend in rotation is working (none left, or all are held): re-admit

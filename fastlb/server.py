@@ -319,12 +319,14 @@ async def reload(proxy, config):
     plan = build.plan(proxy, config)
     # open the new listeners' sockets first: if one cannot be bound, the
     # old configuration stays as it is
-    moved = {f.config.bind for f in plan.fronts_remove}
+    # (a port a removed listener holds, however its address is spelled, is
+    # bound after that listener closes)
+    moved = {f.config.port for f in plan.fronts_remove if f.config.port}
     pending = []
     try:
         for lc in plan.fronts_add:
-            if lc.bind in moved:
-                continue    # the same address, re-added: bound after the old one closes
+            if lc.port in moved:
+                continue
             pending.append((lc, _bind(lc)))
     except BaseException:
         for _, socks in pending:
@@ -463,6 +465,10 @@ async def _reload_from(proxy, load_config):
     except ListenError as e:
         log.error("reload refused, the running configuration is unchanged: cannot listen "
                   "on %s (listener %s): %s", e.bind, e.listener, e.strerror)
+        return
+    except Exception:
+        # a bug, not a bad file: say so, keep serving what runs
+        log.exception("reload failed")
         return
     if proxy.config.source is not None:
         logging.getLogger().setLevel(config.log_level.upper())

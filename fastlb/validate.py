@@ -41,6 +41,9 @@ def show(value):
     return str(value)
 
 
+LARGEST = 2 ** 31 - 1     # counts, sizes and seconds the data path keeps in C ints
+
+
 def number_problem(value, *, integer=False, minimum=0.0, strict=False):
     """None if ``value`` is a finite number (an ``int`` if ``integer``) at least
     ``minimum`` (greater than it if ``strict``); else the reason it is not."""
@@ -49,6 +52,8 @@ def number_problem(value, *, integer=False, minimum=0.0, strict=False):
         return f"expected {'an integer' if integer else 'a number'}, got {show(value)}"
     if not math.isfinite(value):
         return f"expected a finite number, got {show(value)}"
+    if value > LARGEST:
+        return f"too large (at most {LARGEST}), got {show(value)}"
     if value < minimum or (strict and value == minimum):
         rel = "greater than" if strict else "at least"
         return f"must be {rel} {minimum:g}, got {show(value)}"

@@ -71,7 +71,7 @@ class RouteConfig:
       up to ``?``, as the client sent it (not decoded).
     * ``headers``: each named header (name case-insensitive, stored
       lower-cased) is present with exactly this value (case-sensitive,
-      surrounding whitespace ignored).
+      surrounding whitespace ignored; of repeated fields, the first).
     * ``strip_prefix`` (needs ``path_prefix``): the backend is sent the path
       without the prefix, always starting with ``/`` (``/v1/users`` under
       ``/v1/`` or ``/v1`` goes as ``/users``); the query is kept.

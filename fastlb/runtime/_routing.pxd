@@ -28,5 +28,5 @@ cdef class Router:
     cdef public tuple _any
     cdef public dict _wild, _exact, _cache, _seen
 
-    @cython.locals(lst=tuple, e=Entry, path=bytes, q=Py_ssize_t, fields=dict, ok=bint)
+    @cython.locals(lst=tuple, e=Entry, path=bytes, q=Py_ssize_t, fields=dict, ok=bint, got=bytes)
     cpdef Route route(self, req, bytes head)

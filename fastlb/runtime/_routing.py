@@ -20,7 +20,7 @@ of what a route means, in a lookup built once:
 * a route with no path or header condition ends the search at once, and the
   path is taken from the head only when a route has a path condition;
 * header conditions are read from the head only when a candidate route has
-  one.
+  one; the first field of that name is the one compared.
 
 A listener without routes has no Router at all: its requests go straight to
 its default pool.
@@ -73,14 +73,14 @@ def request_host(authority):
     return h.rstrip(b".")
 
 
-def _field_values(head, name):
-    """Values of the fields named ``name`` (lower-case bytes) in a raw head."""
-    out = []
+def _field_value(head, name):
+    """The value of the first field named ``name`` (lower-case bytes) in a
+    raw head, or None."""
     for line in head.split(b"\r\n")[1:]:
         n, sep, v = line.partition(b":")
         if sep and n.lower() == name:
-            out.append(v.strip(b" \t"))
-    return out
+            return v.strip(b" \t")
+    return None
 
 
 class Router:
@@ -119,8 +119,8 @@ class Router:
 
     def _wild_for(self, host):
         """The merged wildcard list of the longest wildcard suffix of ``host``
-        (a proper suffix, at a dot), or None."""
-        i = host.find(b".")
+        (a proper suffix, at a dot, with at least one byte before it), or None."""
+        i = host.find(b".", 1)
         while i > 0:
             lst = self._wild.get(host[i:])
             if lst is not None:
@@ -174,10 +174,11 @@ class Router:
                         fields = {}
                     ok = True
                     for name, value in e.headers:
-                        vals = fields.get(name)
-                        if vals is None:
-                            vals = fields[name] = _field_values(head, name)
-                        if value not in vals:
+                        if name in fields:
+                            got = fields[name]
+                        else:
+                            got = fields[name] = _field_value(head, name)
+                        if got != value:
                             ok = False
                             break
                     if not ok:

@@ -18,6 +18,7 @@ and without awaiting, so no request sees half of each:
 
 The first build is a plan against an empty proxy.
 """
+import dataclasses
 import logging
 
 from fastlb.config.model import (DEFAULT_NAME, BackendConfig, Config, ListenerConfig,
@@ -77,6 +78,11 @@ class Plan:
         return "; ".join(self.changes) if self.changes else "nothing changed"
 
 
+def _settings(pc):
+    """A pool's settings besides its backends (to say what a reload changed)."""
+    return dataclasses.replace(pc, backends=())
+
+
 def _key_spec(pc):
     """``(hash_kind, hash_what, hash_name)`` of a pool's algorithm and key."""
     if pc.algorithm not in HASHED:
@@ -105,10 +111,15 @@ def _plan_pool(plan, pc, old):
     if old is not None:
         plan.inherit[pc.name] = (old, pairs)
         plan.retire_pools.append(old)
+        words = []
         if added or old_by_addr:
-            plan.changes.append(f"pool {pc.name}: backends +{added} -{len(old_by_addr)}")
-        elif old.config != pc:
-            plan.changes.append(f"pool {pc.name}: settings changed")
+            words.append(f"backends +{added} -{len(old_by_addr)}")
+        if _settings(old.config) != _settings(pc):
+            words.append("settings changed")
+        elif not words and old.config != pc:
+            words.append("backends reordered or reweighted")
+        if words:
+            plan.changes.append(f"pool {pc.name}: {', '.join(words)}")
     n = len(pool.backends)
     pool.weights = [bc.weight for bc in pc.backends] or [1] * n
     names = [b.authority for b in pool.backends]
@@ -164,8 +175,10 @@ def plan(proxy, config):
     if old is not None and (old.access_log, old.access_log_format) != (
             config.access_log, config.access_log_format):
         p.changes.append("access_log kept as it was (it changes at a restart)")
-    if old is not None and old.via != config.via:
-        p.changes.append(f"via {'on' if config.via else 'off'}")
+    if old is not None:
+        for key in ("via", "log_level", "drain_timeout"):
+            if getattr(old, key) != getattr(config, key):
+                p.changes.append(f"{key} {getattr(old, key)!r} -> {getattr(config, key)!r}")
     for name, front in proxy.fronts.items():
         if name not in config.listeners:
             p.fronts_remove.append(front)
@@ -173,7 +186,7 @@ def plan(proxy, config):
     return p
 
 
-def _set_front(front, lc, pools):
+def _set_front(front, lc, pools, draining=False):
     front.config = lc
     front.header_timeout = lc.header_timeout
     front.keepalive_timeout = lc.keepalive_timeout
@@ -182,14 +195,14 @@ def _set_front(front, lc, pools):
     front.body_rate_inv = 1.0 / lc.body_min_rate if lc.body_min_rate > 0 else 0.0
     default = pools.get(lc.default_pool) if lc.default_pool is not None else None
     front.pool = default
-    front.router = (Router([(rc, pools[rc.pool]) for rc in lc.routes], default)
-                    if lc.routes else None)
+    routes = [(rc, pools[rc.pool]) for rc in lc.routes if not draining or rc.pool in pools]
+    front.router = Router(routes, default) if routes or draining else None
     # the key parse_request_head extracts: the default pool's, else the
     # first routed pool's that hashes on one (another pool's re-parses)
     front.hash_what, front.hash_name = 0, b""
     for name in ((lc.default_pool,) if lc.default_pool else ()) + tuple(r.pool for r in lc.routes):
-        pool = pools[name]
-        if pool.hash_kind == 2:
+        pool = pools.get(name)
+        if pool is not None and pool.hash_kind == 2:
             front.hash_what, front.hash_name = pool.hash_what, pool.hash_name
             break
 
@@ -250,7 +263,11 @@ def apply(proxy, p):
     for front, lc in p.fronts_keep:
         _set_front(front, lc, p.pools)
     for front in p.fronts_remove:
-        proxy.fronts.pop(front.name, None)
+        if proxy.fronts.get(front.name) is front:
+            del proxy.fronts[front.name]
+        # its last requests go to the pools of the same names now (a pool
+        # that is gone: its routes are left out), never to a removed backend
+        _set_front(front, front.config, p.pools, draining=True)
         proxy.drain_front(front)
     for lc in p.fronts_add:
         front = Front(lc.name)
