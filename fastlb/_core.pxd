@@ -29,7 +29,8 @@ is boxed; small ints are cached) so that Python sees ``IndexError`` for every
 out-of-range index, however large; it returns None.
 
 The attributes after ``n`` are the implementation's state (read-only by
-convention outside ``_core.pyx``): change them only through the Python methods.
+convention outside ``balance/selectors.pxi``): change them only through the
+Python methods.
 """
 from libc.stdint cimport int64_t
 

@@ -1,0 +1,143 @@
+# Included by fastlb/_core.pyx: one extension module with the rest of the core.
+# The pure twin is fastlb/wire/response.py.
+
+# ---------------------------------------------------------------- responses
+
+def rewrite_response_head(head, req_flags):
+    """Validate a response head and return ``(out, status, flags, framing, length)``.
+
+    See ``fastlb._core_py.rewrite_response_head``: this is its compiled twin.
+    """
+    cdef bytes h = _as_bytes(head, "head")
+    cdef long rf = req_flags
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(h)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(h)
+    cdef Field stack[STACK_FIELDS]
+    cdef Fields fb
+    cdef Py_ssize_t eol, i
+    cdef int status
+    cdef bint http10
+
+    if n < 4 or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+        raise _BadGateway("incomplete response head")
+    eol = _find_crlf(p, 0, n)
+    if eol < 12 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != b'0' and p[7] != b'1') or p[8] != 0x20:
+        raise _BadGateway("invalid status line")
+    http10 = p[7] == b'0'
+    for i in range(9, 12):
+        if p[i] < 0x30 or p[i] > 0x39:
+            raise _BadGateway("invalid status code")
+    if eol > 12 and p[12] != 0x20:
+        raise _BadGateway("invalid status code")
+    for i in range(13, eol):
+        if not _vchar[p[i]]:
+            raise _BadGateway("invalid reason phrase")
+    status = (p[9] - 0x30) * 100 + (p[10] - 0x30) * 10 + (p[11] - 0x30)
+    if status < 100:
+        raise _BadGateway("invalid status code")
+    if status == 101:
+        raise _BadGateway("unexpected protocol switch")
+
+    fb.f = fb.stack = stack
+    fb.n = 0
+    fb.cap = STACK_FIELDS
+    try:
+        _parse_fields(p, n, eol + 2, &fb, _BadGateway)
+        return _response_out(h, p, n, &fb, eol, status, http10, rf)
+    finally:
+        if fb.f != fb.stack:
+            free(fb.f)
+
+
+cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
+                         Py_ssize_t eol, int status, bint http10, long rf):
+    cdef Py_ssize_t k, size
+    cdef long long length = -1, v
+    cdef bint chunked = False, te_seen = False, dechunk, client_http10, chunked_out
+    cdef Conn cn
+    cdef Field* f
+    cdef int kind, flags = 0, framing
+    cdef object drop = None
+    cdef bytes out
+    cdef char* w
+
+    cn.close = cn.keep_alive = False
+    cn.ntoks = 0
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        if kind == H_CONTENT_LENGTH:
+            v = _parse_length(p + f.vs, f.ve - f.vs, _BadGateway)
+            if length >= 0 and v != length:
+                raise _BadGateway("conflicting Content-Length")
+            length = v
+        elif kind == H_TRANSFER_ENCODING:
+            if te_seen:
+                raise _BadGateway("duplicate Transfer-Encoding")
+            te_seen = True
+            if not (f.ve - f.vs == 7 and _ieq(p + f.vs, b"chunked", 7)):
+                raise _BadGateway("unsupported transfer coding")
+            chunked = True
+        elif kind == H_CONNECTION:
+            _connection(p, f, &cn)
+    if chunked and length >= 0:
+        raise _BadGateway("both Content-Length and Transfer-Encoding")
+
+    client_http10 = (rf & REQ_HTTP10) != 0
+    if status < 200:
+        flags |= RESP_INFORMATIONAL
+        framing = BODY_NONE
+    elif (rf & REQ_HEAD) or status == 204 or status == 304:
+        framing = BODY_NONE
+    elif chunked:
+        framing = BODY_CHUNKED
+    elif length >= 0:
+        framing = BODY_LENGTH if length > 0 else BODY_NONE
+    else:
+        framing = BODY_CLOSE
+    if framing != BODY_CLOSE and not cn.close and (cn.keep_alive or not http10):
+        flags |= RESP_UPSTREAM_KEEP_ALIVE
+    dechunk = framing == BODY_CHUNKED and client_http10
+    if dechunk:
+        flags |= RESP_DECHUNK
+    if (rf & REQ_KEEP_ALIVE) and framing != BODY_CLOSE and not dechunk:
+        flags |= RESP_CLIENT_KEEP_ALIVE
+
+    if cn.ntoks > MAX_DROP_TOKENS:
+        drop = _drop_set(p, fb)
+    # the trailers are relayed, and announced by Trailer, when the body goes on chunked
+    chunked_out = chunked and not client_http10
+    size = 8 + (eol - 8) + 2
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        f.keep = (kind != H_TRANSFER_ENCODING and kind != H_CONNECTION and kind != H_HOP
+                  and (kind != H_TRAILER or chunked_out) and not _dropped(p, f, &cn, drop))
+        if f.keep:
+            size += f.name_len + (f.ve - f.vs) + 4
+    if chunked_out:
+        size += 28
+    if not (flags & RESP_INFORMATIONAL):
+        if not (flags & RESP_CLIENT_KEEP_ALIVE):
+            size += 19
+        elif client_http10:
+            size += 24
+    size += 2
+
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(out)
+    if http10:
+        w = _put(w, b"HTTP/1.1", 8)
+        w = _put(w, p + 8, eol - 8 + 2)
+        w = _put_fields(w, p, fb, -1, -1)
+    else:
+        w = _put_fields(w, p, fb, 0, eol + 2)
+    if chunked_out:
+        w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
+    if not (flags & RESP_INFORMATIONAL):
+        if not (flags & RESP_CLIENT_KEEP_ALIVE):
+            w = _put(w, b"Connection: close\r\n", 19)
+        elif client_http10:
+            w = _put(w, b"Connection: keep-alive\r\n", 24)
+    w = _put(w, b"\r\n", 2)
+    return (out, status, flags, framing, length if length > 0 else 0)
