@@ -59,7 +59,7 @@ import time
 import httptools
 
 from fastlb import core
-from fastlb.accesslog import AccessLog
+from fastlb.observe.accesslog import AccessLog
 from fastlb.selection import HASHED, BalancerSet, make_balancer
 from fastlb.errors import (
     BODY_CHUNKED,
