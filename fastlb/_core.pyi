@@ -75,6 +75,9 @@ class Selector:
     def release(self, idx: int) -> None:
         """End of one request on backend ``idx``: its in-flight count drops by 1 (never below 0)."""
 
+    def acquire(self, idx: int) -> None:
+        """Count one more request in flight on backend ``idx`` without choosing it."""
+
     def in_flight(self, idx: int) -> int:
         """Requests in flight on backend ``idx`` (selected and not yet released)."""
 

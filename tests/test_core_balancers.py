@@ -129,6 +129,25 @@ def test_in_flight_counting(core, cls):
 
 
 @pytest.mark.parametrize("cls", ALL)
+def test_acquire_counts_like_a_select(core, cls):
+    """acquire (a request moved here by a reload) counts as a selected one:
+    least-conn then avoids that backend, and release undoes it."""
+    b = make(core, cls, [1, 1, 1])
+    b.acquire(1)
+    b.acquire(1)
+    assert [b.in_flight(i) for i in range(3)] == [0, 2, 0]
+    if cls == "LeastConn":
+        assert {b.select() for _ in range(2)} == {0, 2}
+        b.release(0)
+        b.release(2)
+    b.release(1)
+    b.release(1)
+    assert [b.in_flight(i) for i in range(3)] == [0, 0, 0]
+    with pytest.raises(IndexError):
+        b.acquire(3)
+
+
+@pytest.mark.parametrize("cls", ALL)
 def test_surface_errors(core, cls):
     b = make(core, cls, [1, 1, 1])
     assert b.n == 3

@@ -139,6 +139,9 @@ cdef class Selector:
         if self._inflight[i] > 0:
             self._inflight[i] -= 1
 
+    def acquire(self, idx):
+        self._inflight[self._index(idx)] += 1
+
     def in_flight(self, idx):
         return self._inflight[self._index(idx)]
 
@@ -616,6 +619,12 @@ cdef class Maglev(Selector):
             self._inflight[i] -= 1
             if self._live[i]:
                 self._lf -= 1
+
+    def acquire(self, idx):
+        cdef Py_ssize_t i = self._index(idx)
+        self._inflight[i] += 1
+        if self._live[i]:
+            self._lf += 1
 
     cpdef Py_ssize_t select(self, key=b"") except -3:
         if type(key) is not bytes:

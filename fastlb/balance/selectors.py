@@ -135,6 +135,12 @@ class Selector:
         if self._inflight[idx] > 0:
             self._inflight[idx] -= 1
 
+    def acquire(self, idx):
+        """Count one more request in flight on backend ``idx`` without
+        choosing it (a request that a reload moved to this selector)."""
+        self._check(idx)
+        self._inflight[idx] += 1
+
     def in_flight(self, idx):
         """Requests in flight on backend ``idx`` (selected and not yet released)."""
         self._check(idx)
@@ -593,6 +599,12 @@ class Maglev(Selector):
             self._inflight[idx] -= 1
             if self._live[idx]:
                 self._lf -= 1
+
+    def acquire(self, idx):
+        self._check(idx)
+        self._inflight[idx] += 1
+        if self._live[idx]:
+            self._lf += 1
 
     def select(self, key=b""):
         if type(key) is not bytes:

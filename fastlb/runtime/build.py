@@ -259,6 +259,7 @@ def apply(proxy, p):
         pool.retired = True
     old_pools = p.retire_pools
     proxy.pools = p.pools
+    _move_in_flight(proxy, p.pools)
     added = []
     for front, lc in p.fronts_keep:
         _set_front(front, lc, p.pools)
@@ -280,6 +281,38 @@ def apply(proxy, p):
     if old_pools:
         proxy.stop_health(old_pools)
     return added, list(p.fronts_remove)
+
+
+def _move_in_flight(proxy, pools):
+    """Requests in flight on a kept backend of a replaced pool move to the
+    pool that replaced it: they count in its selector (least-conn, bounded
+    load see them), and their retries go by it. Others stay where they are."""
+    for c in list(proxy.clients):
+        old = c.pool
+        if old is None or not old.retired:
+            continue
+        new = pools.get(old.name)
+        if new is None:
+            continue
+        if c.holding:
+            b = c.backend
+            if b is None or b.pool is not new or b.retired:
+                continue
+            sel = new.balancer if c.held_by is old.balancer else new.fallback
+            if sel is None:
+                continue
+            c.held_by.release(c.bidx)
+            sel.acquire(b.index)
+            c.held_by = sel
+            c.bidx = b.index
+        elif c.backend is not None and c.backend.pool is new:
+            c.bidx = c.backend.index
+        else:
+            continue
+        if c.tried is not None:
+            c.tried = {old.backends[i].index for i in c.tried
+                       if old.backends[i].pool is new and not old.backends[i].retired}
+        c.pool = new
 
 
 def publish(proxy):
