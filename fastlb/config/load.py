@@ -26,7 +26,7 @@ import tomllib
 import typing
 
 from fastlb import validate
-from fastlb.accesslog import FORMATS as ACCESS_LOG_FORMATS
+from fastlb.observe.accesslog import FORMATS as ACCESS_LOG_FORMATS
 from fastlb.config.locate import Locator, dotted
 from fastlb.config.model import (BackendConfig, Config, ListenerConfig, PoolConfig,
                                  RouteConfig)

@@ -183,7 +183,7 @@ class Config:
     listeners: dict = dataclasses.field(default_factory=dict)   # name -> ListenerConfig
     pools: dict = dataclasses.field(default_factory=dict)       # name -> PoolConfig
     access_log: str = "off"             # "-", a path, or "off"
-    access_log_format: str = "combined"  # a key of fastlb.accesslog.FORMATS: combined, json
+    access_log_format: str = "combined"  # a key of fastlb.observe.accesslog.FORMATS: combined, json
     via: bool = True                    # add Via: 1.1 fastlb to forwarded requests
     log_level: str = "info"             # debug, info, warning, error
     drain_timeout: float = 30.0         # SIGTERM/SIGINT: in-flight requests get this long
