@@ -236,8 +236,11 @@ events {{ worker_connections 4096; multi_accept on; }}
 """
 
 
-def nginx_backend_conf(workdir, port):
-    return (_nginx_common(workdir) % {"name": "backend"}) + f"""
+def nginx_backend_conf(workdir, port, name="backend"):
+    """nginx answering a short static body on ``port`` (or on each of a list of ports)."""
+    ports = port if isinstance(port, (list, tuple)) else [port]
+    listens = "\n".join(f"        listen 127.0.0.1:{p} backlog=4096;" for p in ports)
+    return (_nginx_common(workdir) % {"name": name}) + f"""
 http {{
     access_log off;
     client_body_temp_path {workdir}/nb-body;
@@ -248,7 +251,7 @@ http {{
     keepalive_requests 10000000;
     keepalive_timeout 300s;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+{listens}
         default_type text/plain;
         location / {{ return 200 "{BODY}"; }}
     }}

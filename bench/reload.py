@@ -24,27 +24,6 @@ import e2e  # noqa: E402
 BACKENDS = 4
 
 
-def nginx_conf(workdir, ports):
-    listens = "\n".join(f"        listen 127.0.0.1:{p} backlog=4096;" for p in ports)
-    return (e2e._nginx_common(workdir) % {"name": "backends"}) + f"""
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/nb-body;
-    proxy_temp_path {workdir}/nb-proxy;
-    fastcgi_temp_path {workdir}/nb-fcgi;
-    uwsgi_temp_path {workdir}/nb-uwsgi;
-    scgi_temp_path {workdir}/nb-scgi;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    server {{
-{listens}
-        default_type text/plain;
-        location / {{ return 200 "{e2e.BODY}"; }}
-    }}
-}}
-"""
-
-
 def shapes(port, extra_port, ports):
     def pool(name, ps):
         urls = ", ".join(f'"http://127.0.0.1:{p}"' for p in ps)
@@ -77,7 +56,7 @@ def main(argv=None):
         ports = [e2e.free_port() for _ in range(BACKENDS)]
         conf = os.path.join(workdir, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(nginx_conf(workdir, ports))
+            f.write(e2e.nginx_backend_conf(workdir, ports, "backends"))
         backends = e2e.Server("nginx", [e2e.find_tool("nginx"), "-p", workdir, "-c", conf],
                               ports[0], workdir, 1)
         port, extra_port = e2e.free_port(), e2e.free_port()
