@@ -11,7 +11,8 @@ from fastlb.runtime._routing cimport Router, Route   # a listener's compiled rou
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
-cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT
+cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT, TAIL_COPY
+cdef object _tail(bytes data, Py_ssize_t start)
 cdef double LINGER, STALL, LOCAL_LOG_EVERY
 cdef Py_ssize_t FD_RESERVE
 cdef frozenset _LOCAL_ERRNOS
@@ -233,9 +234,9 @@ cdef class ClientProtocol:
     cpdef upstream_local_error(self, reason, long long gen)
     cdef upstream_failed(self, UpstreamProtocol up, reason)
     cdef response_aborted(self, UpstreamProtocol up, reason, bint invalid=*)
-    cdef write_response(self, bytes data)
-    @cython.locals(n=Py_ssize_t)
-    cdef write_response2(self, bytes head, bytes body)
+    cdef write_response(self, data)
+    @cython.locals(n=Py_ssize_t, small=bytes)
+    cdef write_response2(self, bytes head, body)
     @cython.locals(proxy=Proxy, backend=Backend)
     cdef response_done(self, bint keep_alive, int status)
     cdef _next_request(self)

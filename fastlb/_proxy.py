@@ -333,8 +333,11 @@ class UpstreamProtocol:
             client.deadline = self.proxy.now + client.pool.response_timeout
             if framing == BODY_LENGTH:
                 if len(data) - end == length:
-                    # The common case: the whole response in one read.
-                    client.write_response2(out, data[end:])
+                    # The common case: the whole response in one read (a
+                    # large body is passed on as a view: uvloop writes it
+                    # from this very buffer)
+                    client.write_response2(out, data[end:] if length <= TAIL_COPY
+                                           else memoryview(data)[end:])
                     self._finish(client)
                     return
                 self.left = length
@@ -363,13 +366,13 @@ class UpstreamProtocol:
             avail = n - start
             if avail < left:
                 self.left = left - avail
-                piece = data if start == 0 else data[start:]
+                piece = data if start == 0 else _tail(data, start)
                 done = False
             else:
                 if avail > left:
                     self._bad(client, "response longer than its Content-Length")
                     return
-                piece = data if start == 0 else data[start:]
+                piece = data if start == 0 else _tail(data, start)
                 self.left = 0
                 done = True
         elif framing == BODY_CHUNKED:
@@ -387,9 +390,9 @@ class UpstreamProtocol:
                 piece = b"".join(scanner.payload)
                 scanner.payload.clear()
             else:
-                piece = data if start == 0 else data[start:]
+                piece = data if start == 0 else _tail(data, start)
         else:  # BODY_CLOSE: everything until EOF
-            piece = data if start == 0 else data[start:]
+            piece = data if start == 0 else _tail(data, start)
             done = False
         if head is not None:
             if piece:
@@ -513,6 +516,17 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+TAIL_COPY = 2048    # body bytes copied into a new object at most; larger: a memoryview
+
+
+def _tail(data, start):
+    """``data[start:]``, without copying when it is large: uvloop writes any
+    buffer, and ``data`` (bytes) cannot change under it."""
+    if len(data) - start <= TAIL_COPY:
+        return data[start:]
+    return memoryview(data)[start:]
 
 
 def error_response(status, keep_alive=False, extra=b""):
@@ -1091,9 +1105,12 @@ class ClientProtocol:
     def write_response2(self, head, body):
         n = len(body)
         self.sent += len(head) + n
-        if n <= 16384:
-            self.write(head + body)
+        if n <= TAIL_COPY:
+            small = body        # bytes: _tail copies what is this small
+            self.write(head + small)
         else:
+            # uvloop sends the two at the end of this loop turn in one writev,
+            # from the buffers themselves: the body is not copied
             self.transport.writelines((head, body))
 
     def response_done(self, keep_alive, status):
