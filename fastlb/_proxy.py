@@ -971,9 +971,11 @@ class ClientProtocol:
         if pool.retired:
             # a reload replaced the pool since the request started: retry in
             # the pool of the same name now, never on a backend it removed
-            pool = self._moved_pool(pool, tried)
-            if pool is None:
+            new = self.proxy.pools.get(pool.name)
+            if new is None:
                 return None
+            self.move_to(new)
+            pool = new
             tried = self.tried
         # retries go by the fallback of a hashing algorithm: the key's backend failed
         balancer = pool.balancer if pool.fallback is None else pool.fallback
@@ -989,21 +991,24 @@ class ClientProtocol:
         self.bidx = idx
         return pool.backends[idx]
 
-    def _moved_pool(self, old, tried):
-        """The pool that replaced ``old`` (same name), with ``tried`` moved
-        to its indices (by backend: kept ones are the same objects); None if
-        the pool is gone."""
-        pool = self.proxy.pools.get(old.name)
-        if pool is None:
-            return None
-        moved = set()
-        for i in tried:
-            b = old.backends[i]
-            if b.pool is pool and not b.retired:
-                moved.add(b.index)
-        self.tried = moved
+    def move_to(self, pool):
+        """The request goes on in ``pool``, which a reload put in the place of
+        its own: the backends it tried move to their indices there (kept
+        ones are the same objects; removed ones are left out), and so does
+        its backend if ``pool`` kept it. The caller moves any claim on a
+        selector (``held_by``) first."""
+        old = self.pool
+        if self.tried is not None:
+            moved = set()
+            for i in self.tried:
+                b = old.backends[i]
+                if b.pool is pool and not b.retired:
+                    moved.add(b.index)
+            self.tried = moved
+        b = self.backend
+        if b is not None and b.pool is pool:
+            self.bidx = b.index
         self.pool = pool
-        return pool
 
     def upstream_connected(self, up, gen):
         """``proxy.connect`` made a fresh connection for request ``gen``."""

@@ -635,18 +635,26 @@ class HealthChecker:
             self._log.info(f"backend {st.label} {why}")
         self._update(st, forced)
 
+    def _take_soonest(self, serving):
+        """The ejected backend whose back-off ends soonest (``serving``: only
+        one that is UP, enabled and weighted), its back-off timer cancelled;
+        None if there is none."""
+        best = None
+        for st in self._states:
+            if st.ejected and (not serving or (st.up and st.admin and st.weight)) and (
+                    best is None or st.ejected_until < best.ejected_until):
+                best = st
+        if best is not None and best.timer is not None:
+            best.timer.cancel()
+            best.timer = None
+        return best
+
     def _readmit_soonest(self):
         """Re-admit on trial the ejected backend whose back-off ends soonest
         (over the share after a reload); False if there is none."""
-        best = None
-        for st in self._states:
-            if st.ejected and (best is None or st.ejected_until < best.ejected_until):
-                best = st
+        best = self._take_soonest(False)
         if best is None:
             return False
-        if best.timer is not None:
-            best.timer.cancel()
-            best.timer = None
         self._readmit(best, f"re-admitted on trial: at most {self._max_ejected} of "
                             f"{self._n_pool} may be out at a time")
         return True
@@ -655,16 +663,9 @@ class HealthChecker:
         """No backend in rotation is working (none left, or all are held): re-admit
         on trial the ejected one (UP, enabled) whose back-off ends soonest.
         Returns True if one was."""
-        best = None
-        for st in self._states:
-            if st.ejected and st.up and st.admin and st.weight and (
-                    best is None or st.ejected_until < best.ejected_until):
-                best = st
+        best = self._take_soonest(True)
         if best is None:
             return False
-        if best.timer is not None:
-            best.timer.cancel()
-            best.timer = None
         why = f"backend {best.label} re-admitted on trial early (its back-off ends soonest)"
         if self._dry:       # once per dry spell; the repeats at debug level
             self._log.debug(why)

@@ -294,25 +294,17 @@ def _move_in_flight(proxy, pools):
         new = pools.get(old.name)
         if new is None:
             continue
+        b = c.backend
+        if b is None or b.pool is not new or b.retired:
+            continue        # its backend is gone: it finishes where it is
         if c.holding:
-            b = c.backend
-            if b is None or b.pool is not new or b.retired:
-                continue
             sel = new.balancer if c.held_by is old.balancer else new.fallback
             if sel is None:
                 continue
             c.held_by.release(c.bidx)
             sel.acquire(b.index)
             c.held_by = sel
-            c.bidx = b.index
-        elif c.backend is not None and c.backend.pool is new:
-            c.bidx = c.backend.index
-        else:
-            continue
-        if c.tried is not None:
-            c.tried = {old.backends[i].index for i in c.tried
-                       if old.backends[i].pool is new and not old.backends[i].retired}
-        c.pool = new
+        c.move_to(new)
 
 
 def publish(proxy):
