@@ -35,7 +35,7 @@ cdef class Front
 @cython.final
 cdef class Proxy:
     """State shared by every connection of one balancer (read on every request)."""
-    cdef public object opts, loop, config
+    cdef public object opts, loop, config, shared
     cdef public dict pools            # name -> Pool
     cdef public dict fronts           # listener name -> Front
     cdef public Front front           # the first listener's (ClientProtocol's default)

@@ -1341,11 +1341,15 @@ class Proxy:
     The objects the data path reads are built from it by
     ``fastlb.runtime.build``, which also applies a reload."""
 
-    def __init__(self, opts, loop):
+    def __init__(self, opts, loop, shared=None):
         from fastlb.runtime import build
 
         self.opts = opts
         self.loop = loop
+        # a worker's: what its master shares with it (the table, this
+        # worker's rows and slot, ``health(proxy, pool, config)`` to make a
+        # pool's health view); None: a process on its own
+        self.shared = shared
         config = build.as_config(opts)
         self.config = None
         self.pools = {}         # name -> Pool

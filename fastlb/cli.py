@@ -42,6 +42,18 @@ def _positive(kind):
     return conv
 
 
+def _workers(text):
+    from fastlb.validate import workers
+
+    try:
+        return workers(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_workers.__name__ = "workers"
+
+
 def _non_negative_int(text):
     try:
         value = int(text)
@@ -257,6 +269,10 @@ def build_parser():
     serve.add_argument("--demo-backends", action="store_true",
                        help="with --config: first start a small demo backend on every "
                             "loopback backend address of the file, to try the file out")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                       help="processes serving traffic: N, or auto (one per CPU); with more "
+                            "than 1 a master process holds the sockets, runs the health "
+                            "checks and restarts workers (default 1: one process)")
     serve.add_argument("--pid-file", metavar="FILE",
                        help="write the process id to FILE (removed at exit), for "
                             "fastlb reload --pid-file FILE")
@@ -327,7 +343,7 @@ def options_from_args(args, backends, weights=()):
         max_interim=args.max_interim, drain_timeout=args.drain_timeout,
         body_timeout=args.body_timeout, body_min_rate=args.body_min_rate,
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
-        hash_balance_factor=args.hash_balance_factor,
+        hash_balance_factor=args.hash_balance_factor, workers=getattr(args, "workers", 1),
     )
 
 
@@ -487,14 +503,21 @@ def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
                 raise ConfigError(f"--demo-backends: {e.strerror or e}") from None
             logging.getLogger("fastlb").info(
                 "demo backends on %s", ", ".join(f"{h}:{p}" for h, p in demo))
-        def ready(proxy, listener):
+        def ready(*_):
             # the signal handlers are in place: SIGHUP reloads from now on
             if pid_file is not None:
                 with open(pid_file, "w") as f:
                     f.write(f"{os.getpid()}\n")
 
         try:
-            await server.serve(opts, ready=ready, load_config=load_config)
+            workers = opts.workers
+            if workers > 1:
+                from fastlb.runtime import build
+                from fastlb.runtime.master import run_master
+
+                await run_master(build.as_config(opts), ready=ready, load_config=load_config)
+            else:
+                await server.serve(opts, ready=ready, load_config=load_config)
         except server.ListenError as e:
             where = config.where(f"listeners.{e.listener}.bind") if config is not None else None
             at = f" ({where})" if where else ""
@@ -512,6 +535,9 @@ def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
     try:
         server.run(go())
     except ConfigError as e:
+        print(f"fastlb: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except RuntimeError as e:      # workers that cannot start
         print(f"fastlb: error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     finally:

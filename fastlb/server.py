@@ -63,6 +63,7 @@ class Options:
     hash_key: str = "ip"                 # hashing: ip, path, header:NAME, cookie:NAME, query:NAME
     hash_balance_factor: float = 0.0     # hashing: bounded load (0 = off, else >= 1)
     backlog: int = 1024
+    workers: int = 1                     # processes serving traffic (see fastlb.runtime.master)
 
 
 class Listener:
@@ -229,8 +230,9 @@ class Listener:
         return None
 
 
-def _listen_sockets(host, port, backlog):
-    """Bound, listening sockets for every address of ``host`` (as asyncio binds them)."""
+def _listen_sockets(host, port, backlog, reuseport=False):
+    """Bound, listening sockets for every address of ``host`` (as asyncio binds them);
+    ``reuseport``: with SO_REUSEPORT, for one set per worker on the same port."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     socks = []
@@ -239,6 +241,8 @@ def _listen_sockets(host, port, backlog):
             sock = socket.socket(family, type_, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(socks) > 1:
@@ -263,16 +267,18 @@ class ListenError(OSError):
         self.bind = lc.bind
 
 
-def _bind(lc):
+def _bind(lc, reuseport=False, port=None):
     try:
-        return _listen_sockets(lc.host, lc.port, lc.backlog)
+        return _listen_sockets(lc.host, lc.port if port is None else port, lc.backlog,
+                               reuseport)
     except OSError as e:
         raise ListenError(lc, e) from None
 
 
-async def _start_front(proxy, front, loop):
+async def _start_front(proxy, front, loop, socks=None):
     lc = front.config
-    socks = _bind(lc)
+    if socks is None:
+        socks = _bind(lc)
     listener = Listener(loop, socks, lambda: ClientProtocol(proxy, front), lc.backlog,
                         room=proxy.fd_room)
     front.listener = listener
@@ -285,15 +291,19 @@ async def _start_front(proxy, front, loop):
     return listener
 
 
-async def start(opts, loop=None):
+async def start(opts, loop=None, sockets=None, shared=None):
     """Start a balancer for ``opts`` (``Options`` or a ``fastlb.config.Config``);
     returns ``(proxy, listener)`` (the first listener; every one is
-    ``front.listener`` of ``proxy.fronts``). Raises OSError if it cannot listen."""
+    ``front.listener`` of ``proxy.fronts``). Raises OSError if it cannot listen.
+
+    A worker passes ``sockets`` (listener name -> its listening sockets, made
+    by the master) and ``shared`` (see ``fastlb.runtime.worker``)."""
     loop = loop or asyncio.get_running_loop()
-    proxy = Proxy(opts, loop)
+    proxy = Proxy(opts, loop, shared)
     try:
         for front in proxy.fronts.values():
-            await _start_front(proxy, front, loop)
+            await _start_front(proxy, front, loop,
+                               sockets.get(front.name) if sockets is not None else None)
     except BaseException:
         _close_listeners(proxy)
         proxy.close()
@@ -372,12 +382,16 @@ async def drain(proxy, listener, timeout, interrupt=None):
     return left
 
 
-async def serve(opts, ready=None, load_config=None):
+async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
     """Run until SIGINT or SIGTERM, then drain. ``load_config``: a function
     that reads the configuration again (SIGHUP reloads with it; it raises
-    ``fastlb.errors.ConfigError`` listing the problems of an invalid one)."""
+    ``fastlb.errors.ConfigError`` listing the problems of an invalid one).
+
+    A worker (``shared`` given, see ``fastlb.runtime.worker``) serves the
+    master's ``sockets``; its master reloads by replacing it, so SIGHUP is
+    ignored here, and the master says where it listens."""
     loop = asyncio.get_running_loop()
-    proxy, listener = await start(opts, loop)
+    proxy, listener = await start(opts, loop, sockets, shared)
     stop = loop.create_future()
     now = loop.create_future()
     signals = []
@@ -392,6 +406,8 @@ async def serve(opts, ready=None, load_config=None):
             now.set_result(None)
 
     def on_hup():
+        if shared is not None:
+            return          # the master reloads, by starting new workers
         if load_config is None:
             log.warning("SIGHUP: nothing to reload (reloading needs a configuration file); "
                         "carrying on")
@@ -417,13 +433,9 @@ async def serve(opts, ready=None, load_config=None):
         signals.append(sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     signals.append(signal.SIGHUP)
-    for front in proxy.fronts.values():
-        addrs = ", ".join(_fmt(s.getsockname()) for s in front.listener.sockets)
-        pools = front.config.pools_used()
-        log.info("fastlb %s (%s core) listening on %s -> %s", _version(), core.IMPL, addrs,
-                 ", ".join(b.url for b in proxy.pools[pools[0]].backends)
-                 if len(pools) == 1 and not front.config.routes
-                 else f"{len(front.config.routes)} routes, pools {', '.join(pools)}")
+    if shared is None:
+        log_listening(proxy.config, {name: f.listener.sockets
+                                     for name, f in proxy.fronts.items()})
     if ready is not None:
         ready(proxy, listener)
     try:
@@ -432,20 +444,34 @@ async def serve(opts, ready=None, load_config=None):
             await task
         busy = sum(1 for c in proxy.clients if c.in_flight())
         timeout = proxy.config.drain_timeout
-        log.info("%s: draining: %d request(s) in flight, %d connection(s); "
+        # a worker's drain is one of several: the master says it once
+        say = log.info if shared is None else log.debug
+        say("%s: draining: %d request(s) in flight, %d connection(s); "
                  "up to %gs (send %s again to stop now)", signame, busy, len(proxy.clients),
                  timeout, signame)
         left = await drain(proxy, None, timeout, now)
         if left:
             log.warning("drain ended with %d connection(s) still open: closed", left)
         else:
-            log.info("drained: every request finished; exiting")
+            say("drained: every request finished; exiting")
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
         _close_listeners(proxy)
         proxy.close()
         await proxy.wait_closed()
+
+
+def log_listening(config, sockets, workers=None):
+    """The "listening on" line of each listener (``sockets``: name -> its sockets)."""
+    for name, lc in config.listeners.items():
+        addrs = ", ".join(_fmt(s.getsockname()) for s in sockets[name])
+        pools = lc.pools_used()
+        where = (", ".join(f"http://{b.address}" for b in config.pools[pools[0]].backends)
+                 if len(pools) == 1 and not lc.routes
+                 else f"{len(lc.routes)} routes, pools {', '.join(pools)}")
+        log.info("fastlb %s (%s core) listening on %s -> %s%s", _version(), core.IMPL, addrs,
+                 where, f" ({workers} workers)" if workers else "")
 
 
 async def _reload_from(proxy, load_config):

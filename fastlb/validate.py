@@ -13,6 +13,7 @@ line, the health checker and the configuration loader can all use it.
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
 import urllib.parse
@@ -134,6 +135,36 @@ def choice_problem(value, choices):
     if not isinstance(value, str) or value not in choices:
         return f"expected one of {', '.join(choices)}, got {show(value)}"
     return None
+
+
+MAX_WORKERS = 512
+
+
+def cpu_count():
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def workers(value):
+    """``workers``: a number of worker processes, 1 to MAX_WORKERS, or
+    ``"auto"`` (one per CPU). Returns the int; raises ConfigError with the reason."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return min(cpu_count(), MAX_WORKERS)
+        if not text.isdigit():
+            raise ConfigError(f"expected a number of workers (1 to {MAX_WORKERS}) or auto, "
+                              f"got {show(value)}")
+        value = int(text)
+    problem = number_problem(value, integer=True, minimum=1)
+    if problem is None and value > MAX_WORKERS:
+        problem = f"at most {MAX_WORKERS}, got {value}"
+    if problem is not None:
+        raise ConfigError(problem)
+    return value
 
 
 def access_log_problem(value):

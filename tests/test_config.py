@@ -103,9 +103,9 @@ def test_example_loads_to_the_expected_model():
     assert c.source == EXAMPLE
     assert c.summary() == "2 listeners, 3 pools, 3 routes, 5 backends"
     # the model keeps the places of its keys
-    assert c.where("pools.api.backends") == f"{EXAMPLE}:87"
-    assert c.where("listeners.web.routes[1].pool") == f"{EXAMPLE}:39"
-    assert c.where("listeners.internal.keepalive_timeout") == f"{EXAMPLE}:46"   # its table
+    assert c.where("pools.api.backends") == f"{EXAMPLE}:88"
+    assert c.where("listeners.web.routes[1].pool") == f"{EXAMPLE}:40"
+    assert c.where("listeners.internal.keepalive_timeout") == f"{EXAMPLE}:47"   # its table
 
 
 def test_minimal_file_takes_every_default():

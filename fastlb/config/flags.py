@@ -51,6 +51,7 @@ FLAGS = tuple(Flag(*f) for f in (
     ("log_level", "--log-level", GLOBAL, "log_level"),
     ("drain_timeout", "--drain-timeout", GLOBAL, "drain_timeout"),
     ("allow_unresolved", "--allow-unresolved", GLOBAL, "allow_unresolved"),
+    ("workers", "--workers", GLOBAL, "workers"),
     ("listen", "--listen", LISTENER, "bind"),
     ("header_timeout", "--header-timeout", LISTENER, "header_timeout"),
     ("keepalive_timeout", "--keepalive-timeout", LISTENER, "keepalive_timeout"),

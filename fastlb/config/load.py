@@ -125,6 +125,7 @@ GLOBAL_KEYS = {
     "log_level": _choice(validate.LOG_LEVELS),
     "drain_timeout": _NON_NEGATIVE,
     "allow_unresolved": _boolean,
+    "workers": validate.workers,
     "listeners": _SPECIAL,
     "pools": _SPECIAL,
 }

@@ -18,7 +18,7 @@ builds a new one.
         algorithm, hash_key, upstream timeouts, retries
         backends: (BackendConfig, ...)       url, host, port, weight
         health: fastlb.health.HealthConfig
-      access_log, via, log_level, drain_timeout, allow_unresolved
+      access_log, via, log_level, drain_timeout, allow_unresolved, workers
 
 Defaults are those of the flags (and of ``fastlb.server.Options``). The
 dicts and tuples are not to be modified: the model is shared as it is.
@@ -188,6 +188,7 @@ class Config:
     log_level: str = "info"             # debug, info, warning, error
     drain_timeout: float = 30.0         # SIGTERM/SIGINT: in-flight requests get this long
     allow_unresolved: bool = False      # a backend host that does not resolve: a warning
+    workers: int = 1                    # processes serving traffic; 1: no master
     # where it came from: the file name as given (None: flags), and the
     # warnings found while loading (fastlb.errors.ConfigIssue)
     source: Optional[str] = dataclasses.field(default=None, compare=False)
@@ -195,7 +196,8 @@ class Config:
     _lines: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     # The global settings, in the order of the README's table.
-    GLOBAL = ("access_log", "access_log_format", "via", "log_level", "drain_timeout", "allow_unresolved")
+    GLOBAL = ("access_log", "access_log_format", "via", "log_level", "drain_timeout",
+              "allow_unresolved", "workers")
 
     def where(self, path):
         """``FILE:LINE`` of a dotted path (``"listeners.web.bind"``), for

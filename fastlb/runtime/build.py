@@ -56,7 +56,7 @@ def as_config(opts):
         body_timeout=opts.body_timeout, body_min_rate=opts.body_min_rate, backlog=opts.backlog)
     return Config(listeners={DEFAULT_NAME: listener}, pools={DEFAULT_NAME: pool},
                   access_log=opts.access_log, access_log_format=opts.access_log_format,
-                  via=opts.via, drain_timeout=opts.drain_timeout)
+                  via=opts.via, drain_timeout=opts.drain_timeout, workers=opts.workers)
 
 
 class Plan:
@@ -217,6 +217,11 @@ def set_health(proxy, pool, config, inherit=None):
     if not (config.active or config.passive):
         return
     pool.eject_5xx = config.eject_5xx
+    shared = proxy.shared
+    if shared is not None and getattr(shared, "health", None) is not None:
+        # a worker: its master checks and decides, for every worker at once
+        pool.health = shared.health(proxy, pool, config)
+        return
     if config.slow_start and pool.config is not None and pool.config.algorithm == "round-robin":
         log.warning("pool %s: slow start has no effect with round-robin, which ignores "
                     "weights; use weighted-round-robin", pool.name)
