@@ -26,7 +26,8 @@ import mmap
 import os
 import struct
 
-__all__ = ["Tables", "Layout", "TableFull", "NB", "NL", "B_NAMES", "L_NAMES",
+__all__ = ["Tables", "Layout", "TableFull", "NB", "NL", "B_NAMES", "L_NAMES", "LAT_BOUNDS",
+           "B_LAT", "B_LAT_SUM_US",
            "B_GAUGES", "L_GAUGES", "FLAG_UP", "FLAG_ADMIN", "FLAG_EJECTED",
            "FLAG_AWAITING", "FLAG_WANT", "FLAG_SET"]
 
@@ -56,7 +57,15 @@ B_NAMES = ("requests", "responses_1xx", "responses_2xx", "responses_3xx", "respo
            "failures", "active")
 (B_REQUESTS, B_1XX, B_2XX, B_3XX, B_4XX, B_5XX, B_BYTES_IN, B_BYTES_OUT,
  B_CONNECT_ERRORS, B_RETRIES, B_FAILURES, B_ACTIVE) = range(len(B_NAMES))
-NB = 16             # room to grow without changing the layout's shape
+# The response-time histogram (the time from sending the request to the end
+# of the response head, as ``fastlb_server_response_time_seconds``): one
+# counter per bucket, not cumulative (an observation counts in the first
+# bucket whose bound it does not exceed; the last is +Inf), and the sum of
+# the observations in microseconds.
+LAT_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+B_LAT = 16                              # the first bucket
+B_LAT_SUM_US = B_LAT + len(LAT_BOUNDS) + 1
+NB = 32             # room to grow without changing the layout's shape
 B_GAUGES = (B_ACTIVE,)
 
 # A listener's counters: connections accepted, open now (gauge), requests,
@@ -161,18 +170,19 @@ class Tables:
         return self._words[at:at + NL]
 
     def backend_totals(self, b):
-        """Backend ``b``'s counters summed over every slot (``B_NAMES`` order)."""
-        return self._sum(b, self.backends, self.backend_counters, len(B_NAMES))
+        """Backend ``b``'s NB counters summed over every slot (``B_*`` indices)."""
+        return self._sum(self.backend_counters, b, NB)
 
     def listener_totals(self, li):
-        return self._sum(li, self.listeners, self.listener_counters, len(L_NAMES))
+        """Listener ``li``'s NL counters summed over every slot (``L_*`` indices)."""
+        return self._sum(self.listener_counters, li, NL)
 
-    def _sum(self, i, cap, row, n):
+    def _sum(self, row, i, n):
         out = [0] * n
         for slot in range(self.slots):
             r = row(slot, i)
-            for k in range(n):
-                out[k] += r[k]
+            if any(r):
+                out = [a + v for a, v in zip(out, r)]
         return out
 
     def fold(self, slot):
