@@ -273,6 +273,12 @@ def build_parser():
                        help="processes serving traffic: N, or auto (one per CPU); with more "
                             "than 1 a master process holds the sockets, runs the health "
                             "checks and restarts workers (default 1: one process)")
+    serve.add_argument("--admin", metavar="HOST:PORT",
+                       help="serve /metrics, /status and the admin API on this address "
+                            "(off by default; see README, Observability)")
+    serve.add_argument("--admin-token-file", metavar="FILE",
+                       help="the admin API's bearer token is the first line of FILE; "
+                            "without it the API is read-only")
     serve.add_argument("--pid-file", metavar="FILE",
                        help="write the process id to FILE (removed at exit), for "
                             "fastlb reload --pid-file FILE")
@@ -373,6 +379,10 @@ def main(argv=None):
             opts = options_from_args(args, [s[0] for s in specs], [s[1] for s in specs])
             check_backends_resolve(opts.backends, [b.partition(",")[0] for b in args.backend],
                                    args.allow_unresolved)
+            if args.admin is not None or args.admin_token_file is not None:
+                from fastlb.runtime import build
+
+                opts = _with_admin(build.as_config(opts), args)
             return _run_serve(opts, pid_file=args.pid_file)
         from fastlb.demo import run_demo
 
@@ -448,6 +458,7 @@ def _serve_config(args, given):
     from fastlb.config import apply_flags, load
 
     config, overrides = apply_flags(load(args.config), args, given)
+    config = _with_admin(config, args)
     logging.getLogger().setLevel(config.log_level.upper())
     log = logging.getLogger("fastlb")
     for issue in config.warnings:
@@ -457,6 +468,7 @@ def _serve_config(args, given):
 
     def load_again():
         new, _ = apply_flags(load(args.config), args, given)
+        new = _with_admin(new, args)
         for issue in new.warnings:
             log.warning("%s", issue)
         return new
@@ -466,6 +478,37 @@ def _serve_config(args, given):
         demo = _demo_addresses(config)
     return _run_serve(config, config=config, load_config=load_again, pid_file=args.pid_file,
                       demo=demo)
+
+
+def _with_admin(config, args):
+    """``config`` with ``--admin`` / ``--admin-token-file`` over its ``[admin]``."""
+    import dataclasses
+
+    from fastlb.config.load import _token_problem
+    from fastlb.config.model import AdminConfig
+
+    if args.admin is None and args.admin_token_file is None:
+        return config
+    admin = config.admin
+    if args.admin is None and admin is None:
+        raise ConfigError("--admin-token-file: needs --admin HOST:PORT (or [admin] bind)")
+    if admin is None:
+        admin = AdminConfig()
+    if args.admin is not None:
+        try:
+            host, port = validate.listen_address(args.admin)
+        except ConfigError as e:
+            raise ConfigError(f"--admin: {e}") from None
+        admin = dataclasses.replace(admin, host=host, port=port)
+    if args.admin_token_file is not None:
+        problem = _token_problem(args.admin_token_file)
+        if problem:
+            raise ConfigError(f"--admin-token-file: {problem}")
+        admin = dataclasses.replace(admin, token_file=args.admin_token_file)
+    for name, li in config.listeners.items():
+        if (li.host, li.port) == (admin.host, admin.port) and admin.port:
+            raise ConfigError(f"--admin: {admin.bind} is already the address of listener {name}")
+    return dataclasses.replace(config, admin=admin)
 
 
 def _demo_addresses(config):
@@ -519,7 +562,8 @@ def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
             else:
                 await server.serve(opts, ready=ready, load_config=load_config)
         except server.ListenError as e:
-            where = config.where(f"listeners.{e.listener}.bind") if config is not None else None
+            key = "admin.bind" if e.listener == "admin" else f"listeners.{e.listener}.bind"
+            where = config.where(key) if config is not None else None
             at = f" ({where})" if where else ""
             raise ConfigError(f"cannot listen on {e.bind}{at}: {e.strerror or e}") from None
         finally:

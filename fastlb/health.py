@@ -80,6 +80,7 @@ import logging
 import math
 import random
 import re
+import time
 from typing import Optional
 
 from fastlb.errors import ConfigError, ConfigIssue
@@ -294,6 +295,7 @@ class _State:
         "up", "confirmed", "oks", "fails", "admin", "eligible",
         "pfails", "ejected", "ejected_until", "eject_count", "awaiting", "trial",
         "held", "readmitted_at", "timer", "ramp", "ramp_step", "wake", "last_failure",
+        "mode", "checks", "check_failures", "last_check", "shown", "changed_at",
     )
 
     def __init__(self, backend, weight, request, pool=None):
@@ -325,6 +327,29 @@ class _State:
         self.ramp_step = 0
         self.wake = asyncio.Event()  # set: run a check now
         self.last_failure = None
+        self.mode = "enabled"        # the admin's: enabled, drain or maint (admin False)
+        self.checks = 0              # checks run (with a verdict), since start
+        self.check_failures = 0      # of them failed
+        self.last_check = None       # (time.time(), passed, reason) of the last check
+        self.shown = "UP"            # the state last reported (state_name)
+        self.changed_at = time.time()  # when it last changed (wall clock)
+
+
+def state_name(st):
+    """A backend's state as the status page and the metrics say it: MAINT,
+    DRAIN (the admin's), DOWN (active checks), EJECTED (passive), or UP."""
+    if st.mode == "maint":
+        return "MAINT"
+    if st.mode == "drain":
+        return "DRAIN"
+    if not st.up:
+        return "DOWN"
+    if st.ejected:
+        return "EJECTED"
+    return "UP"
+
+
+STATES = ("UP", "DOWN", "EJECTED", "DRAIN", "MAINT")
 
 
 def _times(n, word):
@@ -395,7 +420,8 @@ class HealthChecker:
     # slow-start ramp start afresh from the new configuration)
     _CARRIED = ("up", "confirmed", "oks", "fails", "admin", "eligible", "pfails", "ejected",
                 "ejected_until", "eject_count", "awaiting", "trial", "readmitted_at",
-                "last_failure")
+                "last_failure", "mode", "checks", "check_failures", "last_check", "shown",
+                "changed_at")
 
     def inherit(self, old, pairs):
         """Before ``start()``: take over what ``old`` (another checker) knows
@@ -516,6 +542,14 @@ class HealthChecker:
                 "last_failure": st.last_failure,
                 "weight": st.weight,
                 "effective_weight": st.cur_weight,
+                "status": state_name(st),
+                "mode": st.mode,
+                "checks": st.checks,
+                "check_failures": st.check_failures,
+                "last_check": (None if st.last_check is None else
+                               {"time": st.last_check[0], "passed": st.last_check[1],
+                                "reason": st.last_check[2]}),
+                "changed_at": st.changed_at,
             })
         return out
 
@@ -523,13 +557,48 @@ class HealthChecker:
 
     def set_admin(self, idx, enabled):
         """Drain (``enabled=False``) or re-enable a backend; checks keep running."""
+        self.set_mode(idx, "enabled" if enabled else "drain")
+
+    MODES = ("enabled", "drain", "maint")
+
+    def set_mode(self, idx, mode):
+        """The admin's say: ``enabled``; ``drain`` (no new requests, those in
+        flight finish, checks go on); ``maint`` (maintenance: as drain, and
+        its checks pause, as HAProxy's MAINT). Returns True if it changed."""
+        if mode not in self.MODES:
+            raise ValueError(f"mode is one of {', '.join(self.MODES)}")
         st = self._states[idx]
-        enabled = bool(enabled)
-        if st.admin == enabled:
-            return
-        st.admin = enabled
-        self._log.info(f"backend {st.label} {'enabled' if enabled else 'disabled'} by admin")
+        if st.mode == mode:
+            return False
+        was = st.mode
+        st.mode = mode
+        st.admin = mode == "enabled"
+        if was == "maint":
+            st.wake.set()       # check it now
+        words = {"enabled": "enabled", "drain": "draining", "maint": "in maintenance"}
+        self._log.info(f"backend {st.label} {words[mode]} (admin)")
         self._update(st)
+        self._note_state(st)
+        return True
+
+    def set_configured_weight(self, idx, weight):
+        """The admin sets a backend's weight (0 to 10000; 0: never chosen)."""
+        st = self._states[idx]
+        if weight == st.weight:
+            return False
+        was_pool = st.weight > 0
+        st.weight = weight
+        if was_pool != (weight > 0):
+            self._n_pool += 1 if weight > 0 else -1
+            if st.eligible:
+                self._n_serving += 1 if weight > 0 else -1
+            self._max_ejected = self.config.max_ejected(self._n_pool)
+        scale = WEIGHT_SCALE if self.config.slow_start > 0 else 1
+        self._cancel_ramp(st)
+        st.cur_weight = None
+        self._set_weight(st, weight * scale)
+        self._log.info(f"backend {st.label}: weight {weight} (admin)")
+        return True
 
     # -------------------------------------------------------- passive
 
@@ -692,6 +761,9 @@ class HealthChecker:
                     pass
             wake.clear()
             started = loop.time()
+            if st.mode == "maint":
+                next_at = started + interval    # paused: no probe, no verdict
+                continue
             ok, reason = await self._probe(st)
             if ok is None:
                 # fastlb itself is short of fds or memory: the check says
@@ -745,6 +817,10 @@ class HealthChecker:
         if self._stopped:
             return
         cfg = self.config
+        st.checks += 1
+        st.last_check = (time.time(), ok, reason)
+        if not ok:
+            st.check_failures += 1
         if ok:
             st.fails = 0
             st.oks += 1
@@ -777,7 +853,14 @@ class HealthChecker:
 
     # -------------------------------------------------------- eligibility and weights
 
+    def _note_state(self, st):
+        name = state_name(st)
+        if name != st.shown:
+            st.shown = name
+            st.changed_at = time.time()
+
     def _update(self, st, forced=False):
+        self._note_state(st)
         ok = st.up and st.admin and not st.ejected
         if ok == st.eligible:
             return

@@ -418,7 +418,7 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         if reloading:
             again[0] = True     # read the file once more when this reload is done
             return
-        task = loop.create_task(_reload_from(proxy, load_config))
+        task = loop.create_task(_reload_from(proxy, load_config, info))
         reloading.append(task)
         task.add_done_callback(reloaded)
 
@@ -433,9 +433,22 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         signals.append(sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     signals.append(signal.SIGHUP)
+    admin = None
+    info = _Info()
     if shared is None:
         log_listening(proxy.config, {name: f.listener.sockets
                                      for name, f in proxy.fronts.items()})
+        if proxy.config.admin is not None:
+            from fastlb.observe.admin import start_admin
+            from fastlb.observe.sources import ProcessSource
+
+            try:
+                admin = await start_admin(ProcessSource(proxy, info), proxy.config.admin)
+            except OSError as e:
+                _close_listeners(proxy)
+                proxy.close()
+                await proxy.wait_closed()
+                raise ListenError(_AdminPlace(proxy.config.admin), e) from None
     if ready is not None:
         ready(proxy, listener)
     try:
@@ -455,6 +468,8 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         else:
             say("drained: every request finished; exiting")
     finally:
+        if admin is not None:
+            admin.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
         _close_listeners(proxy)
@@ -474,7 +489,33 @@ def log_listening(config, sockets, workers=None):
                  where, f" ({workers} workers)" if workers else "")
 
 
-async def _reload_from(proxy, load_config):
+class _Info:
+    """What the status page says of the process besides the proxy."""
+
+    def __init__(self):
+        import time
+
+        self.started = time.time()
+        self.reloads = 0
+        self.last_reload = None     # (time.time(), result)
+
+    def reloaded(self, result):
+        import time
+
+        if result == "ok":
+            self.reloads += 1
+        self.last_reload = (time.time(), result)
+
+
+class _AdminPlace:
+    """The admin listener, named as ListenError names a listener."""
+
+    def __init__(self, admin):
+        self.name = "admin"
+        self.bind = admin.bind
+
+
+async def _reload_from(proxy, load_config, info=None):
     from fastlb.errors import ConfigError
 
     log.info("SIGHUP: reloading the configuration")
@@ -482,22 +523,32 @@ async def _reload_from(proxy, load_config):
         config = load_config()
     except ConfigError as e:
         log.error("reload refused, the running configuration is unchanged:\n%s", e)
+        if info is not None:
+            info.reloaded("refused")
         return
     except OSError as e:
         log.error("reload refused, the running configuration is unchanged: %s", e)
+        if info is not None:
+            info.reloaded("refused")
         return
     try:
         summary = await reload(proxy, config)
     except ListenError as e:
         log.error("reload refused, the running configuration is unchanged: cannot listen "
                   "on %s (listener %s): %s", e.bind, e.listener, e.strerror)
+        if info is not None:
+            info.reloaded("refused")
         return
     except Exception:
         # a bug, not a bad file: say so, keep serving what runs
         log.exception("reload failed")
+        if info is not None:
+            info.reloaded("failed")
         return
     if proxy.config.source is not None:
         logging.getLogger().setLevel(config.log_level.upper())
+    if info is not None:
+        info.reloaded("ok")
     log.info("reloaded (%s): %s", config.summary(), summary)
 
 

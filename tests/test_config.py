@@ -540,6 +540,7 @@ def test_every_serve_flag_has_a_place_in_the_model():
     serve = cli.build_parser().subcommands["serve"]
     dests = {a.dest for a in serve._actions if a.option_strings and a.dest != "help"}
     process = {"config", "pid_file", "demo_backends"}   # the process, not the configuration
+    process |= {"admin", "admin_token_file"}    # Config.admin, set by cli._with_admin
     assert dests - {f.dest for f in FLAGS} == process
     assert {f.dest for f in FLAGS if f.dest in dests} == dests - process
 

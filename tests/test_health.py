@@ -939,10 +939,10 @@ def test_admin_drain_and_all_down():
             assert not hc.all_down()
             assert [(i, v) for k, i, v, _ in bal.calls] == [(0, False), (1, False), (1, True)]
             assert log.lines() == [
-                "backend http://127.0.0.1:1 disabled by admin",
-                "backend http://127.0.0.1:2 disabled by admin",
+                "backend http://127.0.0.1:1 draining (admin)",
+                "backend http://127.0.0.1:2 draining (admin)",
                 "no backend is available: all are down, ejected or disabled",
-                "backend http://127.0.0.1:2 enabled by admin",
+                "backend http://127.0.0.1:2 enabled (admin)",
                 "a backend is available again"]
             snap = hc.snapshot()
             assert snap[0]["admin"] == "disabled" and snap[1]["admin"] == "enabled"
@@ -964,8 +964,12 @@ def test_snapshot_fields():
                 "ejected_until": None, "eject_remaining": 0.0, "awaiting_check": False,
                 "trial": False, "held": False, "ejections": 0, "consecutive_successes": 0,
                 "consecutive_failures": 0, "passive_failures": 0, "last_failure": None,
-                "weight": 3, "effective_weight": None}
+                "weight": 3, "effective_weight": None, "status": "UP", "mode": "enabled",
+                "checks": 0, "check_failures": 0, "last_check": None,
+                "changed_at": a["changed_at"]}
+            assert abs(a["changed_at"] - time.time()) < 5
             assert b["ejected"] and not b["eligible"] and b["ejections"] == 1
+            assert b["status"] == "EJECTED" and b["changed_at"] >= a["changed_at"]
             assert 4.5 < b["eject_remaining"] <= 5
             assert b["last_failure"] == "connection refused"
             assert hc.retry_after() == 5  # the ejection ends in (just under) 5 s

@@ -61,8 +61,13 @@ def _inode_of(server_port, client_port):
     return None
 
 
-def owner(pids, server_port, sock):
-    """The pid among ``pids`` that holds the server side of client ``sock``."""
+def owner(pids, server_port, sock, timeout=3.0):
+    """The pid among ``pids`` that holds the server side of client ``sock``
+    (waiting for a worker to accept it: the connection may still be queued)."""
+    return wait_for(lambda: _owner(pids, server_port, sock), timeout, 0.01)
+
+
+def _owner(pids, server_port, sock):
     inode = _inode_of(server_port, sock.getsockname()[1])
     if inode is None:
         return None

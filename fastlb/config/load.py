@@ -28,8 +28,8 @@ import typing
 from fastlb import validate
 from fastlb.observe.accesslog import FORMATS as ACCESS_LOG_FORMATS
 from fastlb.config.locate import Locator, dotted
-from fastlb.config.model import (BackendConfig, Config, ListenerConfig, PoolConfig,
-                                 RouteConfig)
+from fastlb.config.model import (AdminConfig, BackendConfig, Config, ListenerConfig,
+                                 PoolConfig, RouteConfig)
 from fastlb.errors import ConfigError, ConfigIssue
 from fastlb.health import HealthConfig
 from fastlb.selection import ALGORITHMS, HASHED
@@ -46,6 +46,19 @@ _SYNTAX = re.compile(r"(.*) \(at line (\d+), column (\d+)\)\Z", re.S)
 # ---------------------------------------------------------------- converters
 # Each takes the value from tomllib and returns the model's value, or raises
 # ConfigError with the bare reason (the loader adds the place).
+
+def _token_problem(path):
+    """Why the admin token file ``path`` cannot be used, or None."""
+    from fastlb.observe.admin import read_token
+
+    try:
+        read_token(path)
+    except OSError as e:
+        return f"{show(path)}: {e.strerror or e}"
+    except ValueError as e:
+        return str(e)
+    return None
+
 
 def _fail(problem):
     if problem is not None:
@@ -126,6 +139,7 @@ GLOBAL_KEYS = {
     "drain_timeout": _NON_NEGATIVE,
     "allow_unresolved": _boolean,
     "workers": validate.workers,
+    "admin": _SPECIAL,
     "listeners": _SPECIAL,
     "pools": _SPECIAL,
 }
@@ -162,6 +176,11 @@ POOL_KEYS = {
     "max_interim": _integer(0),
     "health": _SPECIAL,
 }
+ADMIN_KEYS = {
+    "bind": _string(_listen),
+    "token_file": _string(),
+    "protect_reads": _boolean,
+}
 BACKEND_KEYS = {
     "url": _string(),
     "weight": _checked(validate.weight_problem),
@@ -190,6 +209,7 @@ _SECTIONS = {
     "route": ("a route setting ([[listeners.NAME.routes]])", ROUTE_KEYS),
     "pool": ("a pool setting ([pools.NAME])", POOL_KEYS),
     "backend": ("a backend setting ({ url = ..., weight = ... })", BACKEND_KEYS),
+    "admin": ("an admin listener setting ([admin])", ADMIN_KEYS),
     "health": ("a health check setting ([pools.NAME.health])", HEALTH_KEYS),
 }
 
@@ -352,6 +372,13 @@ class _Loader:
                                              "[listeners.NAME]")
         listeners = {name: self._listener(name, t, pools)
                      for name, t in listener_tables.items()}
+        admin = self._admin(data.get("admin"))
+        if admin is not None:
+            g["admin"] = admin
+            for name, li in listeners.items():
+                if (li.host, li.port) == (admin.host, admin.port) and admin.port:
+                    self.error(("admin", "bind"), f"{admin.bind} is already the address of "
+                                                  f"listener {name}")
         self._check_addresses(listeners)
         used = {p for li in listeners.values() for p in li.pools_used()}
         for name in pools:
@@ -520,6 +547,25 @@ class _Loader:
             self.error(upath, f"{show(url)}: {e}")
             return None
         return BackendConfig(url=url, host=host, port=port, weight=weight)
+
+    def _admin(self, raw):
+        if raw is None:
+            return None
+        table = self._table(raw, ("admin",), "the admin table ([admin])")
+        if table is None:
+            return None
+        v = self._keys(table, ("admin",), ADMIN_KEYS, "admin")
+        if len(v) < len(table):
+            return None
+        if "bind" in v:
+            v["host"], v["port"] = v.pop("bind")
+        token = v.get("token_file")
+        if token is not None:
+            problem = _token_problem(token)
+            if problem:
+                self.error(("admin", "token_file"), problem)
+                return None
+        return AdminConfig(**v)
 
     def _health(self, pool_path, raw):
         path = pool_path + ("health",)

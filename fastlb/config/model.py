@@ -35,7 +35,7 @@ from fastlb.health import HealthConfig
 from fastlb.validate import format_address
 
 __all__ = ["Config", "ListenerConfig", "RouteConfig", "PoolConfig", "BackendConfig",
-           "DEFAULT_NAME"]
+           "AdminConfig", "DEFAULT_NAME"]
 
 DEFAULT_NAME = "default"    # the listener and the pool that the flags describe
 
@@ -177,6 +177,21 @@ class PoolConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener: ``/metrics``, ``/status`` and the admin API
+    (``fastlb.observe.admin``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9901
+    token_file: Optional[str] = None    # the API's bearer token; None: read-only API
+    protect_reads: bool = False         # /metrics and /status need the token too
+
+    @property
+    def bind(self):
+        return format_address(self.host, self.port)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole configuration: global settings, listeners and pools (see the module)."""
 
@@ -189,6 +204,7 @@ class Config:
     drain_timeout: float = 30.0         # SIGTERM/SIGINT: in-flight requests get this long
     allow_unresolved: bool = False      # a backend host that does not resolve: a warning
     workers: int = 1                    # processes serving traffic; 1: no master
+    admin: Optional[AdminConfig] = None  # the admin listener; None: off
     # where it came from: the file name as given (None: flags), and the
     # warnings found while loading (fastlb.errors.ConfigIssue)
     source: Optional[str] = dataclasses.field(default=None, compare=False)

@@ -212,11 +212,10 @@ def set_health(proxy, pool, config, inherit=None):
     carrying the state of kept backends from ``inherit`` = (old Pool, pairs)."""
     from fastlb.health import HealthChecker
 
+    # every pool has a checker, checks or not: it also holds the admin's
+    # state (drain, maintenance, weights) and what the status page shows
     pool.health = None
-    pool.eject_5xx = False
-    if not (config.active or config.passive):
-        return
-    pool.eject_5xx = config.eject_5xx
+    pool.eject_5xx = config.eject_5xx and (config.active or config.passive)
     shared = proxy.shared
     if shared is not None and getattr(shared, "health", None) is not None:
         # a worker: its master checks and decides, for every worker at once

@@ -105,6 +105,7 @@ class Master:
         self.workers = {}       # pid -> _Worker, every live one
         self.gens = 0
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.reloads = 0
         self.last_reload = None  # (time, result words)
         self.stopping = False
@@ -601,6 +602,7 @@ async def run_master(config, ready=None, load_config=None):
     stop = loop.create_future()
     now = loop.create_future()
     signals = []
+    admin = None
 
     def on_stop(signame):
         if not stop.done():
@@ -622,6 +624,16 @@ async def run_master(config, ready=None, load_config=None):
             raise
         log_listening(config, {name: sets[0] for name, sets in master.sockets.items()},
                       workers=master.n)
+        if config.admin is not None:
+            from fastlb.observe.admin import start_admin
+            from fastlb.observe.sources import MasterSource
+            from fastlb.server import ListenError, _AdminPlace
+
+            try:
+                admin = await start_admin(MasterSource(master), config.admin)
+            except OSError as e:
+                await master.stop(0, now)
+                raise ListenError(_AdminPlace(config.admin), e) from None
         log.info("master (pid %d): %d workers serving (pids %s)", os.getpid(), master.n,
                  ", ".join(str(w.pid) for w in master.gen.workers.values()))
         if ready is not None:
@@ -638,6 +650,8 @@ async def run_master(config, ready=None, load_config=None):
         await master.stop(timeout, now)
         log.info("every worker stopped; exiting")
     finally:
+        if admin is not None:
+            admin.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
         master.close()

@@ -26,8 +26,8 @@ fit (the master is far behind) are dropped: the next failure repeats it.
 import logging
 import socket
 
-from fastlb.runtime.shm import (FLAG_ADMIN, FLAG_AWAITING, FLAG_EJECTED, FLAG_SET, FLAG_UP,
-                                FLAG_WANT)
+from fastlb.runtime.shm import (FLAG_ADMIN, FLAG_AWAITING, FLAG_EJECTED, FLAG_MAINT, FLAG_SET,
+                                FLAG_UP, FLAG_WANT)
 
 __all__ = ["WorkerHealth", "MasterHealth", "POLL", "PUBLISH", "encode", "decode"]
 
@@ -137,6 +137,8 @@ class WorkerHealth:
                                                              or old[3] != flags
                                                              or old[2] != trial):
                 b.fail_streak = 1   # the data path reports its next success
+            if flags & FLAG_MAINT and (old is None or not old[3] & FLAG_MAINT):
+                b.close_idle()      # in maintenance: nothing stays pooled to it
             if old is not None and old[:3] == rec[:3]:
                 self._seen[i] = rec
                 continue
@@ -202,6 +204,8 @@ class MasterHealth:
             flags |= FLAG_AWAITING
         if st.pfails or st.trial or checker._dry:
             flags |= FLAG_WANT
+        if st.mode == "maint":
+            flags |= FLAG_MAINT
         seen, trial = self._trial.get(row, (st.readmitted_at, 0))
         if st.readmitted_at != seen:
             trial += 1

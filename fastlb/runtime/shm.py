@@ -29,7 +29,7 @@ import struct
 __all__ = ["Tables", "Layout", "TableFull", "NB", "NL", "B_NAMES", "L_NAMES", "LAT_BOUNDS",
            "B_LAT", "B_LAT_SUM_US",
            "B_GAUGES", "L_GAUGES", "FLAG_UP", "FLAG_ADMIN", "FLAG_EJECTED",
-           "FLAG_AWAITING", "FLAG_WANT", "FLAG_SET"]
+           "FLAG_AWAITING", "FLAG_WANT", "FLAG_SET", "FLAG_MAINT"]
 
 MAGIC = b"fastlbT1"
 HEADER = 64
@@ -49,6 +49,7 @@ FLAG_EJECTED = 4    # out by passive ejection
 FLAG_AWAITING = 8   # ejection over, waiting for a passing check
 FLAG_WANT = 16      # report its next success (failures are counting, or on trial)
 FLAG_SET = 32       # the record has been written
+FLAG_MAINT = 64     # in maintenance (the admin's): pooled connections closed
 
 # A backend's counters (one row per slot). B_ACTIVE is a gauge (requests on
 # it now); the others only grow.
@@ -77,6 +78,10 @@ L_NAMES = ("connections", "active", "requests", "responses_1xx", "responses_2xx"
  L_BYTES_OUT) = range(len(L_NAMES))
 NL = 16
 L_GAUGES = (L_ACTIVE,)
+
+
+_ROW_B = struct.Struct(f"={NB}Q")
+_ROW_L = struct.Struct(f"={NL}Q")
 
 
 class TableFull(Exception):
@@ -171,19 +176,20 @@ class Tables:
 
     def backend_totals(self, b):
         """Backend ``b``'s NB counters summed over every slot (``B_*`` indices)."""
-        return self._sum(self.backend_counters, b, NB)
+        self._check(0, b, self.backends)
+        return self._sum(self._counters_at + b * NB * 8, _ROW_B)
 
     def listener_totals(self, li):
         """Listener ``li``'s NL counters summed over every slot (``L_*`` indices)."""
-        return self._sum(self.listener_counters, li, NL)
+        self._check(0, li, self.listeners)
+        return self._sum(self._counters_at + (self.backends * NB + li * NL) * 8, _ROW_L)
 
-    def _sum(self, row, i, n):
-        out = [0] * n
-        for slot in range(self.slots):
-            r = row(slot, i)
-            if any(r):
-                out = [a + v for a, v in zip(out, r)]
-        return out
+    def _sum(self, at, fmt):
+        step = self._row * 8
+        unpack = fmt.unpack_from
+        mm = self.mm
+        rows = [unpack(mm, at + slot * step) for slot in range(self.slots)]
+        return [sum(col) for col in zip(*rows)]
 
     def fold(self, slot):
         """Worker ``slot`` is gone (no process writes it any more): add its
