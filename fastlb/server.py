@@ -25,6 +25,7 @@ from fastlb import core
 from fastlb.config.model import Config
 from fastlb.proxy import ClientProtocol, Proxy
 from fastlb.runtime import build
+from fastlb.runtime.shm import TableFull
 
 log = logging.getLogger("fastlb")
 
@@ -418,7 +419,7 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         if reloading:
             again[0] = True     # read the file once more when this reload is done
             return
-        task = loop.create_task(_reload_from(proxy, load_config, info))
+        task = loop.create_task(_reload_from(controller, load_config, info))
         reloading.append(task)
         task.add_done_callback(reloaded)
 
@@ -433,8 +434,11 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         signals.append(sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     signals.append(signal.SIGHUP)
+    from fastlb.runtime.control import ProcessController
+
     admin = None
     info = _Info()
+    controller = ProcessController(proxy, info)
     if shared is None:
         log_listening(proxy.config, {name: f.listener.sockets
                                      for name, f in proxy.fronts.items()})
@@ -443,7 +447,8 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
             from fastlb.observe.sources import ProcessSource
 
             try:
-                admin = await start_admin(ProcessSource(proxy, info), proxy.config.admin)
+                admin = await start_admin(ProcessSource(proxy, info, controller),
+                                          proxy.config.admin)
             except OSError as e:
                 _close_listeners(proxy)
                 proxy.close()
@@ -515,7 +520,9 @@ class _AdminPlace:
         self.bind = admin.bind
 
 
-async def _reload_from(proxy, load_config, info=None):
+async def _reload_from(controller, load_config, info=None):
+    """SIGHUP: load the configuration again and run it (through ``controller``,
+    a ``fastlb.runtime.control.Controller``); every outcome is logged."""
     from fastlb.errors import ConfigError
 
     log.info("SIGHUP: reloading the configuration")
@@ -532,10 +539,15 @@ async def _reload_from(proxy, load_config, info=None):
             info.reloaded("refused")
         return
     try:
-        summary = await reload(proxy, config)
+        summary = await controller.reload_base(config)
     except ListenError as e:
         log.error("reload refused, the running configuration is unchanged: cannot listen "
                   "on %s (listener %s): %s", e.bind, e.listener, e.strerror)
+        if info is not None:
+            info.reloaded("refused")
+        return
+    except TableFull as e:
+        log.error("reload refused, the running configuration is unchanged: %s", e)
         if info is not None:
             info.reloaded("refused")
         return
@@ -545,10 +557,8 @@ async def _reload_from(proxy, load_config, info=None):
         if info is not None:
             info.reloaded("failed")
         return
-    if proxy.config.source is not None:
+    if config.source is not None:
         logging.getLogger().setLevel(config.log_level.upper())
-    if info is not None:
-        info.reloaded("ok")
     log.info("reloaded (%s): %s", config.summary(), summary)
 
 

@@ -8,7 +8,6 @@ server-side socket of the connection in /proc/net/tcp, and the worker whose
 import os
 import re
 import signal
-import socket
 import threading
 import time
 
@@ -192,7 +191,7 @@ def test_killed_worker_is_restarted_and_others_never_notice(make_backend):
         # the new worker serves
         workers = children(lb.proc.pid)
         assert len(workers) == 3
-        assert f"killed by signal SIGKILL: restarting it" in log_text(lb)
+        assert "killed by signal SIGKILL: restarting it" in log_text(lb)
     finally:
         assert stop(lb) == 0
 

@@ -13,7 +13,6 @@ API's changes:
 """
 import dataclasses
 import logging
-import time
 
 from fastlb.config.model import BackendConfig
 from fastlb.errors import ConfigError
@@ -114,9 +113,10 @@ class _Source:
 class ProcessSource(_Source):
     """One process: ``proxy`` and what ``fastlb.server.serve`` knows."""
 
-    def __init__(self, proxy, info):
+    def __init__(self, proxy, info, controller):
         self.proxy = proxy
         self.info = info            # has .started, .reloads, .last_reload
+        self.controller = controller
         self.tables = proxy.tables
 
     def rows(self):
@@ -136,7 +136,7 @@ class ProcessSource(_Source):
         return process_info(1, self.info.started, self.info.reloads, self.info.last_reload)
 
     def _config(self):
-        return self.proxy.config
+        return self.controller.config
 
     def _changed(self, pool, i):
         b = pool.backends[i]
@@ -144,14 +144,12 @@ class ProcessSource(_Source):
             b.close_idle()
 
     async def _apply(self, config, words):
-        from fastlb import server
+        from fastlb.runtime.shm import TableFull
 
         try:
-            summary = await server.reload(self.proxy, config)
-        except OSError as e:
+            summary = await self.controller.apply(config)
+        except (OSError, TableFull) as e:
             raise AdminError(503, f"not applied: {e}") from None
-        self.info.reloads += 1
-        self.info.last_reload = (time.time(), "ok (admin)")
         log.info("%s: %s", words, summary)
 
 
@@ -184,9 +182,10 @@ class MasterSource(_Source):
         self.master.health.publish()    # every worker sees it at its next look
 
     async def _apply(self, config, words):
+        from fastlb.runtime.shm import TableFull
+
         try:
-            await self.master.reload(config)
-        except (OSError, RuntimeError) as e:
+            await self.master.controller.apply(config)
+        except (OSError, RuntimeError, TableFull) as e:
             raise AdminError(503, f"not applied: {e}") from None
-        self.master.last_reload = (time.time(), "ok (admin)")
         log.info("%s", words)

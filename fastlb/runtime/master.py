@@ -118,6 +118,9 @@ class Master:
         self._reloading = None
         self._again = False
         self._closing_socks = []    # (generation, {name: sockets}) closed once it is gone
+        from fastlb.runtime.control import MasterController
+
+        self.controller = MasterController(self)
 
     # ---------------------------------------------------------------- sockets
 
@@ -472,7 +475,7 @@ class Master:
             self._refused(f"\n{e}" if isinstance(e, ConfigError) else f" {e}")
             return
         try:
-            await self.reload(config)
+            await self.controller.reload_base(config)
         except ListenError as e:
             self._refused(f" cannot listen on {e.bind} (listener {e.listener}): {e.strerror}")
         except (TableFull, RuntimeError) as e:
