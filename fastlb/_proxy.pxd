@@ -13,6 +13,8 @@ cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
 cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT, TAIL_COPY
 cdef object _tail(bytes data, Py_ssize_t start)
+@cython.locals(n=Py_ssize_t)
+cdef Py_ssize_t _total(list pieces)
 cdef double LINGER, STALL, LOCAL_LOG_EVERY
 cdef Py_ssize_t FD_RESERVE
 cdef frozenset _LOCAL_ERRNOS
@@ -22,6 +24,11 @@ cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM
 cdef object _parse_request_head, _write_request_head, _rewrite_response_head, _ChunkedScanner
 cdef object _find_head_end
 cdef object _clock
+# indices of the counter rows (fastlb.runtime.shm): ``ctr[B_*] += n`` is one add to memory
+cdef Py_ssize_t B_1XX, B_ACTIVE, B_BYTES_IN, B_BYTES_OUT, B_CONNECT_ERRORS, B_FAILURES
+cdef Py_ssize_t B_REQUESTS, B_RETRIES
+cdef Py_ssize_t L_1XX, L_ACTIVE, L_BYTES_IN, L_BYTES_OUT, L_CONNECTIONS, L_REQUESTS
+cdef Py_ssize_t NB, NL
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
 cdef dict _ERRORS
 
@@ -64,6 +71,9 @@ cdef class Proxy:
     cdef public object log_add        # log.buffer.add, bound once (None when off)
     cdef public object _ticker
     cdef public set _tasks
+    cdef public object tables         # fastlb.runtime.shm.Tables: the counters' table
+    cdef public object layout         # its rows: assign(config) -> (backend rows, listener rows)
+    cdef public int slot              # this process's counter slot in it
 
     cpdef connect(self, Backend backend, ClientProtocol client, long long gen)
     @cython.locals(head=bytes, backend=Backend, now=double, t_resp=double)
@@ -110,6 +120,8 @@ cdef class Front:
     cdef public bytes hash_name
     cdef public bint draining
     cdef public object listener, config
+    cdef public int row               # its counters' row in the table (-1: a row of its own)
+    cdef public unsigned long long[::1] ctr   # those counters (L_*), this process's slot
 
 
 @cython.final
@@ -122,9 +134,10 @@ cdef class Backend:
     cdef public bytes authority      # "host:port", sent as Host to HTTP/1.0 requests without one
     cdef public list idle            # idle UpstreamProtocol, LIFO (the oldest first)
     cdef public int max_idle
-    cdef public int connecting, active
-    cdef public long long requests, failures
+    cdef public int connecting
     cdef public int fail_streak       # consecutive failures on real traffic
+    cdef public int row               # its counters' row in the table (-1: a row of its own)
+    cdef public unsigned long long[::1] ctr   # those counters (B_*), this process's slot
 
     cpdef push_idle(self, UpstreamProtocol up, double now)
 
@@ -235,7 +248,7 @@ cdef class ClientProtocol:
     cdef upstream_failed(self, UpstreamProtocol up, reason)
     cdef response_aborted(self, UpstreamProtocol up, reason, bint invalid=*)
     cdef write_response(self, data)
-    @cython.locals(n=Py_ssize_t, small=bytes)
+    @cython.locals(n=Py_ssize_t, m=Py_ssize_t, small=bytes)
     cdef write_response2(self, bytes head, body)
     @cython.locals(proxy=Proxy, backend=Backend)
     cdef response_done(self, bint keep_alive, int status)

@@ -43,12 +43,24 @@ response ends (Content-Length counted, chunked scanned, or the backend
 closing). When the response ends the connection goes back to the pool if
 both sides allow it, else it is closed.
 
+Counters: each Backend and each Front has a row of traffic counters in the
+proxy's shared-memory table (``fastlb.runtime.shm``; ``ctr``, a view of this
+process's slot), bumped in place with plain C increments where the traffic
+is seen: B_* per backend (requests sent, every try; responses received by
+class; bytes; connect errors; tries retried elsewhere; failures; requests
+bound now) and L_* per listener (connections accepted and open; requests
+started; responses written by class, fastlb's own included; bytes).
+``Backend.requests``, ``failures`` and ``active`` read that row. A response
+is counted where its final head is written, so one cut short after its
+head still counts, and one found invalid before it is only the 502.
+
 States of a bound connection::
 
     U_HEAD --head complete--> U_BODY --body complete--> (released)
       |  1xx heads loop in U_HEAD                ^
       +--------- no body (HEAD, 204, 304, CL 0) -+
 """
+import array
 import asyncio
 import errno
 import logging
@@ -60,6 +72,25 @@ import httptools
 
 from fastlb import core
 from fastlb.observe.accesslog import AccessLog
+from fastlb.runtime import shm
+from fastlb.runtime.shm import (
+    B_1XX,
+    B_ACTIVE,
+    B_BYTES_IN,
+    B_BYTES_OUT,
+    B_CONNECT_ERRORS,
+    B_FAILURES,
+    B_REQUESTS,
+    B_RETRIES,
+    L_1XX,
+    L_ACTIVE,
+    L_BYTES_IN,
+    L_BYTES_OUT,
+    L_CONNECTIONS,
+    L_REQUESTS,
+    NB,
+    NL,
+)
 from fastlb.selection import HASHED, BalancerSet, make_balancer
 from fastlb.errors import (
     BODY_CHUNKED,
@@ -116,10 +147,26 @@ class Backend:
         self.idle = []          # LIFO of idle UpstreamProtocol; the oldest first
         self.max_idle = max_idle
         self.connecting = 0
-        self.active = 0         # connections bound to a client now
-        self.requests = 0
-        self.failures = 0
         self.fail_streak = 0    # consecutive failures on real traffic
+        # its counters: a row of the proxy's table (set by fastlb.runtime.build),
+        # or, until then, one of its own, so that traffic never finds none
+        self.row = -1
+        self.ctr = _own_row(NB)
+
+    @property
+    def active(self):
+        """Requests bound to one of its connections now."""
+        return self.ctr[B_ACTIVE]
+
+    @property
+    def requests(self):
+        """Requests sent to it (every try)."""
+        return self.ctr[B_REQUESTS]
+
+    @property
+    def failures(self):
+        """Failures blamed on it (``Proxy.note_failure``)."""
+        return self.ctr[B_FAILURES]
 
     def push_idle(self, up, now):
         if len(self.idle) >= self.max_idle:
@@ -202,6 +249,14 @@ class Front:
         self.draining = False   # removed by a reload, or stopping
         self.listener = None    # fastlb.server.Listener
         self.config = None      # the ListenerConfig it was built from
+        self.row = -1           # its counters: as Backend's
+        self.ctr = _own_row(NL)
+
+
+def _own_row(n):
+    """A row of ``n`` counters (zeros) outside any table, for a Backend or
+    Front not placed in one yet: traffic never finds it without counters."""
+    return array.array("Q", bytes(8 * n))
 
 
 class UpstreamProtocol:
@@ -246,7 +301,7 @@ class UpstreamProtocol:
                     pass
             return
         self.client = None
-        self.backend.active -= 1
+        self.backend.ctr[B_ACTIVE] -= 1
         if state == U_BODY and self.framing == BODY_CLOSE and exc is None:
             client.response_done(False, self.status)
         elif not self.got_bytes:
@@ -274,6 +329,7 @@ class UpstreamProtocol:
             client.resume_reading_for(1)
 
     def data_received(self, data):
+        self.backend.ctr[B_BYTES_IN] += len(data)
         client = self.client
         if client is None:
             # Idle connections must stay silent: bytes now are a protocol
@@ -311,6 +367,8 @@ class UpstreamProtocol:
             except BadGateway as e:
                 self._bad(client, e.reason)
                 return
+            if status < 600:    # 600-999 (invalid, but relayed): in no class
+                self.backend.ctr[B_1XX - 1 + status // 100] += 1
             if flags & RESP_INFORMATIONAL:
                 # 1xx: relay (never to HTTP/1.0 clients, RFC 9110 15.2),
                 # then wait for the final response. The response timeout
@@ -322,6 +380,8 @@ class UpstreamProtocol:
                     return
                 if not req_flags & REQ_HTTP10:
                     client.write(out)   # not counted in ``sent``: a 502 may still follow
+                    client.front.ctr[L_1XX] += 1
+                    client.front.ctr[L_BYTES_OUT] += len(out)
                 pos = end
                 continue
             self.status = status
@@ -336,6 +396,8 @@ class UpstreamProtocol:
                     # The common case: the whole response in one read (a
                     # large body is passed on as a view: uvloop writes it
                     # from this very buffer)
+                    if status < 600:
+                        client.front.ctr[L_1XX - 1 + status // 100] += 1
                     client.write_response2(out, data[end:] if length <= TAIL_COPY
                                            else memoryview(data)[end:])
                     self._finish(client)
@@ -348,6 +410,8 @@ class UpstreamProtocol:
                 if end != len(data):
                     self._bad(client, "data after a response without body")
                     return
+                if status < 600:
+                    client.front.ctr[L_1XX - 1 + status // 100] += 1
                 client.write_response(out)
                 self._finish(client)
                 return
@@ -395,6 +459,9 @@ class UpstreamProtocol:
             piece = data if start == 0 else _tail(data, start)
             done = False
         if head is not None:
+            # the final head goes to the client now (nothing was wrong before it)
+            if self.status < 600:
+                client.front.ctr[L_1XX - 1 + self.status // 100] += 1
             if piece:
                 client.write_response2(head, piece)
             else:
@@ -409,7 +476,7 @@ class UpstreamProtocol:
         self.client = None
         self.scanner = None
         backend = self.backend
-        backend.active -= 1
+        backend.ctr[B_ACTIVE] -= 1
         flags = self.resp_flags
         if flags & RESP_UPSTREAM_KEEP_ALIVE and client.state == R_DONE:
             if self.paused:
@@ -430,7 +497,7 @@ class UpstreamProtocol:
     def _bad(self, client, reason):
         """The backend sent something invalid: 502 if nothing reached the client yet."""
         self.client = None
-        self.backend.active -= 1
+        self.backend.ctr[B_ACTIVE] -= 1
         self.state = U_DONE
         self.close()
         client.response_aborted(self, reason, invalid=True)
@@ -443,8 +510,8 @@ class UpstreamProtocol:
         self.got_bytes = False
         self.interim = 0
         self.buf = b""
-        self.backend.active += 1
-        self.backend.requests += 1
+        self.backend.ctr[B_ACTIVE] += 1
+        self.backend.ctr[B_REQUESTS] += 1
 
     def pause_reading(self):
         if not self.paused and self.transport is not None:
@@ -519,6 +586,14 @@ _REASONS = {
 
 
 TAIL_COPY = 2048    # body bytes copied into a new object at most; larger: a memoryview
+
+
+def _total(pieces):
+    """Bytes in a list of byte strings (what a ``writelines`` sends)."""
+    n = 0
+    for piece in pieces:
+        n += len(piece)
+    return n
 
 
 def _tail(data, start):
@@ -598,6 +673,8 @@ class ClientProtocol:
     def connection_made(self, transport):
         self.transport = transport
         self.write = transport.write
+        self.front.ctr[L_CONNECTIONS] += 1
+        self.front.ctr[L_ACTIVE] += 1
         proxy = self.proxy
         clients = proxy.clients
         clients.add(self)
@@ -609,6 +686,7 @@ class ClientProtocol:
         self.deadline = proxy.now + self.front.header_timeout
 
     def connection_lost(self, exc):
+        self.front.ctr[L_ACTIVE] -= 1
         if self.log_head is not None:
             self._log_cut()     # the client went away mid-exchange
         self._release()
@@ -646,6 +724,7 @@ class ClientProtocol:
             up.resume_reading()
 
     def data_received(self, data):
+        self.front.ctr[L_BYTES_IN] += len(data)
         state = self.state
         if state == R_HEAD:
             self._head(data)
@@ -707,7 +786,10 @@ class ClientProtocol:
                 whole = data = stripped
                 if not data:
                     return
-            if proxy.log is not None:   # the first bytes of a request: an exchange starts
+            # the first bytes of a request: an exchange starts (however it ends,
+            # however its head is cut into reads: counted once, here)
+            front.ctr[L_REQUESTS] += 1
+            if proxy.log is not None:
                 self.log_head = whole
                 self.started = self.t_up = _clock()
                 self.t_resp = 0.0
@@ -901,6 +983,7 @@ class ClientProtocol:
         up = self.up
         if up is not None:
             up.write(piece)
+            up.backend.ctr[B_BYTES_OUT] += len(piece)
         elif self.outq is not None:
             self.outq.append(piece)
             self.queued += len(piece)
@@ -927,12 +1010,13 @@ class ClientProtocol:
                 up.state = U_HEAD
                 up.got_bytes = False
                 up.interim = 0
-                backend.active += 1
-                backend.requests += 1
+                backend.ctr[B_ACTIVE] += 1
+                backend.ctr[B_REQUESTS] += 1
                 self.up = up
                 if self.wpaused:
                     up.pause_reading()
                 up.write(out)
+                backend.ctr[B_BYTES_OUT] += len(out)
                 return
         self.outq = [out]
         self.proxy.connect(backend, self, self.gen)
@@ -953,6 +1037,7 @@ class ClientProtocol:
                 if self.proxy.log is not None:
                     self.t_up = _clock()
                 up.transport.writelines(outq)
+                backend.ctr[B_BYTES_OUT] += _total(outq)
                 self.resume_reading_for(P_CONNECTING)
                 return
         self.proxy.connect(backend, self, self.gen)
@@ -1025,6 +1110,7 @@ class ClientProtocol:
         if self.proxy.log is not None:
             self.t_up = _clock()
         up.transport.writelines(outq)
+        up.backend.ctr[B_BYTES_OUT] += _total(outq)
         self.resume_reading_for(P_CONNECTING)
 
     def upstream_local_error(self, reason, gen):
@@ -1039,6 +1125,7 @@ class ClientProtocol:
     def upstream_connect_failed(self, backend, reason, gen):
         """A fresh connection to ``backend`` could not be made: nothing reached it,
         so any request may go to the next backend."""
+        backend.ctr[B_CONNECT_ERRORS] += 1
         self.proxy.note_failure(backend, reason)
         if gen != self.gen or self.outq is None or self.state == R_CLOSED:
             return
@@ -1047,6 +1134,7 @@ class ClientProtocol:
             self.outq = None
             self._fail(502)
             return
+        backend.ctr[B_RETRIES] += 1
         self._send_to(nxt)
 
     def upstream_failed(self, up, reason):
@@ -1078,6 +1166,7 @@ class ClientProtocol:
         if nxt is None:
             self._fail(502)
             return
+        up.backend.ctr[B_RETRIES] += 1
         self.retried = False    # one fresh retry per backend for the race
         self.outq = [self.req_head]
         self._send_to(nxt)
@@ -1104,12 +1193,16 @@ class ClientProtocol:
             self.held_by.release(self.bidx)
 
     def write_response(self, data):
-        self.sent += len(data)
+        n = len(data)
+        self.sent += n
+        self.front.ctr[L_BYTES_OUT] += n
         self.write(data)
 
     def write_response2(self, head, body):
         n = len(body)
-        self.sent += len(head) + n
+        m = len(head) + n
+        self.sent += m
+        self.front.ctr[L_BYTES_OUT] += m
         if n <= TAIL_COPY:
             small = body        # bytes: _tail copies what is this small
             self.write(head + small)
@@ -1178,6 +1271,8 @@ class ClientProtocol:
         if status == 503 and self.pool is not None and self.pool.health is not None:
             msg = error_response(503, False, b"Retry-After: %d\r\n" % self.pool.health.retry_after())
         self.sent += len(msg)
+        self.front.ctr[L_1XX - 1 + status // 100] += 1
+        self.front.ctr[L_BYTES_OUT] += len(msg)
         if self.proxy.log is not None:
             if self.parts is not None:  # a head under way: what arrived of it
                 self.log_head = b"".join(self.parts)
@@ -1221,6 +1316,8 @@ class ClientProtocol:
         proxy = self.proxy
         msg = _ERRORS[(status, bool(keep))]
         self.sent += len(msg)
+        self.front.ctr[L_1XX - 1 + status // 100] += 1
+        self.front.ctr[L_BYTES_OUT] += len(msg)
         if proxy.log is not None:
             proxy.log_request(self, status)
         self.transport.write(msg)
@@ -1326,7 +1423,7 @@ class ClientProtocol:
         up = self.up
         if up is not None:
             self.up = None
-            up.backend.active -= 1
+            up.backend.ctr[B_ACTIVE] -= 1
             up.abort()
 
 
@@ -1339,7 +1436,15 @@ class Proxy:
     ``opts`` is a ``fastlb.config.Config`` (listeners, routes, pools), or a
     ``fastlb.server.Options`` (one listener and one pool, as the flags give).
     The objects the data path reads are built from it by
-    ``fastlb.runtime.build``, which also applies a reload."""
+    ``fastlb.runtime.build``, which also applies a reload.
+
+    Counters go to ``tables`` (a ``fastlb.runtime.shm.Tables``), slot
+    ``slot``, in the rows ``layout.assign(config)`` gives each backend and
+    listener (``layout``: a ``fastlb.runtime.shm.Layout``, or anything with
+    its ``assign``). ``shared``: an object with those three attributes (a
+    worker's ``fastlb.runtime.worker.Shared``, on the table its master made),
+    used as they are; None: a table of this process's own, sized for
+    ``opts``, slot 1."""
 
     def __init__(self, opts, loop, shared=None):
         from fastlb.runtime import build
@@ -1351,6 +1456,14 @@ class Proxy:
         # pool's health view); None: a process on its own
         self.shared = shared
         config = build.as_config(opts)
+        if shared is None:
+            self.tables = shm.Tables.create(*shm.Layout.capacity(config, 1))
+            self.layout = shm.Layout(self.tables)
+            self.slot = 1
+        else:
+            self.tables = shared.tables
+            self.layout = shared.layout
+            self.slot = shared.slot
         self.config = None
         self.pools = {}         # name -> Pool
         self.fronts = {}        # listener name -> Front
@@ -1500,7 +1613,7 @@ class Proxy:
         State changes are logged by the health checker, once each; single
         failures only at debug level, so a dead backend under load does not
         flood the log."""
-        backend.failures += 1
+        backend.ctr[B_FAILURES] += 1
         backend.fail_streak += 1
         log.debug("backend %s: %s", backend.url, reason)
         pool = backend.pool

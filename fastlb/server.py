@@ -298,7 +298,8 @@ async def start(opts, loop=None, sockets=None, shared=None):
     ``front.listener`` of ``proxy.fronts``). Raises OSError if it cannot listen.
 
     A worker passes ``sockets`` (listener name -> its listening sockets, made
-    by the master) and ``shared`` (see ``fastlb.runtime.worker``)."""
+    by the master) and ``shared`` (see ``fastlb.runtime.worker``: also the
+    counter table, rows and slot it counts in; see ``Proxy``)."""
     loop = loop or asyncio.get_running_loop()
     proxy = Proxy(opts, loop, shared)
     try:
@@ -325,7 +326,8 @@ async def reload(proxy, config):
     """Run ``config`` (valid: see ``fastlb.config``) from now on, without
     dropping a connection (see ``fastlb.runtime.build``). Returns the
     one-line summary of what changed. Raises OSError if a new listener
-    cannot listen; then nothing has changed."""
+    cannot listen, or ``TableFull`` if the counter table has no room for the
+    new backends or listeners; then nothing has changed."""
     loop = asyncio.get_running_loop()
     plan = build.plan(proxy, config)
     # open the new listeners' sockets first: if one cannot be bound, the
@@ -339,6 +341,7 @@ async def reload(proxy, config):
             if lc.port in moved:
                 continue
             pending.append((lc, _bind(lc)))
+        build.place(proxy, plan)    # last: once it succeeds, the plan is applied
     except BaseException:
         for _, socks in pending:
             for sock in socks:
@@ -550,6 +553,9 @@ async def _reload_from(controller, load_config, info=None):
         log.error("reload refused, the running configuration is unchanged: %s", e)
         if info is not None:
             info.reloaded("refused")
+        return
+    except TableFull as e:
+        log.error("reload refused, the running configuration is unchanged: %s", e)
         return
     except Exception:
         # a bug, not a bad file: say so, keep serving what runs

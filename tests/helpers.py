@@ -120,14 +120,17 @@ def stop_servers(lt, servers):
 # ---------------------------------------------------------------- balancer in process
 
 class Balancer:
-    def __init__(self, backends, **kw):
+    """``shared``: the counter table, layout and slot to count in (see
+    ``fastlb.proxy.Proxy``); the other keywords are ``Options``."""
+
+    def __init__(self, backends, shared=None, **kw):
         self.lt = LoopThread("fastlb")
         kw.setdefault("listen_host", HOST)
         kw.setdefault("listen_port", 0)
         self.opts = Options(backends=tuple(backends), **kw)
 
         async def go():
-            return await start(self.opts, asyncio.get_running_loop())
+            return await start(self.opts, asyncio.get_running_loop(), shared=shared)
 
         self.proxy, self.server = self.lt.call(go())
         self.port = self.server.sockets[0].getsockname()[1]

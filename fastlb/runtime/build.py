@@ -3,21 +3,28 @@
 ``plan(proxy, config)`` builds what a configuration needs without touching
 the running proxy: a ``Pool`` per pool (reusing the ``Backend`` objects of
 backends it keeps: same pool name, same address) and the settings of each
-listener's ``Front``. ``apply(proxy, plan)`` then swaps them in, in one go
-and without awaiting, so no request sees half of each:
+listener's ``Front``. ``place(proxy, plan)`` gives them their rows in the
+counter table (``proxy.layout.assign``; ``TableFull`` when they do not fit,
+and then nothing has changed). ``apply(proxy, plan)`` then swaps them in
+(placing them first if that was not done), in one go and without awaiting,
+so no request sees half of each:
 
-* a kept backend keeps its object (pooled connections, counters) and its
-  health state (carried into the new pool's checker);
+* a kept backend keeps its object (pooled connections, counters: the same
+  row of the table) and its health state (carried into the new pool's
+  checker); an added one starts on a row of zeros;
 * a removed backend is retired: it takes no new request (its pool is gone
   from every route), finishes those in flight, pools nothing, and the
-  ticker closes its idle connections once the last one is over;
+  ticker closes its idle connections once the last one is over; it counts
+  them in a row of its own (its row in the table may go to a new backend);
 * a kept listener's Front is updated in place, so the next request on an
   open connection uses the new routes; a removed one drains (the caller
   closes its listening socket); an added one is created (the caller starts
-  its listener).
+  its listener). A listener's row goes by its name: one whose ``bind``
+  moved keeps its counters.
 
 The first build is a plan against an empty proxy.
 """
+import array
 import dataclasses
 import logging
 
@@ -73,6 +80,7 @@ class Plan:
         self.fronts_keep = []       # (Front, ListenerConfig) updated in place
         self.fronts_remove = []     # Fronts to drain
         self.changes = []           # words for the log line
+        self.rows = None            # (backend rows, listener rows) once placed
 
     def summary(self):
         return "; ".join(self.changes) if self.changes else "nothing changed"
@@ -242,19 +250,48 @@ def set_health(proxy, pool, config, inherit=None):
             pool.health.inherit(old.health, pairs)
 
 
+def place(proxy, p):
+    """Rows in the counter table for the plan's backends and listeners.
+    Raises ``fastlb.runtime.shm.TableFull`` when they do not fit; then
+    nothing has changed. Once placed, the plan is to be applied (the layout
+    has moved on to it)."""
+    if p.rows is None:
+        p.rows = proxy.layout.assign(p.config)
+
+
+def _counters(obj, view, row):
+    obj.ctr = view
+    obj.row = row
+
+
+def _own_counters(obj):
+    """``obj`` (a Backend or Front leaving the table) counts on in a copy of
+    its row: what is still in flight ends there (gauges go back to 0), and
+    its row in the table is free for another."""
+    if obj.row >= 0:
+        _counters(obj, array.array("Q", list(obj.ctr)), -1)
+
+
 def apply(proxy, p):
     """Swap the plan in (synchronous: no request runs in between). Returns
     ``(fronts added, fronts removed)``: the caller starts and stops their
     listeners."""
+    place(proxy, p)
+    rows_b, rows_l = p.rows
+    tables, slot = proxy.tables, proxy.slot
     proxy.config = p.config
     for b, pool, index, max_idle in p.assign:
         b.index = index
         b.pool = pool
         b.max_idle = max_idle
         b.retired = False
+        row = rows_b[(pool.name, b.address)]
+        if row != b.row:
+            _counters(b, tables.backend_counters(slot, row), row)
     for b in p.retire:
         b.retired = True
         b.max_idle = 0      # nothing goes back to its pool
+        _own_counters(b)
         if b not in proxy.retired:
             proxy.retired.append(b)
     for pool in p.pools.values():
@@ -267,16 +304,23 @@ def apply(proxy, p):
     added = []
     for front, lc in p.fronts_keep:
         _set_front(front, lc, p.pools)
+        row = rows_l[front.name]
+        if row != front.row:
+            _counters(front, tables.listener_counters(slot, row), row)
     for front in p.fronts_remove:
         if proxy.fronts.get(front.name) is front:
             del proxy.fronts[front.name]
         # its last requests go to the pools of the same names now (a pool
         # that is gone: its routes are left out), never to a removed backend
         _set_front(front, front.config, p.pools, draining=True)
+        if front.name not in rows_l:
+            _own_counters(front)    # else it moved: the new Front has its row too
         proxy.drain_front(front)
     for lc in p.fronts_add:
         front = Front(lc.name)
         _set_front(front, lc, p.pools)
+        row = rows_l[lc.name]
+        _counters(front, tables.listener_counters(slot, row), row)
         proxy.fronts[lc.name] = front
         added.append(front)
     # keep the listeners' order of the file
