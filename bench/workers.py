@@ -30,7 +30,8 @@ Reported, as medians over the rounds:
   W=1, haproxy) at idle (after start, before any load) and under load (sampled
   half-way through the run); the master's own RSS in its own column;
 * the ratios req/s and CPU per request over nginx at the same W;
-* wrk's non-2xx responses and socket errors (must be 0; exit status 1 otherwise).
+* wrk's non-2xx responses and socket errors (must be 0; exit status 1 otherwise);
+* the 1-min load average before and after, for a machine shared with other work.
 
 CPUs. When the machine has at least 2*W+2 CPUs, the proxies of that W are
 pinned (taskset) to the first W of them and wrk and the backend to the rest
@@ -222,6 +223,7 @@ def measure(server, duration, connections, threads, lua, load_cpus):
     user, system = after[0] - before[0], after[1] - before[1]
     s["cpu_us"] = (user + system) / max(s["requests"], 1) * 1e6
     s["user_s"], s["sys_s"] = user, system
+    s["cores"] = (user + system) / (s["duration_us"] / 1e6)
     s["rss_loaded_kib"] = loaded[0] if loaded else None
     s.pop("raw", None)
     return s
@@ -253,6 +255,7 @@ def run(workers, rounds, duration, warmup, connections, threads, targets, python
         free = len(plans[w][1]) if plans[w][1] else len(cpus)
         return max(1, min(w, free // 2, conns(w)))
 
+    load_before = os.getloadavg()[0]
     workdir = tempfile.mkdtemp(prefix="fastlb-workers-", dir="/tmp")
     runs = {(w, t): [] for w in workers for t in targets}
     backend = None
@@ -306,6 +309,7 @@ def run(workers, rounds, duration, warmup, connections, threads, targets, python
         "pinned": {w: ({"proxy": cpulist(plans[w][0]), "load": cpulist(plans[w][1])}
                        if plans[w][0] else None) for w in workers},
         "targets": targets,
+        "loadavg": (load_before, os.getloadavg()[0]),
     }
     return summarize(runs, config, notes)
 
@@ -322,6 +326,7 @@ def summarize(runs, config, notes):
             "workers": w, "target": t,
             "rps": _median(r["rps"] for r in rs),
             "cpu_us": _median(r["cpu_us"] for r in rs),
+            "cores": _median(r["cores"] for r in rs),
             "rss_idle_kib": _median(r["rss_idle_kib"] for r in rs),
             "rss_loaded_kib": _median(r["rss_loaded_kib"] for r in rs),
             "rss_master_kib": _median(r["rss_master_kib"] for r in rs),
@@ -369,21 +374,23 @@ def format_markdown(result, command=None):
     lines.append(
         f"{c['cpus']} CPUs; wrk -t{'/'.join(map(str, thr))} -c{'/'.join(map(str, conns))} "
         f"-d{c['duration_s']}s (9 browser headers), {rounds} interleaved, medians; "
-        f"backend: nginx, {c['backend_workers']} worker(s), 16-byte body.")
+        f"backend: nginx, {c['backend_workers']} worker(s), 16-byte body; 1-min load average "
+        f"{c['loadavg'][0]:.2f} before, {c['loadavg'][1]:.2f} after.")
     pinned = {w: p for w, p in c["pinned"].items() if p}
     for w, p in pinned.items():
         lines.append(f"W={w}: proxies on CPUs {p['proxy']}, wrk and backend on CPUs {p['load']}.")
     lines += [
         "",
-        f"| W | target | req/s | ×W={first} | CPU µs/req | RSS/worker idle MiB "
+        f"| W | target | req/s | ×W={first} | CPU µs/req | cores used | RSS/worker idle MiB "
         "| RSS/worker loaded MiB | master MiB | req/s ÷ nginx | CPU ÷ nginx | errors |",
-        "|--:|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|--:|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in result["rows"]:
         rps = f"{r['rps']:,.0f}" if r["rps"] is not None else "-"
         cpu = f"{r['cpu_us']:.1f}" if r["cpu_us"] is not None else "-"
         lines.append(
             f"| {r['workers']} | {r['target']} | {rps} | {_x(r.get('rps_vs_first'))} | {cpu} "
+            f"| {_x(r['cores'])} "
             f"| {_mib(r['rss_idle_kib'])} | {_mib(r['rss_loaded_kib'])} "
             f"| {_mib(r['rss_master_kib'])} | {_x(r.get('rps_vs_nginx'))} "
             f"| {_x(r.get('cpu_vs_nginx'))} | {r['non2xx'] + r['socket_errors']} |")
