@@ -151,7 +151,8 @@ def _stat_fields(pid):
     return data[data.rindex(")") + 2:].split()
 
 
-def _children(pid):
+def children(pid):
+    """The PIDs of the live children of ``pid`` (of every thread of it)."""
     kids = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -179,7 +180,7 @@ def tree_cpu(pid):
             user += int(f[13])
             system += int(f[14])
             first = False
-        stack += _children(p)
+        stack += children(p)
     return user / CLK_TCK, system / CLK_TCK
 
 
@@ -225,22 +226,22 @@ class Server:
         self._log.close()
 
 
-def _nginx_common(workdir):
+def _nginx_common(workdir, workers=1):
     return f"""
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {workdir}/nginx-%(name)s.pid;
 error_log {workdir}/nginx-%(name)s.error.log warn;
 events {{ worker_connections 4096; multi_accept on; }}
 """
 
 
-def nginx_backend_conf(workdir, port, name="backend"):
+def nginx_backend_conf(workdir, port, name="backend", workers=1):
     """nginx answering a short static body on ``port`` (or on each of a list of ports)."""
     ports = port if isinstance(port, (list, tuple)) else [port]
     listens = "\n".join(f"        listen 127.0.0.1:{p} backlog=4096;" for p in ports)
-    return (_nginx_common(workdir) % {"name": name}) + f"""
+    return (_nginx_common(workdir, workers) % {"name": name}) + f"""
 http {{
     access_log off;
     client_body_temp_path {workdir}/nb-body;
@@ -259,8 +260,8 @@ http {{
 """
 
 
-def nginx_proxy_conf(workdir, port, backend_port):
-    return (_nginx_common(workdir) % {"name": "proxy"}) + f"""
+def nginx_proxy_conf(workdir, port, backend_port, workers=1):
+    return (_nginx_common(workdir, workers) % {"name": "proxy"}) + f"""
 http {{
     access_log off;
     client_body_temp_path {workdir}/np-body;
@@ -288,10 +289,10 @@ http {{
 """
 
 
-def haproxy_conf(port, backend_port):
+def haproxy_conf(port, backend_port, threads=1):
     return f"""
 global
-    nbthread 1
+    nbthread {threads}
     maxconn 4096
 
 defaults
@@ -312,17 +313,20 @@ backend be
 """
 
 
-def start_target(name, workdir, backend_port, cpu, python):
+def start_target(name, workdir, backend_port, cpu, python, workers=1):
+    """Start proxy ``name`` in front of ``backend_port`` with ``workers`` workers
+    (nginx ``worker_processes``, haproxy ``nbthread``, fastlb ``--workers``), pinned
+    to ``cpu`` (a CPU list for taskset; None: not pinned)."""
     port = free_port()
     if name == "nginx":
         conf = os.path.join(workdir, "nginx-proxy.conf")
         with open(conf, "w") as f:
-            f.write(nginx_proxy_conf(workdir, port, backend_port))
+            f.write(nginx_proxy_conf(workdir, port, backend_port, workers))
         return Server(name, [find_tool("nginx"), "-p", workdir, "-c", conf], port, workdir, cpu)
     if name == "haproxy":
         conf = os.path.join(workdir, "haproxy.cfg")
         with open(conf, "w") as f:
-            f.write(haproxy_conf(port, backend_port))
+            f.write(haproxy_conf(port, backend_port, workers))
         return Server(name, [find_tool("haproxy"), "-db", "-f", conf], port, workdir, cpu)
     if name in ("fastlb-c", "fastlb-py"):
         env = dict(os.environ)
@@ -336,6 +340,8 @@ def start_target(name, workdir, backend_port, cpu, python):
         argv = [python, "-m", "fastlb", "serve", "--listen", f"127.0.0.1:{port}",
                 "--backend", f"http://127.0.0.1:{backend_port}", "--access-log", "off",
                 "--log-level", "warning"]
+        if workers != 1:
+            argv += ["--workers", str(workers)]
         return Server(name, argv, port, workdir, cpu, env=env)
     raise ValueError(name)
 
@@ -350,9 +356,12 @@ def write_lua(workdir):
     return path
 
 
-def run_wrk(port, duration, connections, lua, cpu):
-    cmd = ["taskset", "-c", str(cpu), find_tool("wrk"), "-t1", f"-c{connections}",
+def run_wrk(port, duration, connections, lua, cpu, threads=1):
+    """One bounded wrk run (``-t threads``), pinned to ``cpu`` (None: not pinned)."""
+    cmd = [find_tool("wrk"), f"-t{threads}", f"-c{connections}",
            f"-d{duration}s", "--timeout", "5s", "-s", lua, f"http://127.0.0.1:{port}/"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     stats = None
     non2xx = 0
