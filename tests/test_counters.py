@@ -526,7 +526,9 @@ def test_a_reload_that_does_not_fit_the_table_is_refused_and_changes_nothing(
     with pytest.raises(TableFull):
         lb.lt.call(server.reload(proxy, big))
     caplog.set_level(logging.INFO, logger="fastlb")
-    lb.lt.call(server._reload_from(proxy, lambda: big))
+    from fastlb.runtime.control import ProcessController
+
+    lb.lt.call(server._reload_from(ProcessController(proxy), lambda: big))
     refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
     assert refused == ["reload refused, the running configuration is unchanged: "
                        "more than 256 backends (the table is sized at start: restart to "
