@@ -35,6 +35,10 @@ Python methods.
 from libc.stdint cimport int64_t
 
 
+# The monotonic clock in whole microseconds (time.monotonic's clock): a C call.
+cpdef long long monotonic_us() noexcept
+
+
 cdef class Selector:
     cdef readonly Py_ssize_t n              # number of backends
     cdef unsigned char* _eligible            # per backend: set_eligible flag

@@ -22,6 +22,7 @@ __all__ = [
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",
+    "monotonic_us",
 ]
 
 _Weights = Union[list[int], tuple[int, ...]]
@@ -328,6 +329,12 @@ def access_log_line(fmt: int, head: Optional[bytes], client: bytes, stamp: bytes
     ``fastlb._core_py.access_log_line``. Raises TypeError for a non-bytes
     ``head``/``client``/``stamp``/``backend``, ValueError for another ``fmt``.
     """
+
+def monotonic_us() -> int:
+    """The monotonic clock (``time.monotonic``'s, CLOCK_MONOTONIC) in whole microseconds.
+
+    Compiled callers that cimport it read it without a Python call (the
+    data path times responses with it)."""
 
 class AccessLogBuffer:
     """A batch of access log lines, each written straight into the batch (no object per line)."""

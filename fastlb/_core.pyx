@@ -45,6 +45,7 @@ __all__ = [
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",
+    "monotonic_us",
 ]
 
 _BadRequest = _errors.BadRequest
@@ -138,4 +139,4 @@ include "balance/hashkeys.pxi"   # hash_key: the path, query, header or cookie a
 include "balance/selectors.pxi"  # Selector and the six algorithms, pick_many
 
 # observe/: what the proxy reports
-include "observe/logline.pxi"    # access_log_line, AccessLogBuffer
+include "observe/logline.pxi"    # access_log_line, AccessLogBuffer, monotonic_us

@@ -26,7 +26,8 @@ Everything here is per-request, CPU-only and I/O-free:
 * ``ChunkedScanner``: finds where a chunked body ends, strictly, and can
   de-chunk it for HTTP/1.0 clients.
 * ``access_log_line``: one access log line (combined or JSON), escaped;
-  ``AccessLogBuffer``: a batch of them, the form the data path uses.
+  ``AccessLogBuffer``: a batch of them, the form the data path uses;
+  ``monotonic_us``: the monotonic clock in whole microseconds (response times).
 
 Invalid client input raises ``BadRequest`` (``.status`` says 400 or 501);
 invalid backend input raises ``BadGateway``. Both twins raise the same
@@ -48,7 +49,7 @@ from fastlb.balance.selectors import (
     WeightedRoundRobin,
     pick_many,
 )
-from fastlb.observe.logline import AccessLogBuffer, access_log_line
+from fastlb.observe.logline import AccessLogBuffer, access_log_line, monotonic_us
 from fastlb.wire.chunked import ChunkedScanner
 from fastlb.wire.framing import find_head_end
 from fastlb.wire.request import RequestHead, parse_request_head, write_request_head
@@ -73,4 +74,5 @@ __all__ = [
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",
+    "monotonic_us",
 ]

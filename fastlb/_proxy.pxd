@@ -6,6 +6,7 @@ cimport cython
 
 from fastlb._core cimport Selector   # the selectors' C-level select/release
 from fastlb._core cimport RequestHead  # flags, framing, length, key read as C fields
+from fastlb._core cimport monotonic_us  # the clock of response times: a C call
 from fastlb.runtime._routing cimport Router, Route   # a listener's compiled routes
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
@@ -26,7 +27,9 @@ cdef object _find_head_end
 cdef object _clock
 # indices of the counter rows (fastlb.runtime.shm): ``ctr[B_*] += n`` is one add to memory
 cdef Py_ssize_t B_1XX, B_ACTIVE, B_BYTES_IN, B_BYTES_OUT, B_CONNECT_ERRORS, B_FAILURES
-cdef Py_ssize_t B_REQUESTS, B_RETRIES
+cdef Py_ssize_t B_REQUESTS, B_RETRIES, B_LAT, B_LAT_SUM_US
+cdef long long[::1] _LAT_US         # the histogram's bounds in microseconds
+cdef Py_ssize_t N_LAT
 cdef Py_ssize_t L_1XX, L_ACTIVE, L_BYTES_IN, L_BYTES_OUT, L_CONNECTIONS, L_REQUESTS
 cdef Py_ssize_t NB, NL
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
@@ -160,7 +163,8 @@ cdef class UpstreamProtocol:
     cdef public double idle_since
 
     @cython.locals(client=ClientProtocol, pos=Py_ssize_t, end=Py_ssize_t, req_flags=int,
-                   flags=int, framing=int, status=int, length="long long")
+                   flags=int, framing=int, status=int, length="long long", us="long long",
+                   k=Py_ssize_t)
     cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, left="long long", avail=Py_ssize_t, end=Py_ssize_t,
                    done=bint, framing=int)
@@ -214,6 +218,7 @@ cdef class ClientProtocol:
     cdef public bint eof
     cdef public bytes log_head        # access log: the head of the exchange not logged yet
     cdef public double started, t_up, t_resp   # access log: first byte, sent upstream, response head
+    cdef public long long t_sent      # monotonic_us() at the last send to a backend (response times)
     cdef public long long gen         # request number: stale connect attempts check it
     cdef public bint holding          # this request counts against backend in the balancer
     cdef public Selector held_by      # ... in that balancer

@@ -48,7 +48,8 @@ proxy's shared-memory table (``fastlb.runtime.shm``; ``ctr``, a view of this
 process's slot), bumped in place with plain C increments where the traffic
 is seen: B_* per backend (requests sent, every try; responses received by
 class; bytes; connect errors; tries retried elsewhere; failures; requests
-bound now) and L_* per listener (connections accepted and open; requests
+bound now; the response-time histogram, timed with the core's C clock
+``monotonic_us`` from the send to the final head) and L_* per listener (connections accepted and open; requests
 started; responses written by class, fastlb's own included; bytes).
 ``Backend.requests``, ``failures`` and ``active`` read that row. A response
 is counted where its final head is written, so one cut short after its
@@ -71,6 +72,7 @@ import time
 import httptools
 
 from fastlb import core
+from fastlb.core import monotonic_us
 from fastlb.observe.accesslog import AccessLog
 from fastlb.runtime import shm
 from fastlb.runtime.shm import (
@@ -80,6 +82,8 @@ from fastlb.runtime.shm import (
     B_BYTES_OUT,
     B_CONNECT_ERRORS,
     B_FAILURES,
+    B_LAT,
+    B_LAT_SUM_US,
     B_REQUESTS,
     B_RETRIES,
     L_1XX,
@@ -88,6 +92,7 @@ from fastlb.runtime.shm import (
     L_BYTES_OUT,
     L_CONNECTIONS,
     L_REQUESTS,
+    LAT_BOUNDS,
     NB,
     NL,
 )
@@ -118,6 +123,9 @@ _rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
 _find_head_end = core.find_head_end
 _clock = time.monotonic    # access log timings (the ticker's clock is too coarse)
+# the response-time histogram's bounds (fastlb.runtime.shm), in microseconds
+_LAT_US = array.array("q", [round(b * 1e6) for b in LAT_BOUNDS])
+N_LAT = len(LAT_BOUNDS)
 
 U_IDLE = 0   # in the pool
 U_HEAD = 1   # waiting for (the rest of) a response head
@@ -384,6 +392,13 @@ class UpstreamProtocol:
                     client.front.ctr[L_BYTES_OUT] += len(out)
                 pos = end
                 continue
+            # the response time: from the request sent to the end of this head
+            us = monotonic_us() - client.t_sent
+            k = 0
+            while k < N_LAT and us > _LAT_US[k]:
+                k += 1
+            self.backend.ctr[B_LAT + k] += 1
+            self.backend.ctr[B_LAT_SUM_US] += us
             self.status = status
             self.resp_flags = flags
             self.framing = framing
@@ -661,6 +676,7 @@ class ClientProtocol:
         self.started = 0.0      # _clock() at its first byte
         self.t_up = 0.0         # ... when the request was last sent upstream (0: never)
         self.t_resp = 0.0       # ... when the response head arrived (0: none; -1: at the end)
+        self.t_sent = 0         # monotonic_us() when the request was last sent to a backend
         self.gen = 0            # request number: stale connect attempts check it
         self.holding = False    # this request counts against self.backend in the balancer
         self.held_by = None     # ... in that balancer (the main one or the hash fallback)
@@ -1015,6 +1031,7 @@ class ClientProtocol:
                 self.up = up
                 if self.wpaused:
                     up.pause_reading()
+                self.t_sent = monotonic_us()
                 up.write(out)
                 backend.ctr[B_BYTES_OUT] += len(out)
                 return
@@ -1036,6 +1053,7 @@ class ClientProtocol:
                     up.pause_reading()
                 if self.proxy.log is not None:
                     self.t_up = _clock()
+                self.t_sent = monotonic_us()
                 up.transport.writelines(outq)
                 backend.ctr[B_BYTES_OUT] += _total(outq)
                 self.resume_reading_for(P_CONNECTING)
@@ -1109,6 +1127,7 @@ class ClientProtocol:
             up.pause_reading()
         if self.proxy.log is not None:
             self.t_up = _clock()
+        self.t_sent = monotonic_us()
         up.transport.writelines(outq)
         up.backend.ctr[B_BYTES_OUT] += _total(outq)
         self.resume_reading_for(P_CONNECTING)

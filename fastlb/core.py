@@ -14,7 +14,7 @@ from fastlb import _core_py
 _NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
           "hash64", "hash_key", "ChunkedScanner", "RequestHead", "parse_request_head",
           "write_request_head", "rewrite_response_head", "find_head_end", "pick_many",
-          "access_log_line", "AccessLogBuffer")
+          "access_log_line", "AccessLogBuffer", "monotonic_us")
 
 Selector_Py = _core_py.Selector
 RoundRobin_Py = _core_py.RoundRobin
@@ -34,6 +34,7 @@ find_head_end_Py = _core_py.find_head_end
 pick_many_Py = _core_py.pick_many
 access_log_line_Py = _core_py.access_log_line
 AccessLogBuffer_Py = _core_py.AccessLogBuffer
+monotonic_us_Py = _core_py.monotonic_us
 
 _c = None
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
@@ -65,6 +66,7 @@ if _c is not None:
     pick_many_C = _c.pick_many
     access_log_line_C = _c.access_log_line
     AccessLogBuffer_C = _c.AccessLogBuffer
+    monotonic_us_C = _c.monotonic_us
     Selector = Selector_C
     RoundRobin = RoundRobin_C
     WeightedRoundRobin = WeightedRoundRobin_C
@@ -83,13 +85,14 @@ if _c is not None:
     pick_many = pick_many_C
     access_log_line = access_log_line_C
     AccessLogBuffer = AccessLogBuffer_C
+    monotonic_us = monotonic_us_C
     IMPL = "c"
 else:
     RoundRobin_C = ChunkedScanner_C = rewrite_response_head_C = None
     RequestHead_C = parse_request_head_C = write_request_head_C = None
     WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
     hash64_C = hash_key_C = find_head_end_C = Selector_C = pick_many_C = None
-    access_log_line_C = AccessLogBuffer_C = None
+    access_log_line_C = AccessLogBuffer_C = monotonic_us_C = None
     Selector = Selector_Py
     RoundRobin = RoundRobin_Py
     WeightedRoundRobin = WeightedRoundRobin_Py
@@ -108,6 +111,7 @@ else:
     pick_many = pick_many_Py
     access_log_line = access_log_line_Py
     AccessLogBuffer = AccessLogBuffer_Py
+    monotonic_us = monotonic_us_Py
     IMPL = "py"
 
 

@@ -554,9 +554,6 @@ async def _reload_from(controller, load_config, info=None):
         if info is not None:
             info.reloaded("refused")
         return
-    except TableFull as e:
-        log.error("reload refused, the running configuration is unchanged: %s", e)
-        return
     except Exception:
         # a bug, not a bad file: say so, keep serving what runs
         log.exception("reload failed")

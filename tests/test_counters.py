@@ -13,6 +13,7 @@ import select
 import signal
 import socket
 import struct
+import time
 import types
 
 import httpx
@@ -22,7 +23,9 @@ from fastlb import server
 from fastlb.config import loads
 from fastlb.health import HealthConfig
 from fastlb.proxy import Backend
-from fastlb.runtime.shm import B_NAMES, L_NAMES, NB, Layout, TableFull, Tables
+from fastlb.runtime.control import ProcessController
+from fastlb.runtime.shm import (B_LAT, B_LAT_SUM_US, B_NAMES, L_NAMES, LAT_BOUNDS, NB, Layout,
+                                TableFull, Tables)
 from fastlb.selection import ALGORITHMS
 from helpers import (HANG, HOST, Reader, Reply, exchange, free_dead_port, raw_connect, recv_until_close,
                      send_raw, wait_for)
@@ -376,6 +379,55 @@ def test_a_503_when_no_backend_is_up_is_counted_as_5xx(make_backend, make_lb):
     assert any(q.target == "/health" for q in a.requests)
 
 
+def test_response_times_are_in_the_histogram(make_backend, make_lb, backend_loop):
+    """Each final response from a backend is one observation of the time from
+    the request sent to the end of its head: its bucket counts it and its
+    microseconds go into the sum (a relayed 100 Continue is not one);
+    responses the backend holds 60 ms are above the 50 ms bound."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def on_head(conn, req):
+        if req.target.startswith("/slow"):     # on the backends' loop: answer later
+            backend_loop.loop.call_later(0.06, conn.transport.write, ok)
+
+    a = make_backend("A", handler=lambda be, req: HANG if req.target.startswith("/slow") else ok,
+                     on_head=on_head)
+    lb = make_lb([a])
+    slow, fast = 3, 6
+    rtt = 0.0       # what the client waited: each observation lies within its request's
+    with httpx.Client(timeout=5) as c:
+        for i in range(slow + fast):
+            path = "/slow" if i % 3 == 0 else "/fast"
+            t0 = time.monotonic()
+            assert c.get(lb.url + path).status_code == 200
+            rtt += time.monotonic() - t0
+            time.sleep(0.1)     # a pause between requests is no part of any response time
+        t0 = time.monotonic()
+        r = c.post(lb.url + "/fast", content=b"x", headers={"Expect": "100-continue"})
+        rtt += time.monotonic() - t0
+        assert r.status_code == 200
+    settle(lb, a)
+
+    def read():
+        p = lb.proxy
+        row = p.layout.backends[("default", _address(a))]
+        return list(p.tables.backend_counters(p.slot, row))
+    ctr = lb.lt.call_soon(read)
+    buckets = ctr[B_LAT:B_LAT + len(LAT_BOUNDS) + 1]
+    total_us = ctr[B_LAT_SUM_US]
+    assert sum(buckets) == slow + fast + 1 == ctr[B_NAMES.index("responses_2xx")]
+    assert ctr[B_NAMES.index("responses_1xx")] == 1
+    first_above = next(i for i, b in enumerate(LAT_BOUNDS) if b > 0.06)
+    assert sum(buckets[first_above:]) >= slow and total_us >= slow * 60000
+    assert total_us <= rtt * 1e6 + len(buckets) * 10
+    # the sum agrees with the buckets: each observation is above the bound
+    # before its bucket and at most its own
+    bounds_us = [0] + [round(b * 1e6) for b in LAT_BOUNDS]
+    assert sum(n * bounds_us[i] for i, n in enumerate(buckets)) <= total_us
+    assert buckets[-2:] == [0, 0]       # over 5 s: the client would have given up
+    assert total_us <= sum(n * bounds_us[i + 1] for i, n in enumerate(buckets[:-1]))
+
+
 # ---------------------------------------------------------------- reload
 
 def _config_text(pools, routes=(), listeners=None):
@@ -526,8 +578,6 @@ def test_a_reload_that_does_not_fit_the_table_is_refused_and_changes_nothing(
     with pytest.raises(TableFull):
         lb.lt.call(server.reload(proxy, big))
     caplog.set_level(logging.INFO, logger="fastlb")
-    from fastlb.runtime.control import ProcessController
-
     lb.lt.call(server._reload_from(ProcessController(proxy), lambda: big))
     refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
     assert refused == ["reload refused, the running configuration is unchanged: "
@@ -625,3 +675,11 @@ def test_workers_count_in_their_own_slots_and_a_killed_ones_counts_stay(make_bac
         assert tables.listener_totals(lrow)[lreq] == 40
     finally:
         assert stop_workers(lb) == 0
+
+
+def test_monotonic_us_is_time_monotonic_in_microseconds(core):
+    """The clock of response times, in both cores: time.monotonic's clock."""
+    before = time.monotonic_ns() // 1000
+    now = core.monotonic_us()
+    after = time.monotonic_ns() // 1000
+    assert isinstance(now, int) and before <= now <= after

@@ -1,6 +1,16 @@
 # Included by fastlb/_core.pyx: one extension module with the rest of the core.
 # The pure twin is fastlb/observe/logline.py.
 
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+
+cpdef long long monotonic_us() noexcept:
+    """The monotonic clock (``time.monotonic``'s) in whole microseconds; a C
+    call for the modules that cimport it (``_core.pxd``)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
 # ---------------------------------------------------------------- access log
 
 cdef enum:

@@ -1,9 +1,16 @@
-"""Access log lines: access_log_line and AccessLogBuffer.
+"""Access log lines: access_log_line and AccessLogBuffer; monotonic_us.
 
 The pure twin of ``logline.pxi``, part of the pure-Python core (``fastlb._core_py``).
 """
 from operator import index as _index
 import re as _re
+import time as _time
+
+
+def monotonic_us():
+    """The monotonic clock (``time.monotonic``'s) in whole microseconds."""
+    return _time.monotonic_ns() // 1000
+
 
 # ---------------------------------------------------------------- access log
 
