@@ -70,6 +70,9 @@ cdef enum:
     SEG_COPY = 0          # p[a:b] as it is (runs of verbatim lines, the request line)
     SEG_FIELD = 1         # name p[a:b], value p[c:d], written "name: value\r\n"
     SEG_XFF = 2           # an X-Forwarded-For value p[a:b], joined before the client's address
+                          # (written only for a trusted proxy)
+    SEG_TFIELD = 3        # as SEG_FIELD, written only for a trusted proxy (X-Forwarded-Proto,
+                          # X-Forwarded-Host, Forwarded)
     INLINE_SEGS = 8       # segments held without a heap allocation
 
 
@@ -91,10 +94,12 @@ cdef class RequestHead:
     cdef Py_ssize_t _hs, _he             # the validated authority p[hs:he]; hs < 0: none
     cdef Py_ssize_t _ps, _pe             # the origin-form target p[ps:pe], after "/" if _slash
     cdef Py_ssize_t _size                # output bytes, without those write adds
+    cdef Py_ssize_t _tsize               # ... and those written only for a trusted proxy
     cdef bint _slash                     # absolute form with an empty path: "/" precedes p[ps:pe]
     cdef bint _line_copied               # the request line is the start of the first segment
     cdef bint _host_field                # a Host field is among the segments
     cdef bint _chunked, _http10
+    cdef bint _xfp, _xfh                 # an X-Forwarded-Proto / X-Forwarded-Host field was sent
     cdef Py_ssize_t _nseg, _cap
     cdef Seg* _segs
     cdef Seg _inline[INLINE_SEGS]

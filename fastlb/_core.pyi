@@ -254,13 +254,17 @@ class RequestHead:
     """The target in origin form: the target itself unless absolute, else what follows the
     authority ("/" prepended when that is empty or starts with "?" or "#")."""
     flags: int
-    """An OR of ``REQ_*``."""
+    """An OR of ``REQ_*``; ``REQ_UPGRADE`` for an HTTP/1.1 request without a body that has a
+    non-empty Upgrade field and the "upgrade" option in Connection (RFC 9110 7.8)."""
     framing: int
     """``BODY_NONE``, ``BODY_LENGTH`` or ``BODY_CHUNKED``."""
     length: int
     """The body's length for ``BODY_LENGTH``, else 0."""
     key: bytes
     """The hash key asked of ``parse_request_head``; b"" when absent or when none was asked."""
+    forwarded_for: bytes
+    """The values of the X-Forwarded-For fields, in order, joined by ", " (empty ones left
+    out); b"" when none. Built when read."""
 
 def parse_request_head(head: _Buffer, key_kind: int = 0, key_name: bytes = b"") -> RequestHead:
     """Validate a request head strictly and return a ``RequestHead``.
@@ -285,29 +289,41 @@ def write_request_head(
     proto: bytes = b"http",
     via: Optional[bytes] = b"fastlb",
     backend_authority: Optional[bytes] = b"",
+    trusted: bool = False,
 ) -> bytes:
     """The head to send upstream for ``parsed``, as HTTP/1.1, written into one buffer.
 
     The request line with the target in origin form; the fields in order
     without the hop-by-hop ones and those named in Connection (``Trailer``
-    only kept with a chunked body), ``Host`` set to ``parsed.host`` (added if
-    the client sent none but an absolute-form target), ``backend_authority``
-    as Host for an HTTP/1.0 request with no authority at all; then
-    ``Transfer-Encoding: chunked`` for a chunked body, ``X-Forwarded-For``
-    (the client's values with ``client_ip`` appended), ``X-Forwarded-Proto``,
-    ``X-Forwarded-Host`` (``parsed.host`` when not empty; the client's are
-    replaced) and ``Via`` unless ``via`` is None or empty. TypeError unless
-    ``parsed`` is a RequestHead of this core.
+    only kept with a chunked body; Upgrade kept on a ``REQ_UPGRADE``
+    request), ``Host`` set to ``parsed.host`` (added if the client sent none
+    but an absolute-form target), ``backend_authority`` as Host for an
+    HTTP/1.0 request with no authority at all; then ``Connection: upgrade``
+    for a ``REQ_UPGRADE`` request, ``Transfer-Encoding: chunked`` for a
+    chunked body, ``X-Forwarded-For``, ``X-Forwarded-Proto``,
+    ``X-Forwarded-Host`` (``parsed.host`` when not empty) and ``Via`` unless
+    ``via`` is None or empty.
+
+    ``trusted`` says whether the client at ``client_ip`` is a trusted proxy.
+    Not trusted: its X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and
+    Forwarded fields are dropped, and X-Forwarded-For is ``client_ip`` alone.
+    Trusted: X-Forwarded-For is its values with ``client_ip`` appended, and
+    its X-Forwarded-Proto, X-Forwarded-Host and Forwarded fields are kept in
+    place (fastlb adds its own X-Forwarded-Proto / X-Forwarded-Host only when
+    it sent none). TypeError unless ``parsed`` is a RequestHead of this core.
     """
 
 def rewrite_response_head(head: bytes, req_flags: int) -> "tuple[bytes, int, int, int, int]":
     """Validate a response head and return ``(out, status, flags, framing, length)``.
 
     ``req_flags`` are the flags of the request answered (``REQ_HEAD``,
-    ``REQ_HTTP10``, ``REQ_KEEP_ALIVE``). ``out`` is the head sent to the
-    client as HTTP/1.1; ``flags`` is an OR of ``RESP_*``; ``framing`` is one
-    of ``BODY_NONE``, ``BODY_LENGTH``, ``BODY_CHUNKED``, ``BODY_CLOSE``.
-    Raises ``fastlb.errors.BadGateway``.
+    ``REQ_HTTP10``, ``REQ_KEEP_ALIVE``, ``REQ_UPGRADE``). ``out`` is the head
+    sent to the client as HTTP/1.1; ``flags`` is an OR of ``RESP_*``;
+    ``framing`` is one of ``BODY_NONE``, ``BODY_LENGTH``, ``BODY_CHUNKED``,
+    ``BODY_CLOSE``. A 101 is valid only for a ``REQ_UPGRADE`` request and
+    with a non-empty Upgrade field: it gets ``RESP_UPGRADE`` (and no other
+    flag), ``BODY_NONE``, and goes out with its Upgrade fields and
+    ``Connection: upgrade``. Raises ``fastlb.errors.BadGateway``.
     """
 
 def find_head_end(data: bytes, start: int = 0) -> int:

@@ -9,8 +9,8 @@ from fastlb._core cimport RequestHead  # flags, framing, length, key read as C f
 from fastlb._core cimport monotonic_us  # the clock of response times: a C call
 from fastlb.runtime._routing cimport Router, Route   # a listener's compiled routes
 
-cdef int U_IDLE, U_HEAD, U_BODY, U_DONE
-cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED
+cdef int U_IDLE, U_HEAD, U_BODY, U_DONE, U_TUNNEL
+cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED, R_TUNNEL
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
 cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT, TAIL_COPY
 cdef object _tail(bytes data, Py_ssize_t start)
@@ -20,8 +20,9 @@ cdef double LINGER, STALL, LOCAL_LOG_EVERY
 cdef Py_ssize_t FD_RESERVE
 cdef frozenset _LOCAL_ERRNOS
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
-cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE
+cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE, REQ_UPGRADE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
+cdef int RESP_UPGRADE
 cdef object _parse_request_head, _write_request_head, _rewrite_response_head, _ChunkedScanner
 cdef object _find_head_end
 cdef object _clock
@@ -63,6 +64,9 @@ cdef class Proxy:
     cdef public long long local_errors, stalls
     cdef public Py_ssize_t upstreams  # open upstream connections
     cdef public Py_ssize_t connecting # upstream connects in progress
+    cdef public Py_ssize_t tunnels    # open tunnels (after a 101)
+    cdef public long long tunnels_total, tunnel_bytes_up, tunnel_bytes_down
+    cdef public set flushing          # upstreams of ended tunnels still sending
     cdef public object listener       # the first Front's fastlb.server.Listener
     cdef public Py_ssize_t fd_base, fd_budget
     cdef public double _local_logged
@@ -117,6 +121,9 @@ cdef class Front:
     cdef public Py_ssize_t max_header_size
     cdef public double body_timeout   # a body is due this long after its head...
     cdef public double body_rate_inv  # ... plus this many seconds per byte received
+    cdef public bint upgrade          # upgrade requests may become tunnels (False: 501)
+    cdef public double tunnel_timeout # a tunnel idle this long (no byte either way) closes
+    cdef public object trusted        # TrustedProxies (fastlb.wire.forwarded), or None
     cdef public Pool pool             # requests matching no route (None: 404)
     cdef public Router router         # None: no routes
     cdef public int hash_what
@@ -159,13 +166,19 @@ cdef class UpstreamProtocol:
     cdef public object scanner         # ChunkedScanner of a chunked response
     cdef public int resp_flags, status
     cdef public bint reused, got_bytes, paused
+    cdef public bint eof               # a tunnel's backend sent EOF
     cdef public int interim            # 1xx responses relayed for this request
     cdef public double idle_since
+    cdef public double flush_by        # an ended tunnel's: aborted if still sending then
 
-    @cython.locals(client=ClientProtocol, pos=Py_ssize_t, end=Py_ssize_t, req_flags=int,
-                   flags=int, framing=int, status=int, length="long long", us="long long",
-                   k=Py_ssize_t)
+    @cython.locals(client=ClientProtocol, proxy=Proxy, pos=Py_ssize_t, end=Py_ssize_t,
+                   req_flags=int, flags=int, framing=int, status=int, length="long long",
+                   us="long long", k=Py_ssize_t)
     cpdef data_received(self, data)
+    cdef _switch(self, ClientProtocol client, bytes head, bytes data, Py_ssize_t end)
+    @cython.locals(proxy=Proxy)
+    cpdef close_tunnel(self)
+    cpdef half_close(self)
     @cython.locals(n=Py_ssize_t, left="long long", avail=Py_ssize_t, end=Py_ssize_t,
                    done=bint, framing=int)
     cdef _body(self, bytes data, Py_ssize_t start, ClientProtocol client, bytes head)
@@ -190,7 +203,9 @@ cdef class ClientProtocol:
     cdef public object parser         # httptools.HttpRequestParser: the strict validator
     cdef public object feed           # parser.feed_data, bound once
     cdef public object write          # transport.write, bound once
-    cdef public bytes client_ip
+    cdef public bytes client_ip       # the peer's address
+    cdef public bytes addr            # the client's: the peer's, or a trusted proxy's word
+    cdef public object trust          # TrustedProxies when the peer is a trusted proxy, or None
     cdef public int state             # R_*
     cdef public bytes buf             # the first piece of a head under way (b"": none)
     cdef public list parts            # the pieces of that head, or None
@@ -226,6 +241,7 @@ cdef class ClientProtocol:
     cdef public double t0             # when the request head arrived (ticker clock)
     cdef public double body_end       # the request body is due by then
 
+    @cython.locals(proxy=Proxy)
     cpdef data_received(self, data)
     @cython.locals(proxy=Proxy, front=Front, pool=Pool, parts=list, whole=bytes, head=bytes,
                    rest=bytes, stripped=bytes,
@@ -270,3 +286,9 @@ cdef class ClientProtocol:
     cpdef _log_cut(self)
     cdef _linger(self)
     cdef _drop_upstream(self)
+    @cython.locals(proxy=Proxy, backend=Backend)
+    cpdef start_tunnel(self, UpstreamProtocol up)
+    @cython.locals(proxy=Proxy, up=UpstreamProtocol)
+    cdef _end_tunnel(self)
+    cpdef end_tunnel(self)
+    cpdef tunnel_lost(self, UpstreamProtocol up)

@@ -30,7 +30,34 @@ Rules this module keeps:
   updates; the per-request path only stores a float.
 
 Request states: R_HEAD (reading a head) -> R_BODY (relaying a body) ->
-R_DONE (request complete, response in flight) -> R_HEAD again, or closed.
+R_DONE (request complete, response in flight) -> R_HEAD again, or closed;
+or R_DONE -> R_TUNNEL when a backend answers an upgrade request with 101.
+
+Tunnels. An upgrade request (``REQ_UPGRADE``: HTTP/1.1, Upgrade and
+``Connection: upgrade``, no body) goes to a backend as any request, with its
+Upgrade field. Any answer but 101 is relayed as a response and the
+connection stays HTTP (the bytes the client sent after the request are its
+next request). A 101 is relayed, and from then on the two connections are a
+byte tunnel (R_TUNNEL on the client, U_TUNNEL on the upstream): what one
+side's ``data_received`` gets is written to the other, with the same
+backpressure as bodies (the client's reading pauses for P_UPSTREAM while the
+upstream's write buffer is full; the upstream's while the client's is); an
+EOF from one side is passed on as ``write_eof`` on the other, which keeps
+sending the other way, and the tunnel ends when both have sent EOF, either
+closes, or nothing moved either way for the listener's ``tunnel_timeout``
+(the client's ``deadline``, checked by the ticker). Its upstream connection
+never goes back to the pool; it stays counted in the backend's ``active``
+and in least-conn's in-flight count until the tunnel ends, and is logged
+then (status 101, the bytes sent to the client). A drain leaves tunnels
+open: they are closed when the drain timeout ends (or end by themselves).
+
+Trusted proxies. Whether the client's peer address is in the listener's
+``trusted_proxies`` is decided once, in ``connection_made`` (``trust``).
+From anyone else the X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host
+and Forwarded fields are replaced by fastlb's own; from a trusted proxy
+X-Forwarded-For is extended, the others go on, and each request's client
+address (``addr``: access log, hash key ``ip``) is the right-most address of
+its X-Forwarded-For that is not a trusted proxy (``fastlb.wire.forwarded``).
 
 Upstream side:
 
@@ -60,6 +87,7 @@ States of a bound connection::
     U_HEAD --head complete--> U_BODY --body complete--> (released)
       |  1xx heads loop in U_HEAD                ^
       +--------- no body (HEAD, 204, 304, CL 0) -+
+      +--------- 101 to an upgrade request --> U_TUNNEL --tunnel ends--> closed
 """
 import array
 import asyncio
@@ -106,9 +134,11 @@ from fastlb.errors import (
     REQ_HTTP10,
     REQ_IDEMPOTENT,
     REQ_KEEP_ALIVE,
+    REQ_UPGRADE,
     RESP_CLIENT_KEEP_ALIVE,
     RESP_DECHUNK,
     RESP_INFORMATIONAL,
+    RESP_UPGRADE,
     RESP_UPSTREAM_KEEP_ALIVE,
     BadGateway,
     BadRequest,
@@ -131,7 +161,7 @@ U_IDLE = 0   # in the pool
 U_HEAD = 1   # waiting for (the rest of) a response head
 U_BODY = 2   # relaying the body
 U_DONE = 3   # closed or released
-
+U_TUNNEL = 4  # a tunnel's backend side (after a 101)
 
 
 class Backend:
@@ -250,6 +280,9 @@ class Front:
         self.max_header_size = 65536
         self.body_timeout = 60.0
         self.body_rate_inv = 0.0
+        self.upgrade = True     # upgrade requests may become tunnels (False: 501)
+        self.tunnel_timeout = 3600.0
+        self.trusted = None     # fastlb.wire.forwarded.TrustedProxies, or None: trust nobody
         self.pool = None        # the pool of requests that match no route (None: 404)
         self.router = None      # fastlb.runtime.routing.Router, or None: no routes
         self.hash_what = 0      # the hash key parse_request_head extracts
@@ -286,6 +319,8 @@ class UpstreamProtocol:
         self.interim = 0        # 1xx responses relayed for this request
         self.idle_since = 0.0
         self.paused = False
+        self.eof = False        # a tunnel's backend side sent EOF
+        self.flush_by = 0.0     # a tunnel's end: aborted if still flushing by then (0: not)
         self.write = None       # transport.write, bound once
 
     # -------------------------------------------------------- asyncio callbacks
@@ -296,7 +331,10 @@ class UpstreamProtocol:
         self.proxy.upstreams += 1
 
     def connection_lost(self, exc):
-        self.proxy.upstreams -= 1
+        proxy = self.proxy
+        proxy.upstreams -= 1
+        if self.flush_by != 0.0:
+            proxy.flushing.discard(self)
         state = self.state
         self.state = U_DONE
         client = self.client
@@ -310,7 +348,9 @@ class UpstreamProtocol:
             return
         self.client = None
         self.backend.ctr[B_ACTIVE] -= 1
-        if state == U_BODY and self.framing == BODY_CLOSE and exc is None:
+        if state == U_TUNNEL:
+            client.tunnel_lost(self)
+        elif state == U_BODY and self.framing == BODY_CLOSE and exc is None:
             client.response_done(False, self.status)
         elif not self.got_bytes:
             client.upstream_failed(self, "closed before responding")
@@ -318,23 +358,37 @@ class UpstreamProtocol:
             client.response_aborted(self, "backend closed mid-response")
 
     def eof_received(self):
-        if self.client is None:
+        client = self.client
+        if client is None:
             # a pooled connection the backend closed: out of the pool now, not
             # at connection_lost (a request in this same loop turn would take it)
             self.drop_idle()
+            return False
+        if self.state == U_TUNNEL:
+            # the backend is done sending: so is the client side, and the
+            # tunnel still carries the client's bytes until it says so too
+            self.eof = True
+            if client.eof:
+                client.end_tunnel()
+            else:
+                t = client.transport
+                if t.can_write_eof():
+                    t.write_eof()
+            return True
         return False
 
     def pause_writing(self):
         client = self.client
         if client is not None:
-            client.pause_reading_for(1)
-            # the backend owes progress now: judged by the response timeout
-            client.deadline = self.proxy.now + client.pool.response_timeout
+            client.pause_reading_for(P_UPSTREAM)
+            if self.state != U_TUNNEL:
+                # the backend owes progress now: judged by the response timeout
+                client.deadline = self.proxy.now + client.pool.response_timeout
 
     def resume_writing(self):
         client = self.client
         if client is not None:
-            client.resume_reading_for(1)
+            client.resume_reading_for(P_UPSTREAM)
 
     def data_received(self, data):
         self.backend.ctr[B_BYTES_IN] += len(data)
@@ -348,6 +402,13 @@ class UpstreamProtocol:
         if self.state == U_BODY:
             client.deadline = self.proxy.now + client.pool.response_timeout
             self._body(data, 0, client, None)
+            return
+        if self.state == U_TUNNEL:
+            proxy = self.proxy
+            client.deadline = proxy.now + client.front.tunnel_timeout
+            proxy.tunnel_bytes_down += len(data)
+            client.sent += len(data)
+            client.write(data)
             return
         if self.buf:
             data = self.buf + data
@@ -377,7 +438,10 @@ class UpstreamProtocol:
                 return
             if status < 600:    # 600-999 (invalid, but relayed): in no class
                 self.backend.ctr[B_1XX - 1 + status // 100] += 1
-            if flags & RESP_INFORMATIONAL:
+            if flags & (RESP_INFORMATIONAL | RESP_UPGRADE):
+                if flags & RESP_UPGRADE:
+                    self._switch(client, out, data, end)
+                    return
                 # 1xx: relay (never to HTTP/1.0 clients, RFC 9110 15.2),
                 # then wait for the final response. The response timeout
                 # still runs from the end of the request: interim responses
@@ -434,6 +498,41 @@ class UpstreamProtocol:
                 client.t_resp = _clock()
             self._body(data, end, client, out)
             return
+
+    def _switch(self, client, head, data, end):
+        """A 101 answers the upgrade request: relay it, and from now on both
+        connections are a tunnel (the bytes after the 101 are the new protocol)."""
+        self.state = U_TUNNEL
+        self.status = 101
+        if self.proxy.log is not None:
+            client.t_resp = _clock()
+        client.write_response(head)
+        client.start_tunnel(self)
+        if end != len(data) and client.state == R_TUNNEL:
+            rest = _tail(data, end)
+            self.proxy.tunnel_bytes_down += len(rest)
+            client.write_response(rest)
+
+    def close_tunnel(self):
+        """The tunnel is over on the client side: close once what is buffered
+        for the backend is sent, but abort it if that takes longer than the
+        response timeout (the ticker looks after ``flushing``)."""
+        self.state = U_DONE
+        self.client = None
+        t = self.transport
+        if t is None:
+            return
+        if t.get_write_buffer_size():
+            proxy = self.proxy
+            self.flush_by = proxy.now + proxy.response_timeout
+            proxy.flushing.add(self)
+        t.close()
+
+    def half_close(self):
+        """The client is done sending: so is this side (the backend may go on)."""
+        t = self.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
 
     # -------------------------------------------------------- body relay
 
@@ -566,6 +665,7 @@ R_HEAD = 0
 R_BODY = 1
 R_DONE = 2
 R_CLOSED = 3
+R_TUNNEL = 4    # after a 101: bytes both ways, no HTTP
 
 # Reasons to pause reading from the client (bits).
 P_UPSTREAM = 1      # the upstream transport's write buffer is full
@@ -645,7 +745,10 @@ class ClientProtocol:
         self.parser = _HttpRequestParser(self)
         self.feed = self.parser.feed_data
         self.write = None       # transport.write, bound once
-        self.client_ip = b""
+        self.client_ip = b""    # the peer's address (the last of X-Forwarded-For)
+        self.addr = b""         # the client's (the access log's, hash key ip's): the peer's,
+                                # unless a trusted proxy says otherwise for this request
+        self.trust = None       # the listener's TrustedProxies if the peer is one of them
         self.state = R_HEAD
         self.buf = b""          # the first piece of a head under way (b"": none)
         self.parts = None       # the pieces of a head under way, or None
@@ -699,10 +802,18 @@ class ClientProtocol:
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0].encode("ascii")
+        self.addr = self.client_ip
+        trusted = self.front.trusted
+        if trusted is not None and trusted.trusts(self.client_ip):
+            self.trust = trusted
         self.deadline = proxy.now + self.front.header_timeout
 
     def connection_lost(self, exc):
         self.front.ctr[L_ACTIVE] -= 1
+        if self.state == R_TUNNEL:
+            self._end_tunnel()
+            self.proxy.clients.discard(self)
+            return
         if self.log_head is not None:
             self._log_cut()     # the client went away mid-exchange
         self._release()
@@ -715,6 +826,13 @@ class ClientProtocol:
         if self.state == R_HEAD and not self.buf:
             return False
         self.eof = True
+        if self.state == R_TUNNEL:
+            # done sending: so is the backend side; the other way stays open
+            if self.up.eof:
+                self.end_tunnel()
+            else:
+                self.up.half_close()
+            return True
         if self.state != R_DONE:
             # The request can never be completed now.
             if self.log_head is not None:
@@ -733,8 +851,11 @@ class ClientProtocol:
         self.wpaused = False
         # the client is reading again: that is progress for the response timeout
         pool = self.pool
-        self.deadline = self.proxy.now + (pool.response_timeout if pool is not None
-                                          else self.proxy.response_timeout)
+        if self.state == R_TUNNEL:
+            self.deadline = self.proxy.now + self.front.tunnel_timeout
+        else:
+            self.deadline = self.proxy.now + (pool.response_timeout if pool is not None
+                                              else self.proxy.response_timeout)
         up = self.up
         if up is not None:
             up.resume_reading()
@@ -748,6 +869,11 @@ class ClientProtocol:
             self._body(data, 0)
         elif state == R_DONE:
             self._stash(data)
+        elif state == R_TUNNEL:
+            proxy = self.proxy
+            self.deadline = proxy.now + self.front.tunnel_timeout
+            proxy.tunnel_bytes_up += len(data)
+            self.up.write(data)
 
     # httptools callback: the only one defined, so the parser stays in C for
     # everything else.
@@ -772,7 +898,7 @@ class ClientProtocol:
                     self._reject(431)
                     return
                 parts.append(data)
-                self.tail = probe[-3:]
+                self.tail = probe[len(probe) - 3:] if len(probe) > 3 else probe
                 try:
                     self.feed(data)
                 except _HttpParserError:
@@ -819,7 +945,7 @@ class ClientProtocol:
                 self.buf = whole        # the first piece: a head is under way
                 self.parts = [whole]
                 self.plen = len(whole)
-                self.tail = whole[-3:]
+                self.tail = whole[len(whole) - 3:] if len(whole) > 3 else whole
                 try:
                     self.feed(data)
                 except _HttpParserError:
@@ -858,6 +984,13 @@ class ClientProtocol:
         if framing == BODY_NONE and not self.ll_done:
             self._reject(400)
             return
+        flags = req.flags
+        if flags & REQ_UPGRADE and not front.upgrade:
+            self._reject(501)       # --no-upgrade: refused, not downgraded
+            return
+        if self.trust is not None:
+            # from a trusted proxy: the client is the one its X-Forwarded-For names
+            self.addr = self.trust.client(req.forwarded_for, self.client_ip)
         # Only a valid request is routed and reaches the selector.
         strip = None
         if front.router is None:
@@ -882,7 +1015,7 @@ class ClientProtocol:
         if hash_kind == 0:
             idx = balancer.select()
         else:
-            idx = balancer.select(self.client_ip if hash_kind == 1 else req.key)
+            idx = balancer.select(self.addr if hash_kind == 1 else req.key)
             if idx == -2:       # the request has no key: the fallback algorithm picks
                 balancer = pool.fallback
                 idx = balancer.select()
@@ -894,10 +1027,14 @@ class ClientProtocol:
         self.bidx = idx
         self.holding = True
         self.held_by = balancer
-        out = _write_request_head(req, self.client_ip, proxy.proto, proxy.via, backend.authority)
+        if self.trust is None:
+            out = _write_request_head(req, self.client_ip, proxy.proto, proxy.via,
+                                      backend.authority)
+        else:   # a trusted proxy: its X-Forwarded-* go on
+            out = _write_request_head(req, self.client_ip, proxy.proto, proxy.via,
+                                      backend.authority, True)
         if strip is not None:
             out = strip_target(out, strip)
-        flags = req.flags
         length = req.length
         self.req_flags = flags
         self.gen += 1
@@ -1266,6 +1403,8 @@ class ClientProtocol:
             return
         self.state = R_HEAD
         self.sent = 0
+        if self.trust is not None:
+            self.addr = self.client_ip  # until the next request says otherwise
         self.deadline = self.proxy.now + self.front.keepalive_timeout
         # pauses that belonged to the finished exchange end with it
         self.resume_reading_for(P_CONNECTING | P_UPSTREAM)
@@ -1371,6 +1510,8 @@ class ClientProtocol:
                 self._abort()       # a close whose buffer never drained
             else:
                 self._close()       # the end of a lingering close
+        elif state == R_TUNNEL:
+            self.end_tunnel()       # nothing either way for tunnel_timeout
         elif state == R_DONE:
             if self.wpaused:
                 # The backend is waiting for us, not the other way round. A
@@ -1432,8 +1573,62 @@ class ClientProtocol:
         up = self.up
         self.proxy.log_request(self, up.status if self.sent and up is not None else 499)
 
+    # -------------------------------------------------------- tunnels
+
+    def start_tunnel(self, up):
+        """``up`` relayed a 101 for the request in flight: this connection is
+        a tunnel from now on. What the client sent after its request goes to
+        the backend, and so does its EOF if it already half-closed."""
+        proxy = self.proxy
+        self.state = R_TUNNEL
+        proxy.tunnels += 1
+        proxy.tunnels_total += 1
+        backend = self.backend
+        if backend.fail_streak:
+            proxy.note_success(backend)
+        self.deadline = proxy.now + self.front.tunnel_timeout
+        self.resume_reading_for(P_CONNECTING | P_PIPELINE)
+        pending = self.pending
+        if pending:
+            self.pending = b""
+            proxy.tunnel_bytes_up += len(pending)
+            up.write(pending)
+        if self.eof:
+            up.half_close()
+
+    def _end_tunnel(self):
+        """The tunnel is over: counted and logged once (101, every byte sent
+        to the client); its upstream connection closes once what it holds is
+        sent (and never goes back to the pool). The caller closes this one."""
+        proxy = self.proxy
+        self.state = R_CLOSED
+        proxy.tunnels -= 1
+        if self.log_head is not None:
+            proxy.log_request(self, 101)
+        self._release()
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.backend.ctr[B_ACTIVE] -= 1
+            up.close_tunnel()
+
+    def end_tunnel(self):
+        """End the tunnel and close both connections, each once what it has
+        buffered is sent (bounded by the response timeout)."""
+        if self.state == R_TUNNEL:
+            self._end_tunnel()
+            self._close()
+
+    def tunnel_lost(self, up):
+        """The backend side of the tunnel closed: the client gets what is
+        buffered for it, then the connection closes."""
+        if self.up is up:
+            self.up = None
+        self.end_tunnel()
+
     def in_flight(self):
-        """A request is being read or answered on this connection."""
+        """A request is being read or answered on this connection (a tunnel
+        is not a request)."""
         return self.state == R_BODY or self.state == R_DONE or (
             self.state == R_HEAD and bool(self.buf))
 
@@ -1510,6 +1705,13 @@ class Proxy:
         self.stalls = 0         # event-loop stalls that pushed deadlines back
         self.upstreams = 0      # open upstream connections (fds)
         self.connecting = 0     # upstream connects in progress (each holds an fd)
+        # tunnels (for metrics): open now, opened since start, bytes relayed
+        # from the clients to the backends and back
+        self.tunnels = 0
+        self.tunnels_total = 0
+        self.tunnel_bytes_up = 0
+        self.tunnel_bytes_down = 0
+        self.flushing = set()   # upstreams of ended tunnels still sending (UpstreamProtocol)
         self.listener = None    # the first Front's fastlb.server.Listener
         self.fd_base = 0        # fds open besides connections (set by start)
         self.fd_budget = 1 << 30  # connections (client + upstream) before pausing accepts
@@ -1593,6 +1795,10 @@ class Proxy:
             for b in pool.backends:
                 if b.idle:
                     b.sweep_idle(cutoff)
+        if self.flushing:
+            for up in [u for u in self.flushing if u.flush_by < now]:
+                self.flushing.discard(up)
+                up.abort()      # a backend that stopped reading what a tunnel left it
         if self.retired:
             self._sweep_retired()
         if self.log is not None:
@@ -1691,7 +1897,7 @@ class Proxy:
         if t_resp < 0.0:
             t_resp = now        # the response ended in the read that brought its head
         backend = client.backend
-        if self.log_add(head, client.client_ip, status, client.sent,
+        if self.log_add(head, client.addr, status, client.sent,
                         backend.authority if backend is not None and client.t_up != 0.0
                         else None,
                         t_resp - client.t_up if t_resp != 0.0 else -1.0, now - client.started):
@@ -1742,6 +1948,12 @@ class Proxy:
             self._ticker = None
         for b in list(self.all_backends()):
             b.close_idle()
+        for c in list(self.clients):
+            if c.state == R_TUNNEL:
+                c.end_tunnel()      # logged, and its upstream closed, now
+        for up in list(self.flushing):
+            up.abort()
+        self.flushing.clear()
         for c in list(self.clients):
             c.transport.close()
         for t in list(self._tasks):

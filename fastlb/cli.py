@@ -208,8 +208,18 @@ def _add_common(p):
                    help="bytes per second of body that extend --body-timeout by a second "
                         "(default 500; 0: the timeout is a hard total)")
     t.add_argument("--drain-timeout", type=_non_negative_float, default=30.0, metavar="S",
-                   help="on SIGTERM/SIGINT, requests in flight get this long to finish "
-                        "(default 30)")
+                   help="on SIGTERM/SIGINT, requests in flight and tunnels get this long to "
+                        "finish (default 30)")
+    t.add_argument("--tunnel-timeout", type=_positive(float), default=3600.0, metavar="S",
+                   help="an Upgrade tunnel (WebSocket) with no byte either way for S seconds "
+                        "is closed (default 3600)")
+    p.add_argument("--no-upgrade", dest="upgrade", action="store_false",
+                   help="answer Upgrade requests (WebSocket) with 501 instead of tunnelling them")
+    p.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=[],
+                   metavar="CIDR",
+                   help="a network (10.0.0.0/8, 127.0.0.1) of proxies whose X-Forwarded-For "
+                        "is believed and extended; repeatable (default: none, the fields "
+                        "clients send are replaced)")
     h = p.add_argument_group("health checks (see README)")
     h.add_argument("--health-path", metavar="PATH",
                    help="URL path probed on every backend; active checks are off without it")
@@ -348,9 +358,18 @@ def options_from_args(args, backends, weights=()):
         retry_timeout=args.retry_timeout, health=health,
         max_interim=args.max_interim, drain_timeout=args.drain_timeout,
         body_timeout=args.body_timeout, body_min_rate=args.body_min_rate,
+        upgrade=args.upgrade, tunnel_timeout=args.tunnel_timeout,
+        trusted_proxies=_trusted_networks(args.trusted_proxies),
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
         hash_balance_factor=args.hash_balance_factor, workers=getattr(args, "workers", 1),
     )
+
+
+def _trusted_networks(values):
+    try:
+        return validate.trusted_networks(tuple(values or ()))
+    except ConfigError as e:
+        raise ConfigError(f"--trusted-proxy: {e}") from None
 
 
 def main(argv=None):

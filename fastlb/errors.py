@@ -108,6 +108,8 @@ REQ_HEAD = 2              # method is HEAD: the response has no body
 REQ_IDEMPOTENT = 4        # GET, HEAD, PUT, DELETE, OPTIONS, TRACE
 REQ_EXPECT_CONTINUE = 8   # Expect: 100-continue (forwarded to the backend)
 REQ_HTTP10 = 16           # the client spoke HTTP/1.0
+REQ_UPGRADE = 32          # an HTTP/1.1 request without a body asking to switch protocols
+                          # (Upgrade and Connection: upgrade): both are forwarded
 
 # Where parse_request_head takes the hash key from (``key_kind``).
 KEY_NONE = 0     # no key: RequestHead.key is b""
@@ -122,6 +124,7 @@ RESP_UPSTREAM_KEEP_ALIVE = 1  # the backend connection may go back to the pool
 RESP_CLIENT_KEEP_ALIVE = 2    # the client connection stays open after this response
 RESP_INFORMATIONAL = 4        # a 1xx interim response: a final one follows
 RESP_DECHUNK = 8              # chunked from the backend, sent de-chunked (HTTP/1.0 client)
+RESP_UPGRADE = 16             # 101 Switching Protocols to a REQ_UPGRADE request: a tunnel follows
 
 # A chunk size may have at most this many hex digits, leading zeros included
 # (and at most 15 without them: a chunk below 2**60 bytes).

@@ -9,7 +9,8 @@ uvloop ever lets go of it.
 
 Stopping. SIGTERM and SIGINT start a drain: stop accepting at once, close
 idle keep-alive connections, let requests in flight finish (their responses
-say ``Connection: close``) for up to ``drain_timeout`` seconds, then exit. A
+say ``Connection: close``) and Upgrade tunnels go on, for up to
+``drain_timeout`` seconds, then close what is left and exit. A
 second SIGTERM or SIGINT stops at once. SIGHUP never stops the process: with
 a configuration file it reloads it (``reload``: an invalid file changes
 nothing), else it is logged.
@@ -52,6 +53,9 @@ class Options:
     max_interim: int = 10                # 1xx responses relayed per request, at most
     body_timeout: float = 60.0           # a request body is due this long after its head...
     body_min_rate: float = 500.0         # ... plus 1 s per this many bytes received (0: none)
+    upgrade: bool = True                 # Upgrade requests become tunnels (False: 501)
+    tunnel_timeout: float = 3600.0       # a tunnel idle (no byte either way) this long closes
+    trusted_proxies: tuple = ()          # CIDR strings whose X-Forwarded-For is believed
     access_log: str = "off"              # "-", a path, or "off"
     access_log_format: str = "combined"  # "combined" or "json"
     via: bool = True
@@ -367,9 +371,10 @@ async def reload(proxy, config):
 
 
 async def drain(proxy, listener, timeout, interrupt=None):
-    """Stop accepting, let requests in flight finish (for up to ``timeout``
-    seconds, or until ``interrupt`` is done), then close everything.
-    Returns the number of client connections that were still open at the end."""
+    """Stop accepting, let requests in flight finish and tunnels go on (for up
+    to ``timeout`` seconds, or until ``interrupt`` is done), then close
+    everything. Returns ``(connections, tunnels)``: the client connections
+    that were still open at the end, and how many of them were tunnels."""
     loop = asyncio.get_running_loop()
     if listener is not None:
         listener.close()
@@ -380,7 +385,7 @@ async def drain(proxy, listener, timeout, interrupt=None):
         if interrupt is not None and interrupt.done():
             break
         await asyncio.sleep(DRAIN_POLL)
-    left = len(proxy.clients)
+    left = len(proxy.clients), proxy.tunnels
     proxy.close()
     await proxy.wait_closed()
     return left
@@ -467,12 +472,13 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         timeout = proxy.config.drain_timeout
         # a worker's drain is one of several: the master says it once
         say = log.info if shared is None else log.debug
-        say("%s: draining: %d request(s) in flight, %d connection(s); "
-                 "up to %gs (send %s again to stop now)", signame, busy, len(proxy.clients),
-                 timeout, signame)
-        left = await drain(proxy, None, timeout, now)
+        say("%s: draining: %d request(s) in flight, %d tunnel(s), %d connection(s); "
+            "up to %gs (send %s again to stop now)", signame, busy, proxy.tunnels,
+            len(proxy.clients), timeout, signame)
+        left, tunnels = await drain(proxy, None, timeout, now)
         if left:
-            log.warning("drain ended with %d connection(s) still open: closed", left)
+            log.warning("drain ended with %d connection(s) still open (%d tunnel(s)): closed",
+                        left, tunnels)
         else:
             say("drained: every request finished; exiting")
     finally:

@@ -61,6 +61,33 @@ def number_problem(value, *, integer=False, minimum=0.0, strict=False):
     return None
 
 
+def trusted_networks(values):
+    """The networks of ``trusted_proxies`` / ``--trusted-proxy``: an iterable of
+    strings such as ``"10.0.0.0/8"``, ``"127.0.0.1"`` (one address) or
+    ``"::1/128"`` -> a tuple of normalised CIDR strings, each once. A network
+    with host bits set (``10.0.0.1/8``) is refused, the message naming the
+    network meant."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise ConfigError(f'expected an array of networks (["10.0.0.0/8", ...]), '
+                          f"got {show(values)}")
+    out = []
+    for v in values:
+        if not isinstance(v, str):
+            raise ConfigError(f'expected a network such as "10.0.0.0/8", got {show(v)}')
+        try:
+            net = ipaddress.ip_network(v.strip(), strict=True)
+        except ValueError as e:
+            if "has host bits set" in str(e):
+                meant = ipaddress.ip_network(v.strip(), strict=False)
+                raise ConfigError(f"{show(v)} has host bits set (the network is "
+                                  f'"{meant}")') from None
+            raise ConfigError(f'{show(v)} is not an IP network (such as "10.0.0.0/8" or '
+                              '"127.0.0.1")') from None
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
 def listen_address(text):
     """``[HOST:]PORT`` (HOST may be ``[v6]``; empty HOST: all IPv4 addresses;
     no HOST: 127.0.0.1) -> ``(host, port)``."""

@@ -10,7 +10,8 @@ decodes an input as:
 * byte 0: options: client address, X-Forwarded-Proto, Via pseudonym, the
   Host for HTTP/1.0 requests without one, and whether the rest is a request
   or a response head;
-* byte 1: a seed for where the rest is split for the chunked scanner;
+* byte 1: a seed for where the rest is split for the chunked scanner (its
+  top bit: the client is a trusted proxy);
 * byte 2: the request flags a response answers;
 * the rest: a stream. Up to its first CRLF CRLF (or all of it) is a head, for
   the request (or response) head parser and for every ``hash_key`` kind; what
@@ -58,12 +59,12 @@ def outcome(fn, *args):
 
 # ---------------------------------------------------------------- adapter
 
-def request_head(core, head, client_ip, proto, via, host_default):
+def request_head(core, head, client_ip, proto, via, host_default, trusted):
     """Parse and write a request head with ``core``: the parsed fields and the output."""
     req = core.parse_request_head(head)
     fields = (req.method, req.target, req.version, req.host, req.path, req.flags,
-              req.framing, req.length, req.key)
-    return fields + (core.write_request_head(req, client_ip, proto, via, host_default),)
+              req.framing, req.length, req.key, req.forwarded_for)
+    return fields + (core.write_request_head(req, client_ip, proto, via, host_default, trusted),)
 
 
 def response_head(core, head, req_flags):
@@ -99,7 +100,7 @@ def one_input(data, py, c):
     """Run one input through both cores; raise AssertionError on any difference."""
     if len(data) < 3:
         return
-    opt, seed, req_flags = data[0], data[1], data[2] & 31
+    opt, seed, req_flags = data[0], data[1], data[2] & 63
     stream = bytes(data[3:])
     end = py.find_head_end(stream)
     head = stream if end < 0 else stream[:end]
@@ -109,7 +110,7 @@ def one_input(data, py, c):
         assert a == b, ("rewrite_response_head", head, req_flags, a, b)
     else:
         args = (IPS[opt % 5], PROTOS[(opt >> 3) & 1], VIAS[(opt >> 4) & 3],
-                HOST_DEFAULTS[(opt >> 5) & 3])
+                HOST_DEFAULTS[(opt >> 5) & 3], bool(seed & 0x80))
         a, b = outcome(request_head, py, head, *args), outcome(request_head, c, head, *args)
         assert a == b, ("request_head", head, args, a, b)
     kind, name = HASH_KINDS[seed % len(HASH_KINDS)]

@@ -593,11 +593,22 @@ def h11_requests(data, skip=_skip_empty_lines):
 # Fields fastlb removes or rewrites on the way (README, "What fastlb does with HTTP").
 HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"te",
                         b"transfer-encoding", b"upgrade"])
-REWRITTEN = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"])
+# (the client is not a trusted proxy: its X-Forwarded-* and Forwarded are replaced)
+REWRITTEN = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                       b"forwarded"])
 PROTECTED = frozenset([b"host", b"content-length"])
 # absolute-form (RFC 9112 3.2.2): scheme "://" authority, then path and query
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^#]*)(#.*)?", re.S)
 _DEFAULT_PORT = {b"http": b":80", b"https": b":443"}
+
+
+def is_upgrade(msg):
+    """An upgrade request fastlb forwards as one (RFC 9110 7.8): HTTP/1.1, a
+    protocol in Upgrade, the "upgrade" option in Connection, and no body."""
+    return (msg.version == b"1.1" and any(v.strip(b" \t") for v in msg.get_all(b"upgrade"))
+            and b"upgrade" in _tokens(msg.get_all(b"connection"))
+            and not msg.get_all(b"transfer-encoding")
+            and all(v.strip(b" \t") == b"0" for v in msg.get_all(b"content-length")))
 
 
 def expected_fields(msg):
@@ -606,9 +617,13 @@ def expected_fields(msg):
     named = set(_tokens(msg.get_all(b"connection"))) - PROTECTED - {b"close", b"keep-alive"}
     # Trailer goes on with the trailers, that is when the body goes on chunked
     chunked = any(b"chunked" in v.lower() for v in msg.get_all(b"transfer-encoding"))
+    upgrade = is_upgrade(msg)
     out = []
     for n, v in msg.headers:
         ln = n.lower()
+        if ln == b"upgrade" and upgrade:
+            out.append((n, v))
+            continue
         if ln in HOP_BY_HOP or ln in REWRITTEN or ln in named or ln == b"host":
             continue
         if ln == b"trailer" and not chunked:
@@ -630,10 +645,13 @@ def forwarded_fields(msg, original):
     vias = [i for i, (n, v) in enumerate(fields) if n.lower() == b"via"]
     own_via = vias[-1] if vias and _VIA.match(fields[vias[-1]][1]) and \
         len(vias) > len(original.get_all(b"via")) else -1
+    upgrade = is_upgrade(original)
     for i, (n, v) in enumerate(fields):
         ln = n.lower()
         if ln in REWRITTEN or i == own_via or ln == b"transfer-encoding" or ln == b"host":
             continue
+        if upgrade and ln == b"connection" and v == b"upgrade":
+            continue    # fastlb's own, with the Upgrade fields it keeps
         out.append((n, v))
     return out
 
@@ -657,8 +675,10 @@ def compare(fwd, orig):
     """'' when ``fwd`` (at the backend) is ``orig`` (from the client) after fastlb's
     documented rewrites; else the name of the first part that differs.
 
-    Allowed rewrites: hop-by-hop fields and those named in Connection go,
-    X-Forwarded-* and Via are fastlb's, Expect goes from HTTP/1.0 requests,
+    Allowed rewrites: hop-by-hop fields and those named in Connection go
+    (but Upgrade on an upgrade request, which goes with fastlb's own
+    ``Connection: upgrade``), X-Forwarded-*, Forwarded and Via are fastlb's
+    (the cases come from untrusted addresses), Expect goes from HTTP/1.0 requests,
     an HTTP/1.0 request without Host gets one, and an absolute-form target may
     be sent in origin-form. The Host of an absolute-form request must be the
     target's authority (RFC 9112 3.2.2: the received Host is ignored).

@@ -69,7 +69,8 @@ def test_example_loads_to_the_expected_model():
             "web": ListenerConfig(
                 name="web", host="127.0.0.1", port=8080, default_pool="app",
                 header_timeout=10.0, keepalive_timeout=75.0, max_header_size=65536,
-                body_timeout=60.0, body_min_rate=500.0, routes=(api, canary, status)),
+                body_timeout=60.0, body_min_rate=500.0, upgrade=True, tunnel_timeout=3600.0,
+                trusted_proxies=("10.0.0.0/8",), routes=(api, canary, status)),
             "internal": ListenerConfig(
                 name="internal", host="127.0.0.1", port=8081, default_pool="api",
                 header_timeout=5.0, max_header_size=16384),
@@ -103,9 +104,10 @@ def test_example_loads_to_the_expected_model():
     assert c.source == EXAMPLE
     assert c.summary() == "2 listeners, 3 pools, 3 routes, 5 backends"
     # the model keeps the places of its keys
-    assert c.where("pools.api.backends") == f"{EXAMPLE}:88"
-    assert c.where("listeners.web.routes[1].pool") == f"{EXAMPLE}:40"
-    assert c.where("listeners.internal.keepalive_timeout") == f"{EXAMPLE}:47"   # its table
+    assert c.where("pools.api.backends") == f"{EXAMPLE}:91"
+    assert c.where("listeners.web.routes[1].pool") == f"{EXAMPLE}:43"
+    assert c.where("listeners.web.trusted_proxies") == f"{EXAMPLE}:32"
+    assert c.where("listeners.internal.keepalive_timeout") == f"{EXAMPLE}:50"   # its table
 
 
 def test_minimal_file_takes_every_default():
@@ -248,6 +250,20 @@ backends = ["http://127.0.0.1:9002"]
       "fastlb.toml:4: listeners.web.body_timeout: must be at least 0, got -1",
       "fastlb.toml:5: listeners.web.backlog: must be at least 1, got 0",
       "fastlb.toml:6: listeners.web.keepalive_timeout: must be greater than 0, got 0"]),
+    (MINIMAL.replace('default_pool = "app"', 'default_pool = "app"\ntunnel_timeout = 0\n'
+                     'upgrade = "no"\ntrusted_proxies = ["10.0.0.0/8", "10.0.0.1/8"]'),
+     ["fastlb.toml:3: listeners.web.tunnel_timeout: must be greater than 0, got 0",
+      'fastlb.toml:4: listeners.web.upgrade: expected true or false, got "no"',
+      'fastlb.toml:5: listeners.web.trusted_proxies: "10.0.0.1/8" has host bits set (the '
+      'network is "10.0.0.0/8")']),
+    (MINIMAL.replace('default_pool = "app"', 'default_pool = "app"\n'
+                     'trusted_proxies = "10.0.0.0/8"'),
+     ['fastlb.toml:3: listeners.web.trusted_proxies: expected an array of networks '
+      '(["10.0.0.0/8", ...]), got "10.0.0.0/8"']),
+    (MINIMAL.replace('default_pool = "app"', 'default_pool = "app"\n'
+                     'trusted_proxies = ["localhost", 10]'),
+     ['fastlb.toml:3: listeners.web.trusted_proxies: "localhost" is not an IP network (such '
+      'as "10.0.0.0/8" or "127.0.0.1")']),
     (MINIMAL + "response_timeout = inf\n",
      ["fastlb.toml:5: pools.app.response_timeout: expected a finite number, got inf"]),
     (MINIMAL + "hash_balance_factor = 0.5\nalgorithm = \"maglev\"\n",
@@ -367,7 +383,7 @@ pool = "app"
         "typo-backend", "bind-int", "retries-string", "retries-float", "via-string",
         "backends-string", "backend-int", "health-string", "eject5xx-int",
         "listeners-not-table", "listener-not-table", "routes-table", "ranges",
-        "listener-ranges", "inf",
+        "listener-ranges", "tunnel-and-trust", "trusted-not-array", "trusted-name", "inf",
         "balance-factor", "algorithm", "hash-key", "weight", "bind-port", "globals",
         "health-ranges", "backend-urls", "backend-scheme-port", "empty-pool", "missing-backends",
         "duplicate-backend", "backend-no-url", "default-pool-missing", "route-pool-missing",
@@ -565,7 +581,8 @@ FLAG_SET = [
     "--health-expect", "2xx", "--health-host", "h.internal", "--slow-start", "6",
     "--eject-after", "2", "--eject-base", "4", "--eject-max", "40", "--eject-5xx",
     "--max-ejected-percent", "50", "--access-log", "-", "--no-via", "--log-level", "debug",
-    "--allow-unresolved", "--access-log-format", "json",
+    "--allow-unresolved", "--access-log-format", "json", "--no-upgrade", "--tunnel-timeout", "120",
+    "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "127.0.0.1",
 ]
 FLAG_SET_FILE = """\
 access_log = "-"
@@ -582,6 +599,9 @@ keepalive_timeout = 30
 max_header_size = 8192
 body_timeout = 9
 body_min_rate = 100
+upgrade = false
+tunnel_timeout = 120
+trusted_proxies = ["10.0.0.0/8", "127.0.0.1/32"]
 [pools.default]
 backends = ["http://127.0.0.1:9001", { url = "http://127.0.0.1:9002", weight = 3 }]
 algorithm = "maglev"
@@ -626,6 +646,25 @@ def test_flags_build_the_model_of_the_equivalent_file(argv, text):
     as_run = build.as_config(cli.options_from_args(
         args, [s[0] for s in specs], [s[1] for s in specs]))
     assert (as_run.listeners, as_run.pools) == (from_file.listeners, from_file.pools)
+
+
+def test_trusted_networks_are_normalised_once_each():
+    c = loads(MINIMAL.replace('default_pool = "app"', 'default_pool = "app"\n'
+                              'trusted_proxies = ["127.0.0.1", "::1", "10.0.0.0/8", '
+                              '"127.0.0.1/32"]'), resolve=False)
+    assert c.listeners["web"].trusted_proxies == ("127.0.0.1/32", "::1/128", "10.0.0.0/8")
+
+
+def test_bad_trusted_proxy_flag_is_a_usage_error():
+    r = run_fastlb("serve", "--backend", "http://127.0.0.1:9", "--trusted-proxy", "10.0.0.0/33")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        'fastlb: error: --trusted-proxy: "10.0.0.0/33" is not an IP network (such as '
+        '"10.0.0.0/8" or "127.0.0.1")')
+    with pytest.raises(ConfigError) as info:
+        from_flags(serve_args("--backend", "http://127.0.0.1:9", "--trusted-proxy", "x"))
+    assert [str(e) for e in info.value.errors] == [
+        '--trusted-proxy: "x" is not an IP network (such as "10.0.0.0/8" or "127.0.0.1")']
 
 
 def test_from_flags_reports_every_bad_flag():

@@ -16,9 +16,11 @@ from fastlb.errors import (
     REQ_HTTP10,
     REQ_IDEMPOTENT,
     REQ_KEEP_ALIVE,
+    REQ_UPGRADE,
     RESP_CLIENT_KEEP_ALIVE,
     RESP_DECHUNK,
     RESP_INFORMATIONAL,
+    RESP_UPGRADE,
     RESP_UPSTREAM_KEEP_ALIVE,
     BadGateway,
     BadRequest,
@@ -31,10 +33,11 @@ def head(first, *fields):
     return first + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
 
 
-def rewrite(core, raw, ip=IP, proto=b"http", via=b"fastlb", host_default=b""):
+def rewrite(core, raw, ip=IP, proto=b"http", via=b"fastlb", host_default=b"", trusted=False):
     """(out, flags, framing, length): the head written for a backend, and the framing facts."""
     r = core.parse_request_head(raw)
-    return core.write_request_head(r, ip, proto, via, host_default), r.flags, r.framing, r.length
+    return (core.write_request_head(r, ip, proto, via, host_default, trusted), r.flags, r.framing,
+            r.length)
 
 
 def req(core, *fields, line=b"GET /p?q=1 HTTP/1.1", ip=IP, **kw):
@@ -127,18 +130,74 @@ def test_connection_many_tokens(core):
     assert fields_of(out)[:2] == [b"Host: h", b"Kept: 1"]
 
 
-def test_xff_appended(core):
-    out, *_ = req(core, b"Host: h", b"X-Forwarded-For: 1.1.1.1, 2.2.2.2", b"A: b", b"x-forwarded-for:  3.3.3.3 ")
-    fl = fields_of(out)
-    assert fl[:2] == [b"Host: h", b"A: b"]
-    assert b"X-Forwarded-For: 1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3" in fl
+XFF_FIELDS = (b"Host: h", b"X-Forwarded-For: 1.1.1.1, 2.2.2.2", b"A: b", b"x-forwarded-for:  3.3.3.3 ")
 
 
-def test_xf_proto_host_replaced(core):
-    out, *_ = req(core, b"X-Forwarded-Proto: https", b"Host: real", b"X-Forwarded-Host: fake", proto=b"https")
+def test_xff_from_untrusted_client_replaced(core):
+    out, *_ = req(core, *XFF_FIELDS)
+    assert fields_of(out) == [b"Host: h", b"A: b", b"X-Forwarded-For: 10.1.2.3",
+                              b"X-Forwarded-Proto: http", b"X-Forwarded-Host: h", b"Via: 1.1 fastlb"]
+
+
+def test_xff_from_trusted_proxy_appended(core):
+    out, *_ = req(core, *XFF_FIELDS, trusted=True)
+    assert fields_of(out) == [b"Host: h", b"A: b",
+                              b"X-Forwarded-For: 1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3",
+                              b"X-Forwarded-Proto: http", b"X-Forwarded-Host: h", b"Via: 1.1 fastlb"]
+
+
+def test_forwarded_for_values(core):
+    r = core.parse_request_head(head(b"GET / HTTP/1.1", *XFF_FIELDS, b"X-Forwarded-For:"))
+    assert r.forwarded_for == b"1.1.1.1, 2.2.2.2, 3.3.3.3"
+    assert core.parse_request_head(head(b"GET / HTTP/1.1", b"Host: h")).forwarded_for == b""
+
+
+FORGED = (b"X-Forwarded-Proto: https", b"Host: real", b"Forwarded: for=192.0.2.1;proto=https",
+          b"X-Forwarded-Host: fake", b"A: b")
+
+
+def test_xf_proto_host_forwarded_from_untrusted_client_replaced(core):
+    out, *_ = req(core, *FORGED, proto=b"http")
+    assert fields_of(out) == [b"Host: real", b"A: b", b"X-Forwarded-For: 10.1.2.3",
+                              b"X-Forwarded-Proto: http", b"X-Forwarded-Host: real",
+                              b"Via: 1.1 fastlb"]
+
+
+def test_xf_proto_host_forwarded_from_trusted_proxy_kept(core):
+    out, *_ = req(core, *FORGED, proto=b"http", trusted=True)
+    assert fields_of(out) == [b"X-Forwarded-Proto: https", b"Host: real",
+                              b"Forwarded: for=192.0.2.1;proto=https", b"X-Forwarded-Host: fake",
+                              b"A: b", b"X-Forwarded-For: 10.1.2.3", b"Via: 1.1 fastlb"]
+
+
+@pytest.mark.parametrize("sent,own", [
+    (b"X-Forwarded-Proto: https", [b"X-Forwarded-Host: h"]),
+    (b"X-Forwarded-Host: front.example", [b"X-Forwarded-Proto: http"]),
+])
+def test_trusted_proxy_missing_xf_field_added(core, sent, own):
+    out, *_ = req(core, b"Host: h", sent, trusted=True)
     fl = fields_of(out)
-    assert fl == [b"Host: real", b"X-Forwarded-For: 10.1.2.3", b"X-Forwarded-Proto: https",
-                  b"X-Forwarded-Host: real", b"Via: 1.1 fastlb"]
+    assert fl == [b"Host: h", sent, b"X-Forwarded-For: 10.1.2.3"] + own + [b"Via: 1.1 fastlb"]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_fields_in_long_heads(core, trusted):
+    """Past the inline segment plan of the compiled core, in every position."""
+    fields = [b"Host: h"]
+    for i in range(30):
+        fields += [b"F%d: %d" % (i, i), b"X-Forwarded-For: 10.0.%d.1" % i,
+                   (b"Forwarded: for=%d" % i, b"X-Forwarded-Proto: p%d" % i,
+                    b"X-Forwarded-Host: h%d" % i)[i % 3]]
+    out, *_ = req(core, *fields, trusted=trusted)
+    fl = fields_of(out)
+    xff = b"X-Forwarded-For: " + b", ".join(b"10.0.%d.1" % i for i in range(30)) + b", 10.1.2.3"
+    if trusted:
+        assert fl == [f for f in fields if not f.startswith(b"X-Forwarded-For")] + [
+            xff, b"Via: 1.1 fastlb"]
+    else:
+        assert fl == [f for f in fields if f.startswith((b"Host", b"F")) and b"Forwarded" not in f] + [
+            b"X-Forwarded-For: 10.1.2.3", b"X-Forwarded-Proto: http", b"X-Forwarded-Host: h",
+            b"Via: 1.1 fastlb"]
 
 
 @pytest.mark.parametrize("via", [None, b""])
@@ -194,6 +253,57 @@ def test_many_fields(core):
     fields = [b"Host: h"] + [b"F%d: %d" % (i, i) for i in range(300)]
     out, *_ = req(core, *fields)
     assert fields_of(out)[:301] == fields
+
+
+# ---------------------------------------------------------------- requests: Upgrade (RFC 9110 7.8)
+
+WS = (b"Host: h", b"Connection: keep-alive, Upgrade", b"Upgrade: websocket",
+      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Version: 13")
+
+
+def test_upgrade_request_forwarded(core):
+    out, flags, framing, _ = req(core, *WS, line=b"GET /chat HTTP/1.1")
+    assert flags == REQ_KEEP_ALIVE | REQ_IDEMPOTENT | REQ_UPGRADE and framing == BODY_NONE
+    assert fields_of(out) == [b"Host: h", b"Upgrade: websocket",
+                              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                              b"Sec-WebSocket-Version: 13", b"Connection: upgrade",
+                              b"X-Forwarded-For: 10.1.2.3", b"X-Forwarded-Proto: http",
+                              b"X-Forwarded-Host: h", b"Via: 1.1 fastlb"]
+
+
+@pytest.mark.parametrize("line,fields", [
+    (b"GET / HTTP/1.0", (b"Host: h", b"Connection: upgrade", b"Upgrade: websocket")),
+    (b"GET / HTTP/1.1", (b"Host: h", b"Upgrade: websocket")),
+    (b"GET / HTTP/1.1", (b"Host: h", b"Connection: upgrade")),
+    (b"GET / HTTP/1.1", (b"Host: h", b"Connection: upgrade", b"Upgrade:")),
+    (b"POST / HTTP/1.1", (b"Host: h", b"Connection: upgrade", b"Upgrade: h2c",
+                          b"Content-Length: 3")),
+    (b"POST / HTTP/1.1", (b"Host: h", b"Connection: upgrade", b"Upgrade: h2c",
+                          b"Transfer-Encoding: chunked")),
+], ids=["http10", "no-connection-option", "no-upgrade-field", "empty-upgrade", "length-body",
+        "chunked-body"])
+def test_upgrade_not_forwarded(core, line, fields):
+    """HTTP/1.0, no "upgrade" option, no protocol, or a body: a plain request
+    (RFC 9110 7.8), Upgrade dropped as hop-by-hop."""
+    out, flags, *_ = req(core, *fields, line=line)
+    assert not flags & REQ_UPGRADE
+    assert b"upgrade" not in out.lower()
+
+
+def test_upgrade_content_length_zero_is_bodiless(core):
+    out, flags, framing, _ = req(core, b"Host: h", b"Connection: upgrade", b"Upgrade: ws",
+                                 b"Content-Length: 0")
+    assert flags & REQ_UPGRADE and framing == BODY_NONE
+    assert fields_of(out)[:4] == [b"Host: h", b"Upgrade: ws", b"Content-Length: 0",
+                                  b"Connection: upgrade"]
+
+
+def test_upgrade_fields_named_in_connection_still_dropped(core):
+    out, flags, *_ = req(core, b"Host: h", b"Connection: upgrade, x-hop", b"X-Hop: 1",
+                         b"upgrade: a/1, b", b"Upgrade: c")
+    assert flags & REQ_UPGRADE
+    assert fields_of(out)[:4] == [b"Host: h", b"upgrade: a/1, b", b"Upgrade: c",
+                                  b"Connection: upgrade"]
 
 
 def test_bytearray_arguments_accepted(core):
@@ -552,3 +662,36 @@ def test_many_single_byte_connection_tokens_leave_interned_bytes_alone(core):
     assert fields_of(out) == [b"Z1: 2", b"Content-Length: 0"]
     assert [bytes([c]) for c in range(0x41, 0x5B)] == [bytes.fromhex("%02x" % c) for c in range(0x41, 0x5B)]
     assert b"A".lower() == b"a" and b"a".upper() == b"A" and bytes([65]) != bytes([97])
+
+
+# ---------------------------------------------------------------- responses: 101
+
+SWITCH = head(b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
+              b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"Keep-Alive: 5")
+
+
+def test_101_to_upgrade_request(core):
+    out, status, flags, framing, length = core.rewrite_response_head(
+        SWITCH, REQ_UPGRADE | REQ_KEEP_ALIVE)
+    assert (status, flags, framing, length) == (101, RESP_UPGRADE, BODY_NONE, 0)
+    assert out == (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+                   b"Connection: upgrade\r\n\r\n")
+
+
+def test_101_to_plain_request_is_502(core):
+    bad_gateway(core, SWITCH, REQ_KEEP_ALIVE, match="unexpected protocol switch")
+
+
+def test_101_without_upgrade_is_502(core):
+    bad_gateway(core, head(b"HTTP/1.1 101 Switching Protocols", b"Connection: upgrade"),
+                REQ_UPGRADE | REQ_KEEP_ALIVE, match="101 without Upgrade")
+
+
+@pytest.mark.parametrize("line", [b"HTTP/1.1 200 OK", b"HTTP/1.1 426 Upgrade Required"])
+def test_refused_upgrade_is_a_plain_response(core, line):
+    out, status, flags, framing, _ = core.rewrite_response_head(
+        head(line, b"Upgrade: websocket", b"Connection: upgrade", b"Content-Length: 0"),
+        REQ_UPGRADE | REQ_KEEP_ALIVE)
+    assert flags == RESP_UPSTREAM_KEEP_ALIVE | RESP_CLIENT_KEEP_ALIVE and framing == BODY_NONE
+    assert out == line + b"\r\nContent-Length: 0\r\n\r\n"

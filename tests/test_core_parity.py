@@ -46,7 +46,7 @@ NAMES = [
     b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding",
     b"transfer-encoding", b"Connection", b"connection", b"Keep-Alive", b"Proxy-Connection", b"TE",
     b"te", b"Trailer", b"Upgrade", b"X-Forwarded-For", b"x-forwarded-for", b"X-Forwarded-Proto",
-    b"X-Forwarded-Host", b"Expect", b"Accept", b"User-Agent", b"Cookie", b"X-Custom", b"x-custom",
+    b"X-Forwarded-Host", b"x-forwarded-proto", b"Forwarded", b"forwarded", b"upgrade", b"Expect", b"Accept", b"User-Agent", b"Cookie", b"X-Custom", b"x-custom",
     b"Te-X", b"Hosts", b"Content-Lengths", b"A", b"Via", b"Date", b"Server", b"Content-Type",
     b"Set-Cookie", b"ETag", b"Close",
 ]
@@ -99,6 +99,8 @@ def rand_value(rng, name):
         return rng.choice([b"100-continue", b"100-Continue", b"nope", b""])
     if lname == b"host":
         return pick(rng, HOSTS)
+    if lname == b"upgrade":
+        return rng.choice([b"websocket", b"h2c", b"", b"a/1, b"])
     return rng.choice([b"v", b"some value", b"a, b", b"", b"x" * 50, b"\xc3\xa9", b"1.2.3.4"])
 
 
@@ -234,7 +236,8 @@ def request_outcome(mod, raw, key_kind, key_name, *write_args):
         return ("err", type(e), e.status, str(e))
     except Exception as e:  # noqa: BLE001
         return ("exc", type(e), str(e))
-    attrs = (r.method, r.target, r.version, r.host, r.path, r.flags, r.framing, r.length, r.key)
+    attrs = (r.method, r.target, r.version, r.host, r.path, r.flags, r.framing, r.length, r.key,
+             r.forwarded_for)
     assert all(type(a) is bytes for a in attrs[:3] + attrs[4:5] + attrs[8:])
     return ("ok", attrs, outcome(mod.write_request_head, r, *write_args))
 
@@ -252,10 +255,11 @@ def test_requests(C):
         proto = rng.choice([b"http", b"https"])
         via = rng.choice([b"fastlb", None, b"", b"lb-2"])
         hd = rng.choice([b"", b"backend:8080", None])
+        trusted = rng.random() < 0.5
         kind, name = rng.choice(KEYS)
-        a = request_outcome(P, raw, kind, name, ip, proto, via, hd)
-        b = request_outcome(C, raw, kind, name, ip, proto, via, hd)
-        assert a == b, (i, raw, kind, name, ip, proto, via, hd)
+        a = request_outcome(P, raw, kind, name, ip, proto, via, hd, trusted)
+        b = request_outcome(C, raw, kind, name, ip, proto, via, hd, trusted)
+        assert a == b, (i, raw, kind, name, ip, proto, via, hd, trusted)
         errs += a[0] != "ok"
         if a[0] == "ok" and kind != errors.KEY_NONE:
             # the key is what hash_key finds in the raw head
@@ -277,13 +281,15 @@ def test_requests_held_and_dropped(C):
                 r = mod.parse_request_head(raw)
             except errors.HTTPError:
                 continue
-            want = (r.method, r.host, r.path, r.flags, mod.write_request_head(r, b"ip"))
+            want = (r.method, r.host, r.path, r.flags, mod.write_request_head(r, b"ip"),
+                    mod.write_request_head(r, b"ip", trusted=True), r.forwarded_for)
             if rng.random() < 0.3:
                 held.append((r, want))
             del r
         assert len(held) > 20
         for r, want in held:
-            assert (r.method, r.host, r.path, r.flags, mod.write_request_head(r, b"ip")) == want
+            assert (r.method, r.host, r.path, r.flags, mod.write_request_head(r, b"ip"),
+                    mod.write_request_head(r, b"ip", trusted=True), r.forwarded_for) == want
 
 
 def test_responses(C):
@@ -291,7 +297,7 @@ def test_responses(C):
     errs = 0
     for i in range(N_CASES):
         raw = rand_response(rng)
-        req_flags = rng.randrange(32)
+        req_flags = rng.randrange(64)
         a = outcome(P.rewrite_response_head, raw, req_flags)
         b = outcome(C.rewrite_response_head, raw, req_flags)
         assert a == b, (i, raw, req_flags)
@@ -301,7 +307,7 @@ def test_responses(C):
 
 def test_request_keywords(C):
     raw = b"GET / HTTP/1.0\r\nX: y\r\n\r\n"
-    kw = dict(proto=b"https", via=None, backend_authority=b"hd")
+    kw = dict(proto=b"https", via=None, backend_authority=b"hd", trusted=True)
     a, b = P.parse_request_head(raw), C.parse_request_head(raw)
     assert P.write_request_head(a, b"1.2.3.4", **kw) == C.write_request_head(b, b"1.2.3.4", **kw)
     assert P.write_request_head(a, b"1.2.3.4") == C.write_request_head(b, b"1.2.3.4")

@@ -241,7 +241,7 @@ def test_cores_agree_on_the_grammar(C):
     for inp in inputs:
         fuzz_atheris.one_input(inp, _core_py, C)
         a = fuzz_atheris.outcome(fuzz_atheris.request_head, _core_py, inp[3:], b"1.2.3.4", b"http",
-                                 b"fastlb", b"")
+                                 b"fastlb", b"", False)
         ok += a[0] == "ok"
         errs += a[0] != "ok"
     # both answers occur (the streams' first heads; most carry a body or more)

@@ -58,6 +58,9 @@ FLAGS = tuple(Flag(*f) for f in (
     ("max_header_size", "--max-header-size", LISTENER, "max_header_size"),
     ("body_timeout", "--body-timeout", LISTENER, "body_timeout"),
     ("body_min_rate", "--body-min-rate", LISTENER, "body_min_rate"),
+    ("upgrade", "--no-upgrade", LISTENER, "upgrade"),
+    ("tunnel_timeout", "--tunnel-timeout", LISTENER, "tunnel_timeout"),
+    ("trusted_proxies", "--trusted-proxy", LISTENER, "trusted_proxies"),
     ("backend", "--backend", POOL, "backends"),
     ("algorithm", "--algorithm", POOL, "algorithm"),
     ("hash_key", "--hash-key", POOL, "hash_key"),
@@ -134,6 +137,12 @@ def from_flags(args):
     bind = attempt(parse_listen, li.pop("bind", "127.0.0.1:8080"))
     if bind is not None:
         li["host"], li["port"] = bind
+    if "trusted_proxies" in li:
+        try:
+            li["trusted_proxies"] = validate.trusted_networks(tuple(li["trusted_proxies"] or ()))
+        except ConfigError as e:
+            errors.append(ConfigIssue(str(e), path="--trusted-proxy"))
+            li["trusted_proxies"] = ()
     listener = ListenerConfig(name=DEFAULT_NAME, default_pool=DEFAULT_NAME, **li)
 
     p = values[POOL]

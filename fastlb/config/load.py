@@ -151,6 +151,9 @@ LISTENER_KEYS = {
     "max_header_size": _integer(1),
     "body_timeout": _NON_NEGATIVE,
     "body_min_rate": _NON_NEGATIVE,
+    "upgrade": _boolean,
+    "tunnel_timeout": _POSITIVE,
+    "trusted_proxies": validate.trusted_networks,
     "backlog": _integer(1),
     "routes": _SPECIAL,
 }

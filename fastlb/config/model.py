@@ -11,7 +11,8 @@ builds a new one.
 
     Config
       listeners: {name: ListenerConfig}      in file order
-        host, port, default_pool, client-side timeouts and limits
+        host, port, default_pool, client-side timeouts and limits,
+        upgrade and tunnel_timeout (tunnels), trusted_proxies (X-Forwarded-For)
         routes: (RouteConfig, ...)           first match wins, in file order
           host / path_prefix / path / headers -> pool (+ strip_prefix)
       pools: {name: PoolConfig}              in file order
@@ -141,6 +142,9 @@ class ListenerConfig:
     max_header_size: int = 65536        # bytes; larger head -> 431
     body_timeout: float = 60.0          # a request body is due this long after its head...
     body_min_rate: float = 500.0        # ... plus 1 s per this many bytes received (0: none)
+    upgrade: bool = True                # Upgrade requests become tunnels (False: 501)
+    tunnel_timeout: float = 3600.0      # a tunnel with no byte either way this long is closed
+    trusted_proxies: tuple = ()         # CIDR strings: peers whose X-Forwarded-For is believed
     backlog: int = 1024                 # listen() backlog
     routes: tuple = ()                  # (RouteConfig, ...): first match wins
 

@@ -36,6 +36,7 @@ from fastlb.proxy import Backend, Front, Pool
 from fastlb.runtime.routing import Router
 from fastlb.selection import HASHED, BalancerSet, make_balancer
 from fastlb.validate import format_address
+from fastlb.wire.forwarded import TrustedProxies
 
 log = logging.getLogger("fastlb")
 
@@ -60,7 +61,9 @@ def as_config(opts):
         name=DEFAULT_NAME, host=opts.listen_host, port=opts.listen_port,
         default_pool=DEFAULT_NAME, header_timeout=opts.header_timeout,
         keepalive_timeout=opts.keepalive_timeout, max_header_size=opts.max_header_size,
-        body_timeout=opts.body_timeout, body_min_rate=opts.body_min_rate, backlog=opts.backlog)
+        body_timeout=opts.body_timeout, body_min_rate=opts.body_min_rate,
+        upgrade=opts.upgrade, tunnel_timeout=opts.tunnel_timeout,
+        trusted_proxies=opts.trusted_proxies, backlog=opts.backlog)
     return Config(listeners={DEFAULT_NAME: listener}, pools={DEFAULT_NAME: pool},
                   access_log=opts.access_log, access_log_format=opts.access_log_format,
                   via=opts.via, drain_timeout=opts.drain_timeout, workers=opts.workers)
@@ -201,6 +204,11 @@ def _set_front(front, lc, pools, draining=False):
     front.max_header_size = lc.max_header_size
     front.body_timeout = lc.body_timeout if lc.body_timeout > 0 else 1e300
     front.body_rate_inv = 1.0 / lc.body_min_rate if lc.body_min_rate > 0 else 0.0
+    front.upgrade = lc.upgrade
+    front.tunnel_timeout = lc.tunnel_timeout
+    # decided per connection when it opens: a change applies to new connections
+    if front.trusted is None or front.trusted.networks != lc.trusted_proxies:
+        front.trusted = TrustedProxies(lc.trusted_proxies) if lc.trusted_proxies else None
     default = pools.get(lc.default_pool) if lc.default_pool is not None else None
     front.pool = default
     routes = [(rc, pools[rc.pool]) for rc in lc.routes if not draining or rc.pool in pools]
@@ -372,7 +380,7 @@ def publish(proxy):
     proxy.via = b"fastlb" if proxy.config.via else None
     ticks = [0.25]
     for f in proxy.fronts.values():
-        ticks += [f.header_timeout / 4, f.keepalive_timeout / 4]
+        ticks += [f.header_timeout / 4, f.keepalive_timeout / 4, f.tunnel_timeout / 4]
     for pl in pools.values():
         ticks += [pl.response_timeout / 4, pl.idle_timeout / 4]
     proxy.tick = min(ticks)

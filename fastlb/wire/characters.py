@@ -33,10 +33,13 @@ _H_CONTENT_LENGTH = 2
 _H_TRANSFER_ENCODING = 3
 _H_CONNECTION = 4
 _H_HOP = 5
-_H_XFF = 6
-_H_XF_REPLACED = 7
-_H_EXPECT = 8
-_H_TRAILER = 9
+_H_UPGRADE = 6          # hop-by-hop, but forwarded on an upgrade request and its 101
+_H_XFF = 7
+_H_XF_PROTO = 8
+_H_EXPECT = 9
+_H_TRAILER = 10
+_H_XF_HOST = 11
+_H_FORWARDED = 12
 
 _KINDS = {
     b"host": _H_HOST,
@@ -47,9 +50,10 @@ _KINDS = {
     b"proxy-connection": _H_HOP,
     b"te": _H_HOP,
     b"trailer": _H_TRAILER,
-    b"upgrade": _H_HOP,
+    b"upgrade": _H_UPGRADE,
     b"x-forwarded-for": _H_XFF,
-    b"x-forwarded-proto": _H_XF_REPLACED,
-    b"x-forwarded-host": _H_XF_REPLACED,
+    b"x-forwarded-proto": _H_XF_PROTO,
+    b"x-forwarded-host": _H_XF_HOST,
+    b"forwarded": _H_FORWARDED,
     b"expect": _H_EXPECT,
 }

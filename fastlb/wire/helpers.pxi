@@ -29,6 +29,7 @@ cdef struct Tok:
 cdef struct Conn:
     bint close
     bint keep_alive
+    bint upgrade          # an "upgrade" token
     int ntoks             # > MAX_DROP_TOKENS: overflowed, use a Python set
     Tok toks[MAX_DROP_TOKENS]
 
@@ -88,7 +89,10 @@ cdef inline int _classify(const unsigned char* s, Py_ssize_t n) noexcept nogil:
                 return H_TRAILER
         elif c == b'u':
             if _ieq(s, b"upgrade", 7):
-                return H_HOP
+                return H_UPGRADE
+    elif n == 9:
+        if _ieq(s, b"forwarded", 9):
+            return H_FORWARDED
     elif n == 10:
         if c == b'c':
             if _ieq(s, b"connection", 10):
@@ -108,14 +112,14 @@ cdef inline int _classify(const unsigned char* s, Py_ssize_t n) noexcept nogil:
                 return H_HOP
         elif c == b'x':
             if _ieq(s, b"x-forwarded-host", 16):
-                return H_XF_REPLACED
+                return H_XF_HOST
     elif n == 17:
         if c == b't':
             if _ieq(s, b"transfer-encoding", 17):
                 return H_TRANSFER_ENCODING
         elif c == b'x':
             if _ieq(s, b"x-forwarded-proto", 17):
-                return H_XF_REPLACED
+                return H_XF_PROTO
     return H_OTHER
 
 
@@ -279,12 +283,15 @@ cdef inline void _connection(const unsigned char* p, Field* f, Conn* cn) noexcep
             cn.keep_alive = True
         elif (tl == 4 and _ieq(p + s, b"host", 4)) or (tl == 14 and _ieq(p + s, b"content-length", 14)):
             pass
-        elif cn.ntoks < MAX_DROP_TOKENS:
-            cn.toks[cn.ntoks].off = s
-            cn.toks[cn.ntoks].len = tl
-            cn.ntoks += 1
         else:
-            cn.ntoks = MAX_DROP_TOKENS + 1
+            if tl == 7 and _ieq(p + s, b"upgrade", 7):
+                cn.upgrade = True
+            if cn.ntoks < MAX_DROP_TOKENS:
+                cn.toks[cn.ntoks].off = s
+                cn.toks[cn.ntoks].len = tl
+                cn.ntoks += 1
+            else:
+                cn.ntoks = MAX_DROP_TOKENS + 1
 
 
 cdef inline bint _in_drop(const unsigned char* p, Field* f, Conn* cn) noexcept nogil:

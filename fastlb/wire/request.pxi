@@ -45,6 +45,19 @@ cdef class RequestHead:
             return b"/" + _span(self, self._ps, self._pe)
         return _span(self, self._ps, self._pe)
 
+    @property
+    def forwarded_for(self):
+        cdef Py_ssize_t k
+        cdef Seg* s
+        if self._head is None:
+            return None
+        parts = []
+        for k in range(self._nseg):
+            s = &self._segs[k]
+            if s.kind == SEG_XFF:
+                parts.append(_span(self, s.a, s.b))
+        return b", ".join(parts)
+
 
 # The RequestHead last made. A caller that dropped it (the data path drops each
 # one once the head is written) leaves it referenced from here only: the next
@@ -64,6 +77,8 @@ cdef RequestHead _new_head():
         r.framing = BODY_NONE
         r._nseg = 0
         r._size = 0
+        r._tsize = 0
+        r._xfp = r._xfh = False
         return r
     r = RequestHead.__new__(RequestHead)
     _spare = r
@@ -107,8 +122,10 @@ cdef inline int _add(RequestHead r, int kind, Py_ssize_t a, Py_ssize_t b, Py_ssi
         r._size += b - a
     elif kind == SEG_FIELD:
         r._size += (b - a) + (d - c) + 4
+    elif kind == SEG_TFIELD:
+        r._tsize += (b - a) + (d - c) + 4
     else:
-        r._size += (b - a) + 2
+        r._tsize += (b - a) + 2
     return 0
 
 
@@ -195,7 +212,7 @@ cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
     """The semantic pass over the recorded fields, in field order; then the output plan."""
     cdef Py_ssize_t k, host_k = -1, run_s, run_e
     cdef long long length = -1
-    cdef bint chunked = False, te_seen = False, expect_continue = False, keep
+    cdef bint chunked = False, te_seen = False, expect_continue = False, keep, upgrade = False
     cdef bint absolute = hs >= 0
     cdef Conn cn
     cdef Field* f
@@ -203,7 +220,7 @@ cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
     cdef object drop = None
     cdef RequestHead r
 
-    cn.close = cn.keep_alive = False
+    cn.close = cn.keep_alive = cn.upgrade = False
     cn.ntoks = 0
     for k in range(fb.n):
         f = &fb.f[k]
@@ -231,6 +248,9 @@ cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
             chunked = True
         elif kind == H_CONNECTION:
             _connection(p, f, &cn)
+        elif kind == H_UPGRADE:
+            if f.ve > f.vs:
+                upgrade = True
         elif kind == H_EXPECT:
             if f.ve - f.vs == 12 and _ieq(p + f.vs, b"100-continue", 12):
                 expect_continue = True
@@ -262,6 +282,9 @@ cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
             flags |= REQ_IDEMPOTENT
     if expect_continue and not http10:
         flags |= REQ_EXPECT_CONTINUE
+    # RFC 9110 7.8 (see the twin)
+    if upgrade and cn.upgrade and not http10 and not chunked and length <= 0:
+        flags |= REQ_UPGRADE
 
     r = _new_head()
     r._head = h
@@ -312,6 +335,19 @@ cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
         elif kind == H_TRAILER:
             # announces trailers: kept when they are relayed, i.e. the body is chunked
             keep = chunked and not _dropped(p, f, &cn, drop)
+        elif kind == H_UPGRADE:
+            keep = (flags & REQ_UPGRADE) != 0
+        elif kind == H_XF_PROTO or kind == H_XF_HOST or kind == H_FORWARDED:
+            # in place, for a trusted proxy only: ends the run of copied lines
+            if kind == H_XF_PROTO:
+                r._xfp = True
+            elif kind == H_XF_HOST:
+                r._xfh = True
+            if run_e > run_s:
+                _add(r, SEG_COPY, run_s, run_e, 0, 0)
+            run_s = run_e = 0
+            _add(r, SEG_TFIELD, f.start, f.start + f.name_len, f.vs, f.ve)
+            continue
         else:
             if kind == H_XFF and f.ve > f.vs:   # an empty one adds no empty element
                 _add(r, SEG_XFF, f.vs, f.ve, 0, 0)
@@ -336,6 +372,8 @@ cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
         _add(r, SEG_COPY, run_s, run_e, 0, 0)
     if host_k < 0 and absolute:
         r._size += 6 + (he - hs) + 2
+    if flags & REQ_UPGRADE:
+        r._size += 21                # Connection: upgrade\r\n
     if chunked:
         r._size += 28
     r._size += 17 + 21 + 2           # X-Forwarded-For: ... \r\nX-Forwarded-Proto: ... \r\n
@@ -387,7 +425,8 @@ cdef int _request_key(RequestHead r, const unsigned char* p, Fields* fb, int key
     return 0
 
 
-def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b""):
+def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b"",
+                       bint trusted=False):
     """The head to send upstream for ``parsed`` (a ``RequestHead``), as HTTP/1.1.
 
     See ``fastlb._core_py.write_request_head``: this is its compiled twin.
@@ -413,6 +452,14 @@ def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_
         size += 9 + vl + 2
     if default_host:
         size += 6 + hl + 2
+    if trusted:
+        # its own fields go on, and fastlb's X-Forwarded-Proto / -Host only
+        # when it sent none
+        size += r._tsize
+        if r._xfp:
+            size -= 19 + PyBytes_GET_SIZE(pr) + 2
+        if r._xfh and r._he > r._hs:
+            size -= 18 + (r._he - r._hs) + 2
     out = PyBytes_FromStringAndSize(NULL, size)
     w = start = PyBytes_AS_STRING(out)
     if not r._line_copied:
@@ -426,7 +473,7 @@ def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_
         s = &r._segs[k]
         if s.kind == SEG_COPY:
             w = _put(w, p + s.a, s.b - s.a)
-        elif s.kind == SEG_FIELD:
+        elif s.kind == SEG_FIELD or (s.kind == SEG_TFIELD and trusted):
             w = _put(w, p + s.a, s.b - s.a)
             w = _put(w, b": ", 2)
             w = _put(w, p + s.c, s.d - s.c)
@@ -440,19 +487,25 @@ def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_
             w = _put(w, b"Host: ", 6)
             w = _put(w, PyBytes_AS_STRING(hd), hl)
             w = _put(w, b"\r\n", 2)
+    if r.flags & REQ_UPGRADE:
+        w = _put(w, b"Connection: upgrade\r\n", 21)
     if r._chunked:
         w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
     w = _put(w, b"X-Forwarded-For: ", 17)
-    for k in range(r._nseg):
-        s = &r._segs[k]
-        if s.kind == SEG_XFF:
-            w = _put(w, p + s.a, s.b - s.a)
-            w = _put(w, b", ", 2)
+    if trusted:
+        for k in range(r._nseg):
+            s = &r._segs[k]
+            if s.kind == SEG_XFF:
+                w = _put(w, p + s.a, s.b - s.a)
+                w = _put(w, b", ", 2)
     w = _put(w, PyBytes_AS_STRING(ip), PyBytes_GET_SIZE(ip))
-    w = _put(w, b"\r\nX-Forwarded-Proto: ", 21)
-    w = _put(w, PyBytes_AS_STRING(pr), PyBytes_GET_SIZE(pr))
-    w = _put(w, b"\r\n", 2)
-    if r._he > r._hs:
+    if trusted and r._xfp:
+        w = _put(w, b"\r\n", 2)
+    else:
+        w = _put(w, b"\r\nX-Forwarded-Proto: ", 21)
+        w = _put(w, PyBytes_AS_STRING(pr), PyBytes_GET_SIZE(pr))
+        w = _put(w, b"\r\n", 2)
+    if r._he > r._hs and not (trusted and r._xfh):
         w = _put(w, b"X-Forwarded-Host: ", 18)
         w = _put(w, p + r._hs, r._he - r._hs)
         w = _put(w, b"\r\n", 2)

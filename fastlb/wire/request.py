@@ -18,6 +18,7 @@ from fastlb.errors import (
     REQ_HTTP10,
     REQ_IDEMPOTENT,
     REQ_KEEP_ALIVE,
+    REQ_UPGRADE,
     BadRequest,
 )
 from fastlb.wire.authorities import _as_bytes, _split_target, _valid_authority
@@ -25,10 +26,14 @@ from fastlb.wire.characters import (
     _H_CONNECTION,
     _H_CONTENT_LENGTH,
     _H_EXPECT,
+    _H_FORWARDED,
     _H_HOST,
     _H_OTHER,
     _H_TRAILER,
     _H_TRANSFER_ENCODING,
+    _H_UPGRADE,
+    _H_XF_HOST,
+    _H_XF_PROTO,
     _H_XFF,
     _IDEMPOTENT,
     _KINDS,
@@ -51,15 +56,21 @@ class RequestHead:
     itself unless it was absolute: then the part after the authority, "/" when
     empty); ``flags`` an OR of ``REQ_*``; ``framing`` ``BODY_NONE``,
     ``BODY_LENGTH`` (``length`` bytes) or ``BODY_CHUNKED``; ``key`` the hash
-    key asked for (b"" when absent or none was asked for). Only
-    ``parse_request_head`` makes them; ``write_request_head`` writes one.
+    key asked for (b"" when absent or none was asked for); ``forwarded_for``
+    the values of its X-Forwarded-For fields, joined by ", " (b"" when none).
+    Only ``parse_request_head`` makes them; ``write_request_head`` writes one.
     """
 
     __slots__ = ("method", "target", "version", "host", "path", "flags", "framing", "length",
-                 "key", "_line", "_fields", "_xff", "_host_field", "_chunked", "_http10")
+                 "key", "_line", "_fields", "_tfields", "_xff", "_xfp", "_xfh", "_host_field",
+                 "_chunked", "_http10")
 
     def __init__(self):
         raise TypeError("RequestHead objects are made by parse_request_head")
+
+    @property
+    def forwarded_for(self):
+        return b", ".join(self._xff)
 
 
 def _path_key(path):
@@ -151,6 +162,8 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
     conn_close = False
     conn_keep_alive = False
     expect_continue = False
+    upgrade = False
+    conn_upgrade = False
     drop = None
     xff = []
     for name, lname, value in fields:
@@ -181,9 +194,14 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
                 elif tok == b"keep-alive":
                     conn_keep_alive = True
                 elif tok not in _PROTECTED:
+                    if tok == b"upgrade":
+                        conn_upgrade = True
                     if drop is None:
                         drop = set()
                     drop.add(tok)
+        elif kind == _H_UPGRADE:
+            if value:
+                upgrade = True
         elif kind == _H_XFF:
             if value:  # an empty X-Forwarded-For adds no empty element
                 xff.append(value)
@@ -208,6 +226,11 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
         flags |= REQ_IDEMPOTENT
     if expect_continue and not http10:
         flags |= REQ_EXPECT_CONTINUE
+    # RFC 9110 7.8: Upgrade is ignored in HTTP/1.0, needs the "upgrade" option
+    # in Connection, and the protocol switches only after the whole request:
+    # one with a body is forwarded without it
+    if upgrade and conn_upgrade and not http10 and not chunked and length <= 0:
+        flags |= REQ_UPGRADE
 
     r = object.__new__(RequestHead)
     r.method = method
@@ -225,7 +248,12 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
     r._chunked = chunked
     r._http10 = http10
     r._xff = xff
+    r._xfp = r._xfh = False
+    # _fields: what every backend gets; _tfields (None: the same) what it gets
+    # when the client is a trusted proxy, whose X-Forwarded-Proto,
+    # X-Forwarded-Host and Forwarded go on too
     out = r._fields = []
+    tout = None
     for name, lname, value in fields:
         kind = _KINDS.get(lname, _H_OTHER)
         if kind == _H_OTHER:
@@ -240,9 +268,24 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
                 continue
         elif kind == _H_HOST:
             value = r.host
+        elif kind == _H_UPGRADE:
+            if not flags & REQ_UPGRADE:
+                continue
+        elif kind == _H_XF_PROTO or kind == _H_XF_HOST or kind == _H_FORWARDED:
+            if kind == _H_XF_PROTO:
+                r._xfp = True
+            elif kind == _H_XF_HOST:
+                r._xfh = True
+            if tout is None:
+                tout = list(out)
+            tout.append((name, value))
+            continue
         elif kind != _H_CONTENT_LENGTH:
             continue
         out.append((name, value))
+        if tout is not None:
+            tout.append((name, value))
+    r._tfields = tout
 
     if key_kind == KEY_PATH:
         r.key = _path_key(path)
@@ -264,17 +307,27 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
     return r
 
 
-def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b""):
+def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b"",
+                       trusted=False):
     """The head to send upstream for ``parsed`` (a ``RequestHead``), as HTTP/1.1.
 
     The request line with the target in origin form; the fields in their
     order, without the hop-by-hop ones and those named in Connection, and
     with ``Host`` set to ``parsed.host``; ``backend_authority`` as Host for an
     HTTP/1.0 request that had none (``None`` or empty: no Host); then
-    ``Transfer-Encoding: chunked`` for a chunked body, ``X-Forwarded-For``
-    (the client's list with ``client_ip`` appended), ``X-Forwarded-Proto:
-    proto``, ``X-Forwarded-Host`` (``parsed.host``, when not empty) and
-    ``Via: 1.1 via`` (1.0 for HTTP/1.0 clients; ``None`` or empty: no Via).
+    ``Connection: upgrade`` for an upgrade request (``REQ_UPGRADE``, whose
+    Upgrade fields are kept in place), ``Transfer-Encoding: chunked`` for a
+    chunked body, ``X-Forwarded-For``, ``X-Forwarded-Proto: proto``,
+    ``X-Forwarded-Host`` (``parsed.host``, when not empty) and ``Via: 1.1
+    via`` (1.0 for HTTP/1.0 clients; ``None`` or empty: no Via).
+
+    ``trusted``: whether the client (``client_ip``) is a trusted proxy. If
+    not, the X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and
+    Forwarded fields it sent are dropped: X-Forwarded-For is ``client_ip``
+    alone. If it is, its X-Forwarded-For list is extended with
+    ``client_ip``, and its X-Forwarded-Proto, X-Forwarded-Host and
+    Forwarded fields go on in place (fastlb's own X-Forwarded-Proto and
+    X-Forwarded-Host only when it sent none).
     """
     if type(parsed) is not RequestHead:
         raise TypeError(f"parsed must be a RequestHead, not {type(parsed).__name__}")
@@ -285,20 +338,26 @@ def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_
                                                                          "backend_authority")
     host = parsed.host
     out = [parsed._line]
-    for name, value in parsed._fields:
+    fields = parsed._tfields if trusted and parsed._tfields is not None else parsed._fields
+    for name, value in fields:
         out += (name, b": ", value, b"\r\n")
     if not parsed._host_field:
         if host is not None:
             out += (b"Host: ", host, b"\r\n")
         elif backend_authority:
             out += (b"Host: ", backend_authority, b"\r\n")
+    if parsed.flags & REQ_UPGRADE:
+        out.append(b"Connection: upgrade\r\n")
     if parsed._chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     out.append(b"X-Forwarded-For: ")
-    for v in parsed._xff:
-        out += (v, b", ")
-    out += (client_ip, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
-    if host:
+    if trusted:
+        for v in parsed._xff:
+            out += (v, b", ")
+    out += (client_ip, b"\r\n")
+    if not (trusted and parsed._xfp):
+        out += (b"X-Forwarded-Proto: ", proto, b"\r\n")
+    if host and not (trusted and parsed._xfh):
         out += (b"X-Forwarded-Host: ", host, b"\r\n")
     if via:
         out += (b"Via: 1.0 " if parsed._http10 else b"Via: 1.1 ", via, b"\r\n")

@@ -35,7 +35,7 @@ def rewrite_response_head(head, req_flags):
     status = (p[9] - 0x30) * 100 + (p[10] - 0x30) * 10 + (p[11] - 0x30)
     if status < 100:
         raise _BadGateway("invalid status code")
-    if status == 101:
+    if status == 101 and not (rf & REQ_UPGRADE):
         raise _BadGateway("unexpected protocol switch")
 
     fb.f = fb.stack = stack
@@ -43,10 +43,81 @@ def rewrite_response_head(head, req_flags):
     fb.cap = STACK_FIELDS
     try:
         _parse_fields(p, n, eol + 2, &fb, _BadGateway)
+        if status == 101:
+            return _switch_out(h, p, n, &fb, eol, http10)
         return _response_out(h, p, n, &fb, eol, status, http10, rf)
     finally:
         if fb.f != fb.stack:
             free(fb.f)
+
+
+cdef tuple _switch_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
+                       Py_ssize_t eol, bint http10):
+    """A 101 to an upgrade request (see the twin): validated as any head, then
+    written with its Upgrade fields and Connection: upgrade."""
+    cdef Py_ssize_t k, size
+    cdef long long length = -1, v
+    cdef bint chunked = False, te_seen = False, upgrade = False
+    cdef Conn cn
+    cdef Field* f
+    cdef int kind
+    cdef object drop = None
+    cdef bytes out
+    cdef char* w
+
+    cn.close = cn.keep_alive = cn.upgrade = False
+    cn.ntoks = 0
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        if kind == H_CONTENT_LENGTH:
+            v = _parse_length(p + f.vs, f.ve - f.vs, _BadGateway)
+            if length >= 0 and v != length:
+                raise _BadGateway("conflicting Content-Length")
+            length = v
+        elif kind == H_TRANSFER_ENCODING:
+            if te_seen:
+                raise _BadGateway("duplicate Transfer-Encoding")
+            te_seen = True
+            if not (f.ve - f.vs == 7 and _ieq(p + f.vs, b"chunked", 7)):
+                raise _BadGateway("unsupported transfer coding")
+            chunked = True
+        elif kind == H_CONNECTION:
+            _connection(p, f, &cn)
+        elif kind == H_UPGRADE:
+            if f.ve > f.vs:
+                upgrade = True
+    if chunked and length >= 0:
+        raise _BadGateway("both Content-Length and Transfer-Encoding")
+    if not upgrade:
+        raise _BadGateway("101 without Upgrade")
+
+    if cn.ntoks > MAX_DROP_TOKENS:
+        drop = _drop_set(p, fb)
+    size = 8 + (eol - 8) + 2
+    for k in range(fb.n):
+        f = &fb.f[k]
+        kind = f.kind
+        if kind == H_UPGRADE:
+            f.keep = True       # the new protocol (Connection names it, and goes)
+        else:
+            f.keep = (kind != H_TRANSFER_ENCODING and kind != H_CONNECTION and kind != H_HOP
+                      and kind != H_TRAILER and not _dropped(p, f, &cn, drop))
+        if f.keep:
+            size += f.name_len + (f.ve - f.vs) + 4
+    size += 21 + 2
+
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(out)
+    if http10:
+        w = _put(w, b"HTTP/1.1", 8)
+        w = _put(w, p + 8, eol - 8 + 2)
+        w = _put_fields(w, p, fb, -1, -1)
+    else:
+        w = _put_fields(w, p, fb, 0, eol + 2)
+    w = _put(w, b"Connection: upgrade\r\n", 21)
+    w = _put(w, b"\r\n", 2)
+    return (out, 101, RESP_UPGRADE, BODY_NONE, 0)
 
 
 cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
@@ -111,7 +182,8 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
     for k in range(fb.n):
         f = &fb.f[k]
         kind = f.kind
-        f.keep = (kind != H_TRANSFER_ENCODING and kind != H_CONNECTION and kind != H_HOP
+        # H_TRANSFER_ENCODING, H_CONNECTION, H_HOP and H_UPGRADE are 3 to 6
+        f.keep = ((kind < H_TRANSFER_ENCODING or kind > H_UPGRADE)
                   and (kind != H_TRAILER or chunked_out) and not _dropped(p, f, &cn, drop))
         if f.keep:
             size += f.name_len + (f.ve - f.vs) + 4

@@ -10,9 +10,11 @@ from fastlb.errors import (
     REQ_HEAD,
     REQ_HTTP10,
     REQ_KEEP_ALIVE,
+    REQ_UPGRADE,
     RESP_CLIENT_KEEP_ALIVE,
     RESP_DECHUNK,
     RESP_INFORMATIONAL,
+    RESP_UPGRADE,
     RESP_UPSTREAM_KEEP_ALIVE,
     BadGateway,
 )
@@ -24,6 +26,7 @@ from fastlb.wire.characters import (
     _H_OTHER,
     _H_TRAILER,
     _H_TRANSFER_ENCODING,
+    _H_UPGRADE,
     _KINDS,
     _PROTECTED,
     _VCHAR,
@@ -36,9 +39,17 @@ def rewrite_response_head(head, req_flags):
     """Validate a response head and return ``(out, status, flags, framing, length)``.
 
     ``req_flags`` are the flags of the request this answers (``REQ_HEAD``,
-    ``REQ_HTTP10``, ``REQ_KEEP_ALIVE``; clear ``REQ_KEEP_ALIVE`` to make
-    fastlb close the client connection after this response). ``out`` is the
-    head to send the client, as HTTP/1.1. ``flags`` is an OR of ``RESP_*``.
+    ``REQ_HTTP10``, ``REQ_KEEP_ALIVE``, ``REQ_UPGRADE``; clear
+    ``REQ_KEEP_ALIVE`` to make fastlb close the client connection after this
+    response). ``out`` is the head to send the client, as HTTP/1.1.
+    ``flags`` is an OR of ``RESP_*``.
+
+    A 101 (Switching Protocols) answers only an upgrade request
+    (``REQ_UPGRADE``; else it is invalid) and must name the new protocol in
+    Upgrade: it is final (``RESP_UPGRADE`` alone, ``BODY_NONE``: the bytes
+    after it are the new protocol), and goes to the client with its fields
+    but the hop-by-hop ones (Upgrade kept) and ``Trailer``, then
+    ``Connection: upgrade``.
     """
     if len(head) < 4 or head[-4:] != b"\r\n\r\n":
         raise BadGateway("incomplete response head")
@@ -56,10 +67,12 @@ def rewrite_response_head(head, req_flags):
     status = int(code)
     if status < 100:
         raise BadGateway("invalid status code")
-    if status == 101:
+    if status == 101 and not req_flags & REQ_UPGRADE:
         raise BadGateway("unexpected protocol switch")
 
     fields = list(_split_fields(head, eol + 2, BadGateway))
+    if status == 101:
+        return _switch_out(line, fields)
     length = -1
     chunked = False
     te_seen = False
@@ -119,7 +132,8 @@ def rewrite_response_head(head, req_flags):
     chunked_out = chunked and not client_http10
     for name, lname, value in fields:
         kind = _KINDS.get(lname, _H_OTHER)
-        if kind == _H_TRANSFER_ENCODING or kind == _H_CONNECTION or kind == _H_HOP:
+        if kind == _H_TRANSFER_ENCODING or kind == _H_CONNECTION or kind == _H_HOP \
+                or kind == _H_UPGRADE:
             continue
         if kind == _H_TRAILER and not chunked_out:
             continue
@@ -135,3 +149,50 @@ def rewrite_response_head(head, req_flags):
             out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
     return b"".join(out), status, flags, framing, (length if length > 0 else 0)
+
+
+def _switch_out(line, fields):
+    """A 101 to an upgrade request: validated as any response head, then
+    written with its Upgrade fields and Connection: upgrade."""
+    length = -1
+    chunked = False
+    te_seen = False
+    upgrade = False
+    drop = None
+    for name, lname, value in fields:
+        kind = _KINDS.get(lname, _H_OTHER)
+        if kind == _H_CONTENT_LENGTH:
+            n = _parse_length(value, BadGateway)
+            if length >= 0 and n != length:
+                raise BadGateway("conflicting Content-Length")
+            length = n
+        elif kind == _H_TRANSFER_ENCODING:
+            if te_seen:
+                raise BadGateway("duplicate Transfer-Encoding")
+            te_seen = True
+            if value.lower() != b"chunked":
+                raise BadGateway("unsupported transfer coding")
+            chunked = True
+        elif kind == _H_CONNECTION:
+            for tok in _connection_tokens(value):
+                if tok not in _PROTECTED and tok != b"close" and tok != b"keep-alive":
+                    if drop is None:
+                        drop = set()
+                    drop.add(tok)
+        elif kind == _H_UPGRADE:
+            if value:
+                upgrade = True
+    if chunked and length >= 0:
+        raise BadGateway("both Content-Length and Transfer-Encoding")
+    if not upgrade:
+        raise BadGateway("101 without Upgrade")
+    out = [b"HTTP/1.1", line[8:], b"\r\n"]
+    for name, lname, value in fields:
+        kind = _KINDS.get(lname, _H_OTHER)
+        if kind != _H_UPGRADE:      # the new protocol (Connection names it, and goes)
+            if kind == _H_TRANSFER_ENCODING or kind == _H_CONNECTION or kind == _H_HOP \
+                    or kind == _H_TRAILER or (drop is not None and lname in drop):
+                continue
+        out += (name, b": ", value, b"\r\n")
+    out.append(b"Connection: upgrade\r\n\r\n")
+    return b"".join(out), 101, RESP_UPGRADE, BODY_NONE, 0
