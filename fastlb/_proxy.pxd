@@ -175,6 +175,7 @@ cdef class UpstreamProtocol:
                    req_flags=int, flags=int, framing=int, status=int, length="long long",
                    us="long long", k=Py_ssize_t)
     cpdef data_received(self, data)
+    @cython.locals(us="long long", k=Py_ssize_t)
     cdef _switch(self, ClientProtocol client, bytes head, bytes data, Py_ssize_t end)
     @cython.locals(proxy=Proxy)
     cpdef close_tunnel(self)
@@ -241,7 +242,7 @@ cdef class ClientProtocol:
     cdef public double t0             # when the request head arrived (ticker clock)
     cdef public double body_end       # the request body is due by then
 
-    @cython.locals(proxy=Proxy)
+    @cython.locals(proxy=Proxy, up=UpstreamProtocol)
     cpdef data_received(self, data)
     @cython.locals(proxy=Proxy, front=Front, pool=Pool, parts=list, whole=bytes, head=bytes,
                    rest=bytes, stripped=bytes,

@@ -407,8 +407,7 @@ class UpstreamProtocol:
             proxy = self.proxy
             client.deadline = proxy.now + client.front.tunnel_timeout
             proxy.tunnel_bytes_down += len(data)
-            client.sent += len(data)
-            client.write(data)
+            client.write_response(data)
             return
         if self.buf:
             data = self.buf + data
@@ -501,11 +500,19 @@ class UpstreamProtocol:
 
     def _switch(self, client, head, data, end):
         """A 101 answers the upgrade request: relay it, and from now on both
-        connections are a tunnel (the bytes after the 101 are the new protocol)."""
+        connections are a tunnel (the bytes after the 101 are the new protocol).
+        The 101 is the final response: it is timed and counted as one."""
+        us = monotonic_us() - client.t_sent
+        k = 0
+        while k < N_LAT and us > _LAT_US[k]:
+            k += 1
+        self.backend.ctr[B_LAT + k] += 1
+        self.backend.ctr[B_LAT_SUM_US] += us
         self.state = U_TUNNEL
         self.status = 101
         if self.proxy.log is not None:
             client.t_resp = _clock()
+        client.front.ctr[L_1XX] += 1
         client.write_response(head)
         client.start_tunnel(self)
         if end != len(data) and client.state == R_TUNNEL:
@@ -873,7 +880,9 @@ class ClientProtocol:
             proxy = self.proxy
             self.deadline = proxy.now + self.front.tunnel_timeout
             proxy.tunnel_bytes_up += len(data)
-            self.up.write(data)
+            up = self.up
+            up.backend.ctr[B_BYTES_OUT] += len(data)
+            up.write(data)
 
     # httptools callback: the only one defined, so the parser stays in C for
     # everything else.
@@ -1592,6 +1601,7 @@ class ClientProtocol:
         if pending:
             self.pending = b""
             proxy.tunnel_bytes_up += len(pending)
+            up.backend.ctr[B_BYTES_OUT] += len(pending)
             up.write(pending)
         if self.eof:
             up.half_close()

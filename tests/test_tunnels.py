@@ -25,7 +25,8 @@ from websockets.asyncio.server import serve as ws_serve
 
 from helpers import (HOST, FastlbProcess, Reader, Reply, access_log_lines, ok_response,
                      raw_connect, recv_until_close, send_raw, wait_for)
-from helpers import active_core, backend_loop, make_backend, make_lb  # noqa: F401  (fixtures)
+from helpers import (active_core, backend_loop, make_backend, make_config_lb,  # noqa: F401
+                     make_lb)
 
 pytestmark = pytest.mark.usefixtures("active_core")
 
@@ -350,16 +351,28 @@ def test_close_handshake_from_the_server(ws_backend, make_lb):
     assert wait_for(lambda: on_loop(lb, lambda: (lb.proxy.tunnels, lb.proxy.upstreams)) == (0, 0))
 
 
-def test_500_tunnels_while_http_goes_on(ws_backend, make_backend, make_lb):
-    """500 WebSocket tunnels held open; meanwhile 300 plain requests on other
-    connections all get their answers, and every tunnel still echoes."""
+def test_500_tunnels_while_http_goes_on(ws_backend, make_backend, make_config_lb):
+    """500 WebSocket tunnels held open through one listener; meanwhile 300
+    plain requests on other connections to it all get their answers, and
+    every tunnel still echoes."""
     http_be = make_backend("H")
-    lb = make_lb([ws_backend.addr])
-    lb_http = make_lb([http_be])     # another listener for the HTTP traffic, same loop use
+    lb = make_config_lb(f"""\
+[listeners.web]
+bind = "127.0.0.1:0"
+default_pool = "http"
+[[listeners.web.routes]]
+path_prefix = "/echo"
+pool = "ws"
+[pools.ws]
+backends = ["http://{HOST}:{ws_backend.addr[1]}"]
+[pools.http]
+backends = ["http://{HOST}:{http_be.port}"]
+""")
+    port = lb.port("web")
     n = 500
 
     async def http_get(i):
-        r, w = await asyncio.open_connection(HOST, lb_http.port)
+        r, w = await asyncio.open_connection(HOST, port)
         w.write(b"GET /h%d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % i)
         data = await r.read()
         w.close()
@@ -370,7 +383,8 @@ def test_500_tunnels_while_http_goes_on(ws_backend, make_backend, make_lb):
 
         async def opened(i):
             async with sem:
-                ws = await ws_connect(ws_url(lb), ping_interval=None, open_timeout=30)
+                ws = await ws_connect(f"ws://{HOST}:{port}/echo", ping_interval=None,
+                                      open_timeout=30)
                 await ws.send(f"hi {i}")
                 assert await ws.recv() == f"hi {i}"
                 return ws
@@ -383,6 +397,7 @@ def test_500_tunnels_while_http_goes_on(ws_backend, make_backend, make_lb):
             await tunnels[batch].send("still there")
             assert await tunnels[batch].recv() == "still there"
         assert lines == [b"HTTP/1.1 200 OK"] * 300
+        assert len(http_be.requests) == 300
         for i, ws in enumerate(tunnels):
             await ws.send(f"again {i}")
         for i, ws in enumerate(tunnels):
@@ -390,8 +405,14 @@ def test_500_tunnels_while_http_goes_on(ws_backend, make_backend, make_lb):
         await asyncio.gather(*(ws.close() for ws in tunnels))
 
     run(go(), timeout=120)
-    assert wait_for(lambda: on_loop(lb, lambda: (lb.proxy.tunnels, lb.proxy.upstreams)) == (0, 0),
-                    timeout=10)
+
+    def left():
+        ws_b, http_b = lb.proxy.pools["ws"].backends[0], lb.proxy.pools["http"].backends[0]
+        # every tunnel's upstream closed; only pooled HTTP connections remain
+        return (lb.proxy.tunnels, ws_b.active, len(ws_b.idle),
+                lb.proxy.upstreams - len(http_b.idle))
+
+    assert wait_for(lambda: on_loop(lb, left) == (0, 0, 0, 0), timeout=10)
     assert on_loop(lb, lambda: lb.proxy.tunnels_total) == n
 
 
@@ -426,7 +447,9 @@ def test_tunnel_bytes_and_counters(tunnel_backend, make_lb):
     s, after = open_tunnel(lb.port)
     assert after == b""
     with s:
-        assert on_loop(lb, lambda: (lb.proxy.tunnels, lb.proxy.backends[0].active)) == (1, 1)
+        # one tunnel: a client and an upstream connection, as the fd budget counts them
+        assert on_loop(lb, lambda: (lb.proxy.tunnels, lb.proxy.backends[0].active,
+                                    len(lb.proxy.clients), lb.proxy.upstreams)) == (1, 1, 1, 1)
         sent = 0
         for i in range(20):
             piece = b"%d:" % i + b"x" * (i * 1000)
@@ -443,6 +466,39 @@ def test_tunnel_bytes_and_counters(tunnel_backend, make_lb):
     # the tunnel's backend connection is gone, not pooled
     assert wait_for(lambda: on_loop(lb, lambda: (lb.proxy.upstreams, len(lb.proxy.backends[0].idle),
                                                  lb.proxy.backends[0].active)) == (0, 0, 0))
+
+
+def test_tunnel_in_the_traffic_counters(tunnel_backend, make_lb):
+    """A tunnel's bytes count as the listener's and the backend's traffic; the
+    101 is its one response (timed), and the backend and the listener are
+    active for as long as it is open."""
+    from fastlb.runtime.shm import B_LAT, LAT_BOUNDS
+    from test_counters import _address, backend_counts, bexp, lexp, listener_counts
+
+    lb = make_lb([tunnel_backend.addr])
+    request = UPGRADE % b"/"
+    s, _ = open_tunnel(lb.port)
+    with s:
+        open_b, open_l = backend_counts(lb, tunnel_backend), listener_counts(lb)
+        s.sendall(b"z" * 5000)
+        assert recv_exactly(s, 5000) == b"z" * 5000
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_close(s, 5) == (b"bye", True)
+    assert (open_b["active"], open_l["active"]) == (1, 1)
+    conn = tunnel_backend.conns[0]
+    wait_for(lambda: listener_counts(lb)["active"] == 0)
+    def row():
+        p = lb.proxy
+        return list(p.tables.backend_counters(p.slot, p.layout.backends[
+            ("default", _address(tunnel_backend))]))
+
+    assert sum(on_loop(lb, row)[B_LAT:B_LAT + len(LAT_BOUNDS) + 1]) == 1   # the 101, timed
+    assert backend_counts(lb, tunnel_backend) == bexp(requests=1, responses_1xx=1, bytes_out=len(conn.head) + 5000,
+                       bytes_in=len(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\n"
+                                    b"Connection: Upgrade\r\n\r\n") + 5000 + 3)
+    assert listener_counts(lb) == lexp(connections=1, requests=1, responses_1xx=1,
+                                       bytes_in=len(request) + 5000,
+                                       bytes_out=len(SWITCHED) + 5000 + 3)
 
 
 @pytest.mark.parametrize("split", [None, "bytes"], ids=["whole", "bytes"])
