@@ -535,30 +535,26 @@ async def _reload_from(controller, load_config, info=None):
     from fastlb.errors import ConfigError
 
     log.info("SIGHUP: reloading the configuration")
+    def refused(why):
+        log.error("reload refused, the running configuration is unchanged:%s", why)
+        if info is not None:
+            info.reloaded("refused")
+
     try:
         config = load_config()
     except ConfigError as e:
-        log.error("reload refused, the running configuration is unchanged:\n%s", e)
-        if info is not None:
-            info.reloaded("refused")
+        refused(f"\n{e}")
         return
     except OSError as e:
-        log.error("reload refused, the running configuration is unchanged: %s", e)
-        if info is not None:
-            info.reloaded("refused")
+        refused(f" {e}")
         return
     try:
         summary = await controller.reload_base(config)
     except ListenError as e:
-        log.error("reload refused, the running configuration is unchanged: cannot listen "
-                  "on %s (listener %s): %s", e.bind, e.listener, e.strerror)
-        if info is not None:
-            info.reloaded("refused")
+        refused(f" cannot listen on {e.bind} (listener {e.listener}): {e.strerror}")
         return
     except TableFull as e:
-        log.error("reload refused, the running configuration is unchanged: %s", e)
-        if info is not None:
-            info.reloaded("refused")
+        refused(f" {e}")
         return
     except Exception:
         # a bug, not a bad file: say so, keep serving what runs

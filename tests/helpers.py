@@ -841,10 +841,12 @@ def parse_one(data, method="GET"):
 
 
 def wait_for(pred, timeout=5.0, step=0.02):
+    """``pred()``'s first true value within ``timeout`` seconds, else its last."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pred():
-            return True
+        value = pred()
+        if value:
+            return value
         time.sleep(step)
     return pred()
 

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from helpers import wait_for as _wait_for
 from helpers import (  # noqa: F401  (fixtures are used by name)
     FastlbProcess, Reader, active_core, backend_loop, make_backend, ok_response, raw_connect)
 
@@ -25,13 +26,7 @@ def log_text(lb):
 
 
 def wait_for(cond, timeout=10.0, every=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(every)
-    return cond()
+    return _wait_for(cond, timeout, every)
 
 
 class Admin:

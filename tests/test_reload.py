@@ -240,6 +240,9 @@ def _serve(tmp_path, text):
     path.write_text(text)
     pid_file = tmp_path / "lb.pid"
     lb = FastlbProcess(None, "--config", str(path), "--pid-file", str(pid_file))
+    # the file is made at start (to check it can be) and gets the pid once the
+    # signal handlers are in place, just after the "listening on" line
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 10)
     return lb, path, pid_file
 
 

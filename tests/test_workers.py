@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from helpers import wait_for as _wait_for
 from helpers import (  # noqa: F401  (fixtures are used by name)
     FastlbProcess, Reader, Reply, active_core, backend_loop, make_backend, ok_response,
     raw_connect)
@@ -38,13 +39,7 @@ def children(pid):
 
 
 def wait_for(cond, timeout=10.0, every=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    return cond()
+    return _wait_for(cond, timeout, every)
 
 
 def _inode_of(server_port, client_port):

@@ -49,6 +49,14 @@ REAP_EVERY = 0.2        # seconds between looks for exited workers (the event lo
 STOP_GRACE = 5.0        # after drain_timeout: workers still running are killed
 
 
+def _close_sets(sockets):
+    """Close every socket of ``sockets`` (listener name -> [[socket, ...] per worker])."""
+    for sets in sockets.values():
+        for socks in sets:
+            for s in socks:
+                s.close()
+
+
 def _exit_words(status):
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -196,10 +204,7 @@ class Master:
         self._timers.append(self.loop.call_later(interval, tick))
 
     def _close_all_sockets(self):
-        for sets in self.sockets.values():
-            for socks in sets:
-                for s in socks:
-                    s.close()
+        _close_sets(self.sockets)
         self.sockets = {}
 
     async def stop(self, timeout, now):
@@ -511,19 +516,13 @@ class Master:
                     moved[name] = self.sockets[name]
                 new_socks[name] = self._bind_listener(lc)
         except BaseException:
-            for sets in new_socks.values():
-                for socks in sets:
-                    for s in socks:
-                        s.close()
+            _close_sets(new_socks)
             raise
         undo_layout = (dict(self.layout.backends), dict(self.layout.listeners))
         try:
             rows, lrows = self.layout.assign(config)
         except TableFull:
-            for sets in new_socks.values():
-                for socks in sets:
-                    for s in socks:
-                        s.close()
+            _close_sets(new_socks)
             raise
         previous = dict(self.sockets)
         self.sockets.update(new_socks)
@@ -540,10 +539,7 @@ class Master:
             if gen is not None:
                 await self._kill_generation(gen)
             self.sockets = previous
-            for sets in new_socks.values():
-                for socks in sets:
-                    for s in socks:
-                        s.close()
+            _close_sets(new_socks)
             self.layout.backends, self.layout.listeners = undo_layout
             raise
         # the new generation serves: the checkers follow the new pools, then
