@@ -269,8 +269,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="balance requests over backends")
     serve.add_argument("--config", metavar="FILE",
-                       help="run the configuration file FILE (TOML, see README); the global "
-                            "flags given with it override its settings")
+                       help="run the configuration file FILE (TOML, see README), or the one "
+                            "in etcd (etcd://HOST:PORT/KEY: each change there is a reload); "
+                            "the global flags given with it override its settings")
     serve.add_argument("--backend", action="append", default=[], metavar="URL[,weight=N]",
                        help="backend as http://HOST[:PORT], optionally with a weight "
                             "(default 1); repeat for more")
@@ -302,8 +303,9 @@ def build_parser():
                       help="connections sending the burst (default 16)")
     demo.add_argument("--exit", dest="exit_after", action="store_true",
                       help="exit after the burst instead of serving until Ctrl-C")
-    check = sub.add_parser("check-config", help="validate a configuration file without "
-                                                "starting (exit status 0: valid, 1: not)")
+    check = sub.add_parser("check-config", help="validate a configuration file (or "
+                                                "etcd://HOST:PORT/KEY) without starting "
+                                                "(exit status 0: valid, 1: not)")
     check.add_argument("file", metavar="FILE")
     reload_ = sub.add_parser("reload", help="make a running fastlb serve --config reload its "
                                             "file (SIGHUP), after checking the file")
@@ -417,13 +419,36 @@ def main(argv=None):
         return 0
 
 
+def _etcd_text(url):
+    """The configuration text in etcd at ``url`` and its ``EtcdConfig``;
+    ConfigError when etcd cannot be read."""
+    from fastlb.runtime.discovery import EtcdConfig
+
+    source = EtcdConfig(url)
+    try:
+        text = source.fetch()
+    except OSError as e:
+        raise ConfigError(f"cannot read the configuration from {url}: {e}") from None
+    except ValueError:
+        raise ConfigError(f"{url}: not UTF-8 text") from None
+    return text, source
+
+
+def _load(path):
+    """``fastlb.config.load`` of a file, or of the text in etcd (``etcd://...``)."""
+    from fastlb.config import load, loads
+    from fastlb.runtime.discovery import is_etcd_url
+
+    if is_etcd_url(path):
+        return loads(_etcd_text(path)[0], path)
+    return load(path)
+
+
 def check_config(path):
     """``fastlb check-config FILE``: every problem on standard output, one per
     line (warnings too), then exit status 1; or a summary line and 0."""
-    from fastlb.config import load
-
     try:
-        config = load(path)
+        config = _load(path)
     except ConfigError as e:
         for issue in e.errors:
             print(issue)
@@ -473,10 +498,26 @@ def send_reload(pid_file, config_path=None):
 def _serve_config(args, given):
     """``serve --config FILE``: load and validate it all (ConfigError lists
     every problem), apply the global flags given, run it. SIGHUP loads the
-    file again, with the same flags over it."""
-    from fastlb.config import apply_flags, load
+    file again, with the same flags over it.
 
-    config, overrides = apply_flags(load(args.config), args, given)
+    ``--config etcd://HOST:PORT/KEY``: the text is read from etcd (and must
+    be valid to start); each change of the key is loaded the same way and
+    applied as a reload, and SIGHUP applies the last valid one again."""
+    from fastlb.config import apply_flags, load, loads
+    from fastlb.runtime.discovery import is_etcd_url
+
+    etcd_config = None
+    if is_etcd_url(args.config):
+        text, etcd_config = _etcd_text(args.config)
+
+        def load_text(text):
+            new, _ = apply_flags(loads(text, args.config), args, given)
+            return _with_admin(new, args)
+
+        etcd_config.load_text = load_text
+        config, overrides = apply_flags(loads(text, args.config), args, given)
+    else:
+        config, overrides = apply_flags(load(args.config), args, given)
     config = _with_admin(config, args)
     logging.getLogger().setLevel(config.log_level.upper())
     log = logging.getLogger("fastlb")
@@ -486,17 +527,21 @@ def _serve_config(args, given):
         log.info("%s", override)
 
     def load_again():
+        if etcd_config is not None:
+            return etcd_config.config       # the last valid one read from etcd
         new, _ = apply_flags(load(args.config), args, given)
         new = _with_admin(new, args)
         for issue in new.warnings:
             log.warning("%s", issue)
         return new
 
+    if etcd_config is not None:
+        etcd_config.config = config
     demo = None
     if args.demo_backends:
         demo = _demo_addresses(config)
     return _run_serve(config, config=config, load_config=load_again, pid_file=args.pid_file,
-                      demo=demo)
+                      demo=demo, etcd_config=etcd_config)
 
 
 def _with_admin(config, args):
@@ -549,7 +594,8 @@ def _demo_addresses(config):
     return out
 
 
-def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
+def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None,
+               etcd_config=None):
     import os
 
     from fastlb import server
@@ -577,9 +623,11 @@ def _run_serve(opts, config=None, load_config=None, pid_file=None, demo=None):
                 from fastlb.runtime import build
                 from fastlb.runtime.master import run_master
 
-                await run_master(build.as_config(opts), ready=ready, load_config=load_config)
+                await run_master(build.as_config(opts), ready=ready, load_config=load_config,
+                                 etcd_config=etcd_config)
             else:
-                await server.serve(opts, ready=ready, load_config=load_config)
+                await server.serve(opts, ready=ready, load_config=load_config,
+                                   etcd_config=etcd_config)
         except server.ListenError as e:
             key = "admin.bind" if e.listener == "admin" else f"listeners.{e.listener}.bind"
             where = config.where(key) if config is not None else None

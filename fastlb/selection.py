@@ -77,3 +77,49 @@ class BalancerSet:
 
     def is_eligible(self, idx):
         return self.balancers[0].is_eligible(idx)
+
+
+class PriorityGate:
+    """Priority groups over the selectors of one pool (DNS SRV priorities):
+    only the backends of the lowest group that has a live backend (eligible,
+    weight above 0) are eligible in the selectors; a higher group is used
+    only while no backend of every lower one is.
+
+    It stands where the selectors' ``BalancerSet`` stands for the health
+    checker (``set_eligible``, ``set_weight``, ``is_eligible``, ``n``):
+    ``is_eligible`` is what the checker said of the backend itself, and the
+    selectors are written only when the effective answer changes. Not on the
+    per-request path."""
+
+    def __init__(self, inner, priorities, weights):
+        self.inner = inner
+        self.n = inner.n
+        if len(priorities) != self.n or len(weights) != self.n:
+            raise ValueError("one priority and one weight per backend")
+        self._priority = list(priorities)
+        self._own = [inner.is_eligible(i) for i in range(self.n)]
+        self._weight = list(weights)
+        self.active = None      # the priority whose group serves now
+        self._apply()
+
+    def set_eligible(self, idx, ok):
+        self._own[idx] = bool(ok)
+        self._apply()
+
+    def set_weight(self, idx, w):
+        self._weight[idx] = w
+        self.inner.set_weight(idx, w)
+        self._apply()
+
+    def is_eligible(self, idx):
+        return self._own[idx]
+
+    def _apply(self):
+        live = [p for p, ok, w in zip(self._priority, self._own, self._weight) if ok and w > 0]
+        active = min(live) if live else min(self._priority, default=0)
+        self.active = active
+        inner = self.inner
+        for i, p in enumerate(self._priority):
+            want = self._own[i] and p == active
+            if inner.is_eligible(i) != want:
+                inner.set_eligible(i, want)

@@ -391,16 +391,34 @@ async def drain(proxy, listener, timeout, interrupt=None):
     return left
 
 
-async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
+async def serve(opts, ready=None, load_config=None, sockets=None, shared=None,
+                etcd_config=None):
     """Run until SIGINT or SIGTERM, then drain. ``load_config``: a function
     that reads the configuration again (SIGHUP reloads with it; it raises
     ``fastlb.errors.ConfigError`` listing the problems of an invalid one).
+    Pools with ``discovery`` get their backends from it
+    (``fastlb.runtime.discovery``), and ``etcd_config`` (an
+    ``EtcdConfig``) makes each new configuration in etcd a reload.
 
     A worker (``shared`` given, see ``fastlb.runtime.worker``) serves the
-    master's ``sockets``; its master reloads by replacing it, so SIGHUP is
-    ignored here, and the master says where it listens."""
+    master's ``sockets``; its master reloads by replacing it (and runs the
+    discovery), so SIGHUP is ignored here, and the master says where it
+    listens."""
     loop = asyncio.get_running_loop()
-    proxy, listener = await start(opts, loop, sockets, shared)
+    runner = None
+    base = opts
+    if shared is None and isinstance(opts, Config):
+        # also without discovery now: a reload may bring a pool that has one
+        from fastlb.runtime.discovery import Discovery
+
+        runner = Discovery(etcd_config)
+        opts = await runner.prime(opts)
+    try:
+        proxy, listener = await start(opts, loop, sockets, shared)
+    except BaseException:
+        if runner is not None:
+            await runner.stop()
+        raise
     stop = loop.create_future()
     now = loop.create_future()
     signals = []
@@ -447,6 +465,9 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
     admin = None
     info = _Info()
     controller = ProcessController(proxy, info)
+    if runner is not None:
+        controller.base = base
+        runner.attach(controller)
     if shared is None:
         log_listening(proxy.config, {name: f.listener.sockets
                                      for name, f in proxy.fronts.items()})
@@ -458,6 +479,8 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
                 admin = await start_admin(ProcessSource(proxy, info, controller),
                                           proxy.config.admin)
             except OSError as e:
+                if runner is not None:
+                    await runner.stop()
                 _close_listeners(proxy)
                 proxy.close()
                 await proxy.wait_closed()
@@ -466,6 +489,9 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         ready(proxy, listener)
     try:
         signame = await stop
+        if runner is not None:
+            await runner.stop()
+            runner = None
         for task in list(reloading):
             await task
         busy = sum(1 for c in proxy.clients if c.in_flight())
@@ -482,6 +508,8 @@ async def serve(opts, ready=None, load_config=None, sockets=None, shared=None):
         else:
             say("drained: every request finished; exiting")
     finally:
+        if runner is not None:
+            await runner.stop()
         if admin is not None:
             admin.close()
         for sig in signals:
@@ -496,7 +524,8 @@ def log_listening(config, sockets, workers=None):
     for name, lc in config.listeners.items():
         addrs = ", ".join(_fmt(s.getsockname()) for s in sockets[name])
         pools = lc.pools_used()
-        where = (", ".join(f"http://{b.address}" for b in config.pools[pools[0]].backends)
+        where = ((", ".join(f"http://{b.address}" for b in config.pools[pools[0]].backends)
+                  or f"pool {pools[0]} (no backend yet)")
                  if len(pools) == 1 and not lc.routes
                  else f"{len(lc.routes)} routes, pools {', '.join(pools)}")
         log.info("fastlb %s (%s core) listening on %s -> %s%s", _version(), core.IMPL, addrs,

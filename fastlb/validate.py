@@ -132,6 +132,28 @@ def backend_url(text):
     return parts.hostname, 80 if port is None else port
 
 
+def etcd_endpoint(text):
+    """``http://HOST[:PORT]`` of an etcd server -> ``(host, port)``; PORT
+    defaults to 2379 (etcd's client port)."""
+    if "://" not in text:
+        raise ConfigError("no scheme: expected http://HOST[:PORT]")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if parts.scheme != "http":
+        raise ConfigError("only http:// endpoints are supported (etcd's JSON gateway in "
+                          "plain HTTP)")
+    if not parts.hostname:
+        raise ConfigError("missing host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError("an endpoint is host and port only, no path")
+    if port == 0:
+        raise ConfigError("port must be from 1 to 65535")
+    return parts.hostname, 2379 if port is None else port
+
+
 def weight_problem(value):
     """None if ``value`` is a valid backend weight (a whole number from 0 to 10000)."""
     problem = number_problem(value, integer=True)

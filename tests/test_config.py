@@ -204,7 +204,8 @@ backends = ["http://127.0.0.1:9002"]
     (MINIMAL + "zzz = 1\n",
      ['fastlb.toml:5: pools.app.zzz: unknown key "zzz" (known: algorithm, hash_key, '
       'hash_balance_factor, backends, connect_timeout, response_timeout, retries, '
-      'retry_timeout, upstream_idle_timeout, upstream_max_idle, max_interim, health)']),
+      'retry_timeout, upstream_idle_timeout, upstream_max_idle, max_interim, health, '
+      'discovery)']),
     (MINIMAL.replace('backends = ["http://127.0.0.1:9001"]',
                      'backends = [{ url = "http://127.0.0.1:9001", wieght = 2 }]'),
      ['fastlb.toml:4: pools.app.backends[0].wieght: unknown key "wieght" '

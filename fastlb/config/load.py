@@ -28,15 +28,15 @@ import typing
 from fastlb import validate
 from fastlb.observe.accesslog import FORMATS as ACCESS_LOG_FORMATS
 from fastlb.config.locate import Locator, dotted
-from fastlb.config.model import (AdminConfig, BackendConfig, Config, ListenerConfig,
-                                 PoolConfig, RouteConfig)
+from fastlb.config.model import (AdminConfig, BackendConfig, Config, DiscoveryConfig,
+                                 ListenerConfig, PoolConfig, RouteConfig)
 from fastlb.errors import ConfigError, ConfigIssue
 from fastlb.health import HealthConfig
 from fastlb.selection import ALGORITHMS, HASHED
 from fastlb.validate import show
 
 __all__ = ["load", "loads", "GLOBAL_KEYS", "LISTENER_KEYS", "ROUTE_KEYS", "POOL_KEYS",
-           "BACKEND_KEYS", "HEALTH_KEYS"]
+           "BACKEND_KEYS", "HEALTH_KEYS", "DISCOVERY_KEYS"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 _RESOLVERS = 16         # host names looked up at once, at most
@@ -126,6 +126,64 @@ def _hash_balance_factor(value):
     return float(value)
 
 
+_DNS_NAME = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                       r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?\Z")
+
+
+def _srv_name(value):
+    if len(value) > 253 or not _DNS_NAME.match(value):
+        raise ConfigError(f"expected a DNS name such as _http._tcp.app.example, got {show(value)}")
+    return value
+
+
+def _resolver(value):
+    """``IP[:PORT]`` or ``[IPv6]:PORT`` (port 53 when left out) -> (ip, port)."""
+    host, port = value, 53
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"expected IP[:PORT] such as 127.0.0.1:5353, got {show(value)}")
+        port = rest[1:] if rest else 53
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    if not validate.is_ip(host):
+        raise ConfigError(f"the resolver is an IP address (with a port: 127.0.0.1:5353, "
+                          f"[::1]:53), got {show(value)}")
+    try:
+        port = int(port)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port must be from 1 to 65535, got {show(value)}")
+    return host, port
+
+
+def _etcd_endpoints(value):
+    """``["http://HOST[:PORT]", ...]`` (port 2379 when left out) -> the same, checked."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError('expected an array of etcd endpoints (["http://127.0.0.1:2379"]), '
+                          f"got {show(value)}")
+    out = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"expected an endpoint such as http://127.0.0.1:2379, got "
+                              f"{show(item)}")
+        try:
+            validate.etcd_endpoint(item)
+        except ConfigError as e:
+            raise ConfigError(f"{show(item)}: {e}") from None
+        out.append(item)
+    return tuple(out)
+
+
+def _prefix(value):
+    if not value or any(ord(c) < 0x20 for c in value):
+        raise ConfigError(f"expected a key prefix such as /services/app/, got {show(value)}")
+    return value
+
+
 _POSITIVE = _number(strict=True)
 _NON_NEGATIVE = _number()
 _SPECIAL = None     # a key the loader reads itself (a table or an array of them)
@@ -178,6 +236,14 @@ POOL_KEYS = {
     "upstream_max_idle": _integer(1),
     "max_interim": _integer(0),
     "health": _SPECIAL,
+    "discovery": _SPECIAL,
+}
+DISCOVERY_KEYS = {
+    "dns_srv": _string(_srv_name),
+    "interval": _POSITIVE,
+    "resolver": _string(_resolver),
+    "etcd": _etcd_endpoints,
+    "prefix": _string(_prefix),
 }
 ADMIN_KEYS = {
     "bind": _string(_listen),
@@ -214,6 +280,7 @@ _SECTIONS = {
     "backend": ("a backend setting ({ url = ..., weight = ... })", BACKEND_KEYS),
     "admin": ("an admin listener setting ([admin])", ADMIN_KEYS),
     "health": ("a health check setting ([pools.NAME.health])", HEALTH_KEYS),
+    "discovery": ("a discovery setting (discovery = { ... } of a pool)", DISCOVERY_KEYS),
 }
 
 
@@ -492,12 +559,57 @@ class _Loader:
             key = "hash_key" if "hash_key" in v else "hash_balance_factor"
             self.warn(path + (key,), f"only used by {', '.join(sorted(HASHED))}; algorithm "
                                      f"{v.get('algorithm', 'round-robin')} ignores it")
-        backends = self._backends(path, table)
+        discovery = self._discovery(path, table.get("discovery"))
+        backends = self._backends(path, table, discovery is not None or "discovery" in table)
         health = self._health(path, table.get("health"))
-        return PoolConfig(name=name, backends=backends, health=health, **v)
+        return PoolConfig(name=name, backends=backends, health=health, discovery=discovery,
+                          **v)
 
-    def _backends(self, path, table):
+    def _discovery(self, pool_path, raw):
+        """``discovery = { dns_srv = ... }`` or ``{ etcd = [...], prefix = ... }``."""
+        if raw is None:
+            return None
+        path = pool_path + ("discovery",)
+        table = self._table(raw, path, 'a discovery table (discovery = { dns_srv = "..." } or '
+                                       '{ etcd = ["http://..."], prefix = "..." })')
+        if table is None:
+            return None
+        v = self._keys(table, path, DISCOVERY_KEYS, "discovery")
+        ok = len(v) == len(table)
+        if "dns_srv" in table and "etcd" in table:
+            self.error(path, "give dns_srv or etcd, not both")
+            return None
+        if "dns_srv" in table:
+            for key in ("prefix",):
+                if key in table:
+                    self.error(path + (key,), f"{key} is an etcd setting (with etcd = [...]); "
+                                              "dns_srv takes interval and resolver")
+                    ok = False
+        elif "etcd" in table:
+            for key in ("interval", "resolver"):
+                if key in table:
+                    self.error(path + (key,), f"{key} is a dns_srv setting; etcd is watched "
+                                              "(changes apply at once) and takes prefix")
+                    ok = False
+            if "prefix" not in table:
+                self.error(path, "missing prefix (the etcd key prefix of the backends, such "
+                                 "as /services/app/)")
+                ok = False
+            elif "prefix" in v and not v["prefix"].endswith("/"):
+                self.warn(path + ("prefix",), f"{show(v['prefix'])} does not end with /: "
+                                              "it also matches keys of longer names "
+                                              f"({v['prefix']}2/...)")
+        else:
+            self.error(path, "missing dns_srv or etcd (where the backends are found)")
+            return None
+        if not ok:
+            return None
+        return DiscoveryConfig(**v)
+
+    def _backends(self, path, table, discovery=False):
         if "backends" not in table:
+            if discovery:
+                return ()       # discovery finds them
             self.error(path, "missing backends (a pool needs at least one)")
             return ()
         path += ("backends",)
@@ -507,6 +619,8 @@ class _Loader:
                              f"got {show(raw)}")
             return ()
         if not raw:
+            if discovery:
+                return ()
             self.error(path, "no backends: a pool needs at least one")
             return ()
         out = []

@@ -17,8 +17,9 @@ builds a new one.
           host / path_prefix / path / headers -> pool (+ strip_prefix)
       pools: {name: PoolConfig}              in file order
         algorithm, hash_key, upstream timeouts, retries
-        backends: (BackendConfig, ...)       url, host, port, weight
+        backends: (BackendConfig, ...)       url, host, port, weight (priority)
         health: fastlb.health.HealthConfig
+        discovery: DiscoveryConfig or None   DNS SRV or etcd: the backends found there
       access_log, via, log_level, drain_timeout, allow_unresolved, workers
 
 Defaults are those of the flags (and of ``fastlb.server.Options``). The
@@ -36,7 +37,7 @@ from fastlb.health import HealthConfig
 from fastlb.validate import format_address
 
 __all__ = ["Config", "ListenerConfig", "RouteConfig", "PoolConfig", "BackendConfig",
-           "AdminConfig", "DEFAULT_NAME"]
+           "AdminConfig", "DiscoveryConfig", "DEFAULT_NAME"]
 
 DEFAULT_NAME = "default"    # the listener and the pool that the flags describe
 
@@ -49,6 +50,10 @@ class BackendConfig:
     host: str           # lower-cased name or IP address (no brackets)
     port: int
     weight: int = 1     # 0 to 10000; 0: never chosen
+    # discovered backends only (DNS SRV priority): the pool uses its lowest
+    # group of backends, a higher one only while no backend of the lower is
+    # eligible (fastlb.selection.PriorityGate)
+    priority: int = 0
 
     @property
     def address(self):
@@ -162,11 +167,34 @@ class ListenerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiscoveryConfig:
+    """Where a pool's backends are found (``fastlb.balance.discovery``): DNS
+    SRV records (``dns_srv``) or keys under an etcd prefix (``etcd``); one of
+    the two. What is found replaces the pool's ``backends`` (then only the
+    set it starts with)."""
+
+    dns_srv: Optional[str] = None       # the SRV name, e.g. _http._tcp.app.example
+    interval: float = 10.0              # dns_srv: seconds between lookups at most (TTLs
+    #                                     shorter than this are followed)
+    resolver: Optional[tuple] = None    # dns_srv: (ip, port) of the DNS server; None: the system's
+    etcd: tuple = ()                    # etcd endpoints: ("http://127.0.0.1:2379", ...)
+    prefix: Optional[str] = None        # etcd: one key per backend under this prefix
+
+    @property
+    def kind(self):
+        return "dns_srv" if self.dns_srv is not None else "etcd"
+
+    def describe(self):
+        """``DNS SRV _http._tcp.app.example`` or ``etcd /services/app/``, for log lines."""
+        return f"DNS SRV {self.dns_srv}" if self.dns_srv is not None else f"etcd {self.prefix}"
+
+
+@dataclasses.dataclass(frozen=True)
 class PoolConfig:
     """Backends that serve alike, how one is chosen, and the upstream settings."""
 
     name: str
-    backends: tuple = ()                # (BackendConfig, ...), at least one
+    backends: tuple = ()                # (BackendConfig, ...), at least one (none: with discovery)
     algorithm: str = "round-robin"      # one of fastlb.selection.ALGORITHMS
     hash_key: str = "ip"                # maglev: ip, path, header:NAME, cookie:NAME, query:NAME
     hash_balance_factor: float = 0.0    # maglev: bounded load (0 = off, else >= 1)
@@ -178,6 +206,7 @@ class PoolConfig:
     upstream_max_idle: int = 64         # idle pooled connections per backend
     max_interim: int = 10               # 1xx responses relayed per request, at most
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
+    discovery: Optional[DiscoveryConfig] = None  # backends found in DNS or etcd
 
 
 @dataclasses.dataclass(frozen=True)

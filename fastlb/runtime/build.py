@@ -34,7 +34,7 @@ from fastlb.errors import KEY_KINDS
 from fastlb.health import HealthConfig
 from fastlb.proxy import Backend, Front, Pool
 from fastlb.runtime.routing import Router
-from fastlb.selection import HASHED, BalancerSet, make_balancer
+from fastlb.selection import HASHED, BalancerSet, PriorityGate, make_balancer
 from fastlb.validate import format_address
 from fastlb.wire.forwarded import TrustedProxies
 
@@ -134,15 +134,22 @@ def _plan_pool(plan, pc, old):
     n = len(pool.backends)
     pool.weights = [bc.weight for bc in pc.backends] or [1] * n
     names = [b.authority for b in pool.backends]
+    # a pool with no backend yet (its discovery has found none): selectors
+    # over one slot of weight 0, never chosen, so every request gets 503
+    sel_weights, sel_names = (pool.weights, names) if n else ([0], [b"-"])
     algo_opts = {}
     if pc.algorithm in HASHED:
         algo_opts["balance_factor"] = pc.hash_balance_factor
-    pool.balancer = make_balancer(pc.algorithm, pool.weights, names, **algo_opts)
+    pool.balancer = make_balancer(pc.algorithm, sel_weights, sel_names, **algo_opts)
     pool.balancers = pool.balancer
     pool.hash_kind, pool.hash_what, pool.hash_name = _key_spec(pc)
     if pc.algorithm in HASHED:
-        pool.fallback = make_balancer("weighted-round-robin", pool.weights, names)
+        pool.fallback = make_balancer("weighted-round-robin", sel_weights, sel_names)
         pool.balancers = BalancerSet(pool.balancer, pool.fallback)
+    priorities = [bc.priority for bc in pc.backends]
+    if len(set(priorities)) > 1:
+        # DNS SRV priorities: the health checker steers through the gate
+        pool.balancers = PriorityGate(pool.balancers, priorities, pool.weights)
     pool.connect_timeout = pc.connect_timeout
     pool.response_timeout = pc.response_timeout
     pool.max_tries = 1 + pc.retries

@@ -25,6 +25,8 @@ class Controller:
     def __init__(self, config):
         self.base = config          # as last loaded (the file or the flags)
         self.discovered = {}        # pool name -> (BackendConfig, ...) from discovery
+        self.followers = []         # called with each new base configuration (discovery
+        #                             starts and stops its sources as its pools say)
         self._lock = asyncio.Lock()
 
     @property
@@ -36,11 +38,13 @@ class Controller:
         raise NotImplementedError
 
     def overlay(self, config):
-        """``config`` with the discovered backends of its pools."""
+        """``config`` with the discovered backends of its pools (of those that
+        have discovery in ``config``: a pool whose discovery a reload took
+        away runs the backends of its file again)."""
         pools = None
         for name, backends in self.discovered.items():
             pc = config.pools.get(name)
-            if pc is not None and pc.backends != backends:
+            if pc is not None and pc.discovery is not None and pc.backends != backends:
                 if pools is None:
                     pools = dict(config.pools)
                 pools[name] = dataclasses.replace(pc, backends=backends)
@@ -58,6 +62,8 @@ class Controller:
         async with self._lock:
             summary = await self._apply(self.overlay(config))
             self.base = config
+            for follow in self.followers:
+                follow(config)
             return summary
 
     async def set_backends(self, pool, backends):

@@ -590,13 +590,19 @@ class Master:
         return summary
 
 
-async def run_master(config, ready=None, load_config=None):
+async def run_master(config, ready=None, load_config=None, etcd_config=None):
     """``fastlb serve`` with ``config.workers`` > 1: run the master until
     SIGTERM or SIGINT, then drain every worker. ``ready(master)`` is called
-    once every worker serves and the signal handlers are in place."""
+    once every worker serves and the signal handlers are in place.
+    Discovery (and ``etcd_config``, see ``fastlb.server.serve``) runs here,
+    once, never in the workers: each set it finds is a new generation."""
+    from fastlb.runtime.discovery import Discovery
     from fastlb.server import log_listening
 
     loop = asyncio.get_running_loop()
+    base = config
+    runner = Discovery(etcd_config)     # idle until a pool has discovery
+    config = await runner.prime(config)
     master = Master(config, config.workers, load_config, loop)
     stop = loop.create_future()
     now = loop.create_future()
@@ -621,6 +627,9 @@ async def run_master(config, ready=None, load_config=None):
         except BaseException:
             master.close()
             raise
+        if runner is not None:
+            master.controller.base = base
+            runner.attach(master.controller)
         log_listening(config, {name: sets[0] for name, sets in master.sockets.items()},
                       workers=master.n)
         if config.admin is not None:
@@ -638,6 +647,9 @@ async def run_master(config, ready=None, load_config=None):
         if ready is not None:
             ready(master)
         signame = await stop
+        if runner is not None:
+            await runner.stop()
+            runner = None
         if master._reloading is not None:
             try:
                 await master._reloading
@@ -649,6 +661,8 @@ async def run_master(config, ready=None, load_config=None):
         await master.stop(timeout, now)
         log.info("every worker stopped; exiting")
     finally:
+        if runner is not None:
+            await runner.stop()
         if admin is not None:
             admin.close()
         for sig in signals:
