@@ -16,7 +16,7 @@ cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT, TAIL_COPY
 cdef object _tail(bytes data, Py_ssize_t start)
 @cython.locals(n=Py_ssize_t)
 cdef Py_ssize_t _total(list pieces)
-cdef double LINGER, STALL, LOCAL_LOG_EVERY
+cdef double LINGER, STALL, LOCAL_LOG_EVERY, DRAIN_FIRST_WAIT
 cdef Py_ssize_t FD_RESERVE
 cdef frozenset _LOCAL_ERRNOS
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
@@ -275,6 +275,7 @@ cdef class ClientProtocol:
     @cython.locals(proxy=Proxy, backend=Backend)
     cdef response_done(self, bint keep_alive, int status)
     cdef _next_request(self)
+    cdef _drain_idle(self)
     cdef _reject(self, int status)
     cdef _fail(self, int status)
     cpdef timed_out(self, double now)

@@ -681,6 +681,7 @@ P_CONNECTING = 4    # body bytes are queued until the upstream connects
 
 PIPELINE_LIMIT = 65536
 LINGER = 2.0        # seconds a lingering close reads and discards
+DRAIN_FIRST_WAIT = 2.0  # draining: how long a connection not yet used may take to send its request
 CONNECT_QUEUE_LIMIT = 262144
 STALL = 1.0         # a tick this late means the event loop itself was stalled
 FD_RESERVE = 16     # fds kept free for upstream connects, checks and logs
@@ -1404,6 +1405,21 @@ class ClientProtocol:
             return
         self._next_request()
 
+    def _drain_idle(self):
+        """Draining, with no request under way. A connection kept alive after
+        a response closes now: a client must expect that of a reused
+        connection (RFC 9112 9.3.1), and HTTP clients send the request again.
+        One that has carried no request yet was just accepted, and its client
+        sent its request (or is about to) without any reason to expect a
+        close: as nginx does, it gets that one request answered (with
+        ``Connection: close``), if it comes within ``DRAIN_FIRST_WAIT``."""
+        if self.gen != 0:
+            self._close()
+            return
+        until = self.proxy.now + DRAIN_FIRST_WAIT
+        if until < self.deadline:
+            self.deadline = until
+
     def _next_request(self):
         """The exchange is over and the connection stays open: read the next
         request, starting with any that were pipelined behind this one."""
@@ -1883,7 +1899,7 @@ class Proxy:
         self.draining = True
         for c in list(self.clients):
             if c.state == R_HEAD and not c.buf:
-                c._close()
+                c._drain_idle()
 
     def drain_front(self, front):
         """A listener removed by a reload: its idle connections close now,
@@ -1891,7 +1907,7 @@ class Proxy:
         front.draining = True
         for c in list(self.clients):
             if c.front is front and c.state == R_HEAD and not c.buf:
-                c._close()
+                c._drain_idle()
 
     # -------------------------------------------------------- access log
 

@@ -304,6 +304,77 @@ def test_sigterm_drains_requests_in_flight(make_backend):
     assert "SIGTERM: draining" in err and "drained" in err, err
 
 
+def test_sigterm_answers_the_first_request_of_a_connection_just_accepted(make_backend):
+    """A connection accepted but with no request yet when the drain starts
+    (the client is sending it) is not closed like a reused idle one: its
+    client has no reason to expect that. It gets that one request answered,
+    with Connection: close, within a short wait; a connection that stays
+    silent is closed after it, and the drain ends."""
+    be = make_backend("A", handler=_slow_handler(1.0), on_head=_remember_conn)
+    fl = FastlbProcess([be.addr], "--drain-timeout", "20")
+    try:
+        used = raw_connect(fl.port, 5)
+        used.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        used_reader = Reader(used, 5)
+        assert used_reader.read_response().status == 200
+        busy = {}
+        t = threading.Thread(target=_post_in_thread, args=(fl.port, busy, 0))
+        t.start()       # keeps the drain going while the fresh connection speaks
+        assert wait_for(lambda: len(be.requests) == 2, timeout=5)
+        fresh = raw_connect(fl.port, 5)
+        silent = raw_connect(fl.port, 5)
+        # both accepted (the listener is polled): the proxy knows them
+        assert wait_for(lambda: _accepted(fl, 4), 5)
+        t0 = time.monotonic()
+        fl.proc.send_signal(signal.SIGTERM)
+        assert used_reader.at_eof(timeout=1.0)      # reused and idle: closed at once
+        time.sleep(0.3)
+        fresh.sendall(b"GET /fresh HTTP/1.1\r\nHost: t\r\n\r\n")
+        resp = Reader(fresh, 5).read_response()
+        assert (resp.status, resp.get("connection"), resp.body) == (200, "close", b"done /fresh")
+        assert Reader(silent, 5).at_eof(timeout=4.0)
+        t.join(10)
+        assert fl.proc.wait(10) == 0
+        elapsed = time.monotonic() - t0
+        for s in (used, fresh, silent):
+            s.close()
+    finally:
+        fl.kill()
+    assert busy[0] == (200, "close", b"done /0"), busy
+    assert elapsed < 5.0
+
+
+def _accepted(fl, n):
+    """``n`` client connections accepted by the process (its TCP sockets that
+    are not listening and not to the backend are counted by /proc)."""
+    return _established_to(fl.proc.pid, fl.port) >= n
+
+
+def _established_to(pid, port):
+    """Established TCP sockets of ``pid`` whose local port is ``port``."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    local, state, inode = parts[1], parts[3], parts[9]
+                    if state == "01" and inode in inodes and int(local.split(":")[1], 16) == port:
+                        n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
 def _refused(port):
     try:
         socket.create_connection((HOST, port), timeout=0.5).close()
@@ -418,8 +489,11 @@ def test_health_checks_that_meet_our_own_fd_shortage_do_not_take_backends_down(m
         assert wait_for(lambda: any(b"/h" in r.target.encode() for r in be.requests), 5)
         pid = fl.proc.pid
         hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
-        # below what is open, so that no check can get an fd (one may be open right now)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid) - 2, hard))
+        # No check can get an fd: a new fd takes the lowest free number, and
+        # one at or above the soft limit fails with EMFILE. A limit just below
+        # the count of open fds would leave any hole in the table (a check's
+        # socket just closed) free below it; with 3, only 0-2 are below it.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
         time.sleep(1.2)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (4096, hard))
         assert get(fl.port).status == 200
