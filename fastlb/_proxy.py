@@ -2038,4 +2038,11 @@ async def _connect(proxy, backend, client, gen):
     finally:
         backend.connecting -= 1
         proxy.connecting -= 1
+    if up.transport.is_closing():
+        # Closed or reset by the backend between the connect and now (a
+        # backend dying, or one that drops what it accepts): nothing was
+        # sent on it, so this fails like a refused connect. Never write the
+        # request into it and wait for an answer that cannot come.
+        client.upstream_connect_failed(backend, "closed by the backend as it opened", gen)
+        return
     client.upstream_connected(up, gen)

@@ -3,6 +3,7 @@ import asyncio
 import collections
 import socket
 import struct
+import threading
 
 import httpx
 import pytest
@@ -180,3 +181,60 @@ def test_retry_skips_the_failed_backend_under_every_algorithm(
 
     # every pick, first or retry, was released: nothing left counted in flight
     assert wait_for(lambda: not any(lb.lt.call_soon(in_flight))), lb.lt.call_soon(in_flight)
+
+
+class SlammingBackend:
+    """Accepts every connection and resets it at once (SO_LINGER 0), before
+    any byte: a backend dying as connections reach it. The reset often
+    arrives before fastlb's connect has handed the new connection over."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(512)
+        self.addr = self.sock.getsockname()
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+
+    def stop(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_a_connection_reset_as_it_opens_never_leaves_the_request_hanging(
+        make_backend, make_lb, algorithm):
+    """A fresh upstream connection that the backend resets before the request
+    is written on it fails like a refused connect: the request goes to the
+    next backend (nothing reached the first), and fastlb never writes it into
+    a connection that is already gone and waits there for an answer."""
+    slam = SlammingBackend()
+    good = make_backend("G", handler=lambda be, req: echo_response(be, req))
+    try:
+        lb = make_lb([slam.addr, good.addr], algorithm=algorithm, response_timeout=30.0)
+        with httpx.Client(timeout=3.0) as c:
+            for i in range(60):
+                # a fresh client connection each time: keys and rotation move
+                r = c.get(lb.url + f"/{i}", headers={"Connection": "close"})
+                assert r.status_code == 200, (i, r.status_code)
+        # (maglev keys on the client address: every request may go to G)
+        assert slam.accepted > 0 or algorithm == "maglev"
+        # with the slamming backend alone: a quick 502/503, never a hang
+        lb1 = make_lb([slam.addr], algorithm=algorithm, response_timeout=30.0)
+        with httpx.Client(timeout=3.0) as c:
+            for i in range(30):
+                r = c.get(lb1.url + f"/{i}", headers={"Connection": "close"})
+                assert r.status_code in (502, 503), (i, r.status_code)
+        assert slam.accepted > 0
+    finally:
+        slam.stop()
