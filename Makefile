@@ -1,6 +1,6 @@
 PY ?= .venv/bin/python
 
-.PHONY: venv compile debug test test-pure bench bench-e2e bench-workers fuzz fuzz-atheris clean
+.PHONY: venv compile debug test test-pure bench bench-e2e bench-workers bench-tls fuzz fuzz-atheris clean
 
 venv:
 	python3 -m venv .venv && .venv/bin/pip install -e '.[test,bench]'
@@ -26,6 +26,10 @@ bench-e2e:
 # fastlb --workers 1..N next to nginx worker_processes 1..N (see bench/README.md)
 bench-workers:
 	$(PY) bench/workers.py
+
+# TLS handshakes/s and requests/s over TLS, fastlb next to nginx (see bench/README.md)
+bench-tls:
+	$(PY) bench/tls.py
 
 # Differential fuzzing against h11 through a real fastlb (see tests/fuzzgen.py):
 # a million cases (override: make fuzz FUZZ_CASES=N FUZZ_SEED=S); stops by itself

@@ -72,7 +72,6 @@ cdef class Proxy:
     cdef public double _local_logged
     cdef public long long _local_quiet
     cdef public object _health_stop
-    cdef public bytes proto
     cdef public bytes via             # None: no Via
     cdef public object log            # AccessLog, or None when off
     cdef public object log_add        # log.buffer.add, bound once (None when off)
@@ -109,6 +108,7 @@ cdef class Pool:
     cdef public int max_interim       # 1xx responses relayed per request, at most
     cdef public object health         # HealthChecker or None
     cdef public bint eject_5xx        # 5xx responses count as backend failures
+    cdef public object tls_context    # ssl.SSLContext of its https:// backends, or None
     cdef public object config
     cdef public bint retired
 
@@ -124,6 +124,8 @@ cdef class Front:
     cdef public bint upgrade          # upgrade requests may become tunnels (False: 501)
     cdef public double tunnel_timeout # a tunnel idle this long (no byte either way) closes
     cdef public object trusted        # TrustedProxies (fastlb.wire.forwarded), or None
+    cdef public object tls            # fastlb.runtime.tls.ServerTLS of a TLS listener, or None
+    cdef public bytes proto           # X-Forwarded-Proto of its requests: b"http" or b"https"
     cdef public Pool pool             # requests matching no route (None: 404)
     cdef public Router router         # None: no routes
     cdef public int hash_what
@@ -146,6 +148,9 @@ cdef class Backend:
     cdef public int max_idle
     cdef public int connecting
     cdef public int fail_streak       # consecutive failures on real traffic
+    cdef public object tls            # https://: the ssl.SSLContext to connect with; None: TCP
+    cdef public str server_name       # https://: SNI and the name its certificate must have
+    cdef public double tls_logged     # loop time a TLS failure with it was last logged
     cdef public int row               # its counters' row in the table (-1: a row of its own)
     cdef public unsigned long long[::1] ctr   # those counters (B_*), this process's slot
 

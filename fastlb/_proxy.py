@@ -59,6 +59,17 @@ X-Forwarded-For is extended, the others go on, and each request's client
 address (``addr``: access log, hash key ``ip``) is the right-most address of
 its X-Forwarded-For that is not a trusted proxy (``fastlb.wire.forwarded``).
 
+TLS. Nothing here touches a socket: every byte goes through the transport
+(``write``, ``writelines``, pause and resume), so a TLS listener's
+connections (uvloop's SSL transport, made by ``fastlb.server.Listener``
+once the handshake is done) and an https:// backend's (``_connect`` with
+the Backend's ``tls`` context) run the same code as plain ones, with one
+difference: TLS has no half-close. A TLS transport cannot ``write_eof``, and
+after a peer's close_notify it writes nothing more, so an EOF from a TLS
+peer (``transport.can_write_eof()`` is false) ends the connection: a client
+with a request under way has left (499), a tunnel ends. The X-Forwarded-Proto
+a request gets is its listener's (``Front.proto``).
+
 Upstream side:
 
 An ``UpstreamProtocol`` is one TCP connection to one backend. It is either
@@ -95,6 +106,7 @@ import errno
 import logging
 import os
 import resource
+import ssl
 import time
 
 import httptools
@@ -124,6 +136,8 @@ from fastlb.runtime.shm import (
     NB,
     NL,
 )
+from fastlb.runtime.tls import SHUTDOWN_TIMEOUT as TLS_SHUTDOWN
+from fastlb.runtime.tls import describe_error as _tls_reason
 from fastlb.selection import HASHED, BalancerSet, make_balancer
 from fastlb.errors import (
     BODY_CHUNKED,
@@ -172,14 +186,19 @@ class Backend:
     keeps this very object, with its pooled connections and counters, and
     only ``index`` (its position in the pool's selector) may change."""
 
-    def __init__(self, index, host, port, max_idle=64):
+    def __init__(self, index, host, port, max_idle=64, tls=None, server_name=None):
         self.index = index
         self.host = host
         self.port = port
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.address = netloc
-        self.url = f"http://{netloc}"
+        self.url = f"{'http' if tls is None else 'https'}://{netloc}"
         self.authority = netloc.encode("ascii")
+        # https://: the pool's client context (ssl.SSLContext) and the name its
+        # certificate is checked against (and sent as SNI); None: plain TCP
+        self.tls = tls
+        self.server_name = server_name
+        self.tls_logged = -LOCAL_LOG_EVERY  # when a TLS failure with it was last logged
         self.pool = None        # the Pool it serves in (the last one, once retired)
         self.retired = False    # removed by a reload: finishing its requests
         self.idle = []          # LIFO of idle UpstreamProtocol; the oldest first
@@ -260,6 +279,7 @@ class Pool:
         self.idle_timeout = 60.0
         self.health = None      # fastlb.health.HealthChecker, when checks are on
         self.eject_5xx = False
+        self.tls_context = None  # ssl.SSLContext of its https:// backends (None: it has none)
         self.config = None      # the PoolConfig it was built from
         self.retired = False    # replaced by a reload
 
@@ -283,6 +303,8 @@ class Front:
         self.upgrade = True     # upgrade requests may become tunnels (False: 501)
         self.tunnel_timeout = 3600.0
         self.trusted = None     # fastlb.wire.forwarded.TrustedProxies, or None: trust nobody
+        self.tls = None         # fastlb.runtime.tls.ServerTLS of a TLS listener, or None
+        self.proto = b"http"    # X-Forwarded-Proto of its requests (b"https" with TLS)
         self.pool = None        # the pool of requests that match no route (None: 404)
         self.router = None      # fastlb.runtime.routing.Router, or None: no routes
         self.hash_what = 0      # the hash key parse_request_head extracts
@@ -368,12 +390,12 @@ class UpstreamProtocol:
             # the backend is done sending: so is the client side, and the
             # tunnel still carries the client's bytes until it says so too
             self.eof = True
-            if client.eof:
+            t = client.transport
+            if client.eof or not t.can_write_eof() or not self.transport.can_write_eof():
+                # (over TLS, on either side, an EOF ends the connection: no half-close)
                 client.end_tunnel()
-            else:
-                t = client.transport
-                if t.can_write_eof():
-                    t.write_eof()
+                return False
+            t.write_eof()
             return True
         return False
 
@@ -536,10 +558,13 @@ class UpstreamProtocol:
         t.close()
 
     def half_close(self):
-        """The client is done sending: so is this side (the backend may go on)."""
+        """The client is done sending: so is this side (the backend may go on).
+        False when this connection cannot half-close (TLS)."""
         t = self.transport
         if t is not None and t.can_write_eof():
             t.write_eof()
+            return True
+        return False
 
     # -------------------------------------------------------- body relay
 
@@ -690,6 +715,7 @@ LOCAL_LOG_EVERY = 10.0  # seconds between two log lines about fastlb's own short
 # connect() errors that are fastlb's own shortage, never the backend's fault
 _LOCAL_ERRNOS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
 
+_SSLError = ssl.SSLError
 _HttpRequestParser = httptools.HttpRequestParser
 _HttpParserError = httptools.HttpParserError
 _HttpParserUpgrade = httptools.HttpParserUpgrade
@@ -834,12 +860,23 @@ class ClientProtocol:
         if self.state == R_HEAD and not self.buf:
             return False
         self.eof = True
+        if not self.transport.can_write_eof():
+            # TLS: the client's close_notify ends the whole connection (uvloop
+            # shuts it down and writes nothing more): it left, as a client
+            # that closes does
+            if self.state == R_TUNNEL:
+                self.end_tunnel()
+                return False
+            if self.log_head is not None:
+                self._log_cut()
+            self._close()       # (uvloop answers the close_notify)
+            return False
         if self.state == R_TUNNEL:
             # done sending: so is the backend side; the other way stays open
-            if self.up.eof:
+            # (a backend over TLS cannot half-close: then the tunnel ends)
+            if self.up.eof or not self.up.half_close():
                 self.end_tunnel()
-            else:
-                self.up.half_close()
+                return False
             return True
         if self.state != R_DONE:
             # The request can never be completed now.
@@ -1038,10 +1075,10 @@ class ClientProtocol:
         self.holding = True
         self.held_by = balancer
         if self.trust is None:
-            out = _write_request_head(req, self.client_ip, proxy.proto, proxy.via,
+            out = _write_request_head(req, self.client_ip, front.proto, proxy.via,
                                       backend.authority)
         else:   # a trusted proxy: its X-Forwarded-* go on
-            out = _write_request_head(req, self.client_ip, proxy.proto, proxy.via,
+            out = _write_request_head(req, self.client_ip, front.proto, proxy.via,
                                       backend.authority, True)
         if strip is not None:
             out = strip_target(out, strip)
@@ -1719,7 +1756,6 @@ class Proxy:
         self.health = None
         self.clients = set()
         self.response_timeout = 60.0    # closing connections flush for this long at most
-        self.proto = b"http"
         self.via = b"fastlb" if config.via else None
         self.log = None if config.access_log == "off" else AccessLog(config.access_log,
                                                                      config.access_log_format)
@@ -2017,17 +2053,33 @@ async def _connect(proxy, backend, client, gen):
     backend.connecting += 1
     proxy.connecting += 1
     started = loop.time()
+    tls = backend.tls
     try:
-        _, up = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: UpstreamProtocol(backend, proxy), backend.host, backend.port),
-            timeout)
+        if tls is None:
+            connecting = loop.create_connection(
+                lambda: UpstreamProtocol(backend, proxy), backend.host, backend.port)
+        else:   # https://: the handshake is part of the connect, under its timeout
+            connecting = loop.create_connection(
+                lambda: UpstreamProtocol(backend, proxy), backend.host, backend.port,
+                ssl=tls, server_hostname=backend.server_name, ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN)
+        _, up = await asyncio.wait_for(connecting, timeout)
     except asyncio.TimeoutError:
         if loop.time() - started > timeout + STALL:
             # our own timer fired late: the loop was stalled, not the backend
             client.upstream_local_error("event loop stalled during connect", gen)
         else:
             client.upstream_connect_failed(backend, "connect timeout", gen)
+        return
+    except _SSLError as e:
+        # the backend's certificate, or a backend that does not speak TLS:
+        # a setup to fix, so said at warning level (once every 10 s per backend)
+        reason = _tls_reason(e)
+        now = loop.time()
+        if now - backend.tls_logged >= LOCAL_LOG_EVERY:
+            backend.tls_logged = now
+            log.warning("backend %s: %s", backend.url, reason)
+        client.upstream_connect_failed(backend, reason, gen)
         return
     except OSError as e:
         if e.errno in _LOCAL_ERRNOS:

@@ -102,7 +102,7 @@ def _shown(text):
 
 
 def parse_backend_spec(text):
-    """``URL[,weight=N]`` -> ((host, port), weight)."""
+    """``URL[,weight=N]`` -> ((host, port), weight); ``backend_scheme`` gives its scheme."""
     url, sep, opt = text.partition(",")
     weight = 1
     if sep:
@@ -129,14 +129,20 @@ def parse_hash_key(text):
 
 
 def parse_backend(text):
-    """``http://HOST[:PORT]`` -> (host, port); the scheme is required.
+    """``http://HOST[:PORT]`` or ``https://HOST[:PORT]`` -> (host, port); the
+    scheme is required.
 
-    HOST is a name, an IPv4 address or ``[IPv6]``; PORT defaults to 80.
+    HOST is a name, an IPv4 address or ``[IPv6]``; PORT defaults to 80 (443).
     """
     try:
         return validate.backend_url(text)
     except ConfigError as e:
         raise ConfigError(f"--backend {_shown(text)}: {e}") from None
+
+
+def backend_scheme(spec):
+    """The scheme of a ``--backend URL[,weight=N]`` already parsed: http or https."""
+    return spec.partition(",")[0].partition("://")[0].lower()
 
 
 def check_backends_resolve(backends, urls, allow_unresolved=False, log=None):
@@ -294,6 +300,25 @@ def build_parser():
                        help="write the process id to FILE (removed at exit), for "
                             "fastlb reload --pid-file FILE")
     _add_common(serve)
+    tls = serve.add_argument_group("TLS (see README)")
+    tls.add_argument("--tls-cert", action="append", default=[], metavar="FILE",
+                     help="serve HTTPS: a certificate (PEM, its chain after it); repeat with "
+                          "--tls-key for more, chosen by the name the client asks for (SNI), "
+                          "the first being the default")
+    tls.add_argument("--tls-key", action="append", default=[], metavar="FILE",
+                     help="the private key of the --tls-cert before it (PEM, unencrypted)")
+    tls.add_argument("--tls-handshake-timeout", type=_positive(float), default=10.0,
+                     metavar="S", help="a TLS handshake not done within S seconds is closed "
+                                       "(default 10)")
+    tls.add_argument("--backend-ca-file", metavar="FILE",
+                     help="https:// backends: trust the CAs of FILE (PEM) instead of the "
+                          "system's")
+    tls.add_argument("--backend-server-name", metavar="NAME",
+                     help="https:// backends: send NAME as SNI and check their certificate "
+                          "against it (default: each backend's host)")
+    tls.add_argument("--backend-no-verify", dest="backend_verify", action="store_false",
+                     help="https:// backends: do not check their certificates (test setups "
+                          "only)")
     demo = sub.add_parser("demo", help="run three demo backends behind the balancer and load them")
     _add_common(demo)
     demo.set_defaults(listen="127.0.0.1:0")
@@ -329,7 +354,8 @@ def given_flags(parser, argv, command):
     return set(vars(sub.parse_args(rest)))
 
 
-def options_from_args(args, backends, weights=()):
+def options_from_args(args, backends, weights=(), schemes=()):
+    from fastlb.config.flags import backend_tls_from_flags, tls_from_flags
     from fastlb.health import HealthConfig
     from fastlb.server import Options
 
@@ -364,6 +390,7 @@ def options_from_args(args, backends, weights=()):
         trusted_proxies=_trusted_networks(args.trusted_proxies),
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
         hash_balance_factor=args.hash_balance_factor, workers=getattr(args, "workers", 1),
+        schemes=tuple(schemes), tls=tls_from_flags(args), backend_tls=backend_tls_from_flags(args),
     )
 
 
@@ -397,7 +424,8 @@ def main(argv=None):
             if not args.backend:
                 raise ConfigError("serve: give at least one --backend http://HOST:PORT")
             specs = [parse_backend_spec(b) for b in args.backend]
-            opts = options_from_args(args, [s[0] for s in specs], [s[1] for s in specs])
+            opts = options_from_args(args, [s[0] for s in specs], [s[1] for s in specs],
+                                     [backend_scheme(b) for b in args.backend])
             check_backends_resolve(opts.backends, [b.partition(",")[0] for b in args.backend],
                                    args.allow_unresolved)
             if args.admin is not None or args.admin_token_file is not None:

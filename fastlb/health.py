@@ -80,6 +80,7 @@ import logging
 import math
 import random
 import re
+import ssl
 import time
 from typing import Optional
 
@@ -296,6 +297,7 @@ class _State:
         "pfails", "ejected", "ejected_until", "eject_count", "awaiting", "trial",
         "held", "readmitted_at", "timer", "ramp", "ramp_step", "wake", "last_failure",
         "mode", "checks", "check_failures", "last_check", "shown", "changed_at",
+        "tls", "server_name",
     )
 
     def __init__(self, backend, weight, request, pool=None):
@@ -305,6 +307,9 @@ class _State:
         self.label = backend.url if pool is None else f"{backend.url} (pool {pool})"
         self.host = backend.host
         self.port = backend.port
+        # an https:// backend is checked in TLS, as its traffic goes
+        self.tls = getattr(backend, "tls", None)
+        self.server_name = getattr(backend, "server_name", None)
         self.request = request
         self.weight = weight         # configured (unscaled)
         self.cur_weight = None       # last value given to set_weight
@@ -780,8 +785,13 @@ class HealthChecker:
         writer = None
         try:
             async with asyncio.timeout(cfg.timeout):
-                reader, writer = await asyncio.open_connection(
-                    st.host, st.port, limit=_STATUS_LINE_MAX)
+                if st.tls is None:
+                    reader, writer = await asyncio.open_connection(
+                        st.host, st.port, limit=_STATUS_LINE_MAX)
+                else:
+                    reader, writer = await asyncio.open_connection(
+                        st.host, st.port, limit=_STATUS_LINE_MAX, ssl=st.tls,
+                        server_hostname=st.server_name, ssl_handshake_timeout=cfg.timeout)
                 writer.write(st.request)
                 line = await reader.readuntil(b"\n")
         except TimeoutError:
@@ -796,6 +806,10 @@ class HealthChecker:
             return False, "closed without a response"
         except asyncio.LimitOverrunError:
             return False, "invalid status line"
+        except ssl.SSLError as e:
+            from fastlb.runtime.tls import describe_error
+
+            return False, describe_error(e)
         except OSError as e:
             if e.errno in _LOCAL_ERRNOS:
                 return None, e.strerror or str(e)

@@ -5,7 +5,10 @@ drops waiting connections or uvloop closes the listening socket, turning a
 moment of pressure into lost clients or an outage. ``Listener`` keeps the
 socket itself and stops accepting *before* fds run out (connections then
 wait in the kernel's backlog, as in nginx), and serves the socket again if
-uvloop ever lets go of it.
+uvloop ever lets go of it. A TLS listener's servers do the handshake
+(uvloop's SSL protocol, with the listener's ``ServerTLS`` context and
+handshake timeout) before its ``ClientProtocol`` sees the connection; a
+handshake that fails is at most a debug line (``_loop_exception``).
 
 Stopping. SIGTERM and SIGINT start a drain: stop accepting at once, close
 idle keep-alive connections, let requests in flight finish (their responses
@@ -21,12 +24,14 @@ import logging
 import os
 import signal
 import socket
+import ssl
 
 from fastlb import core
 from fastlb.config.model import Config
 from fastlb.proxy import ClientProtocol, Proxy
 from fastlb.runtime import build
 from fastlb.runtime.shm import TableFull
+from fastlb.runtime.tls import SHUTDOWN_TIMEOUT as TLS_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("fastlb")
 
@@ -56,6 +61,9 @@ class Options:
     upgrade: bool = True                 # Upgrade requests become tunnels (False: 501)
     tunnel_timeout: float = 3600.0       # a tunnel idle (no byte either way) this long closes
     trusted_proxies: tuple = ()          # CIDR strings whose X-Forwarded-For is believed
+    tls: object = None                   # fastlb.config.model.TLSConfig: TLS termination
+    schemes: tuple = ()                  # per backend, "http" or "https"; () = all http
+    backend_tls: object = None           # fastlb.config.model.BackendTLSConfig (https ones)
     access_log: str = "off"              # "-", a path, or "off"
     access_log_format: str = "combined"  # "combined" or "json"
     via: bool = True
@@ -92,8 +100,11 @@ class Listener:
     ``sockets``, ``close()``, ``wait_closed()``, ``is_serving()``.
     """
 
-    def __init__(self, loop, socks, protocol_factory, backlog=1024, room=None):
+    def __init__(self, loop, socks, protocol_factory, backlog=1024, room=None, tls=None):
         self._loop = loop
+        self._tls = None            # (ssl context, handshake timeout) of a TLS listener
+        if tls is not None:
+            self._tls = (tls.context, tls.handshake_timeout)
         self.sockets = list(socks)
         self._inodes = [os.fstat(s.fileno()).st_ino for s in self.sockets]
         self._factory = protocol_factory
@@ -126,8 +137,15 @@ class Listener:
                     continue
                 dup = sock.dup()
                 try:
-                    srv = await self._loop.create_server(self._factory, sock=dup,
-                                                         backlog=self._backlog)
+                    if self._tls is None:
+                        srv = await self._loop.create_server(self._factory, sock=dup,
+                                                             backlog=self._backlog)
+                    else:
+                        ctx, timeout = self._tls
+                        srv = await self._loop.create_server(
+                            self._factory, sock=dup, backlog=self._backlog, ssl=ctx,
+                            ssl_handshake_timeout=timeout,
+                            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
                 except BaseException:
                     dup.close()
                     raise
@@ -148,6 +166,20 @@ class Listener:
                 self._servers[i] = None
                 self._fds[i] = -1
                 srv.close()
+
+    def set_tls(self, tls):
+        """Serve with ``tls`` (a ``fastlb.runtime.tls.ServerTLS``, or None:
+        plain) from now on: when its context or handshake timeout is not
+        the one served with, the servers start again on the same sockets
+        (connections wait in the backlog meanwhile; open ones are kept)."""
+        want = None if tls is None else (tls.context, tls.handshake_timeout)
+        if want == self._tls:
+            return
+        self._tls = want
+        if self._closed or self._paused:
+            return      # started with it when accepting resumes
+        self._stop_servers()
+        self._restart()
 
     def pause(self, why):
         """Stop accepting for a while: new connections wait in the backlog."""
@@ -285,7 +317,7 @@ async def _start_front(proxy, front, loop, socks=None):
     if socks is None:
         socks = _bind(lc)
     listener = Listener(loop, socks, lambda: ClientProtocol(proxy, front), lc.backlog,
-                        room=proxy.fd_room)
+                        room=proxy.fd_room, tls=front.tls)
     front.listener = listener
     try:
         await listener.start()
@@ -355,6 +387,9 @@ async def reload(proxy, config):
     for front in removed:
         if front.listener is not None:
             front.listener.close()
+    for front, _ in plan.fronts_keep:
+        if front.listener is not None:
+            front.listener.set_tls(front.tls)   # TLS turned on or off, another timeout
     ready = dict((lc.name, socks) for lc, socks in pending)
     for front in added:
         lc = front.config
@@ -362,7 +397,7 @@ async def reload(proxy, config):
         if socks is None:
             socks = _bind(lc)
         listener = Listener(loop, socks, lambda f=front: ClientProtocol(proxy, f), lc.backlog,
-                            room=proxy.fd_room)
+                            room=proxy.fd_room, tls=front.tls)
         front.listener = listener
         await listener.start()
     build.publish(proxy)
@@ -524,12 +559,18 @@ def log_listening(config, sockets, workers=None):
     for name, lc in config.listeners.items():
         addrs = ", ".join(_fmt(s.getsockname()) for s in sockets[name])
         pools = lc.pools_used()
-        where = ((", ".join(f"http://{b.address}" for b in config.pools[pools[0]].backends)
+        where = ((", ".join(f"{b.scheme}://{b.address}" for b in config.pools[pools[0]].backends)
                   or f"pool {pools[0]} (no backend yet)")
                  if len(pools) == 1 and not lc.routes
                  else f"{len(lc.routes)} routes, pools {', '.join(pools)}")
-        log.info("fastlb %s (%s core) listening on %s -> %s%s", _version(), core.IMPL, addrs,
-                 where, f" ({workers} workers)" if workers else "")
+        tls = ""
+        if lc.tls is not None:
+            names = [n for c in lc.tls.certificates for n in c.names]
+            n = len(lc.tls.certificates)
+            tls = (f" (TLS, {n} certificate{'s' if n > 1 else ''}"
+                   + (f": {', '.join(dict.fromkeys(names))}" if names else "") + ")")
+        log.info("fastlb %s (%s core) listening on %s -> %s%s%s", _version(), core.IMPL, addrs,
+                 where, tls, f" ({workers} workers)" if workers else "")
 
 
 class _Info:
@@ -613,9 +654,24 @@ def new_event_loop():
     return uvloop.new_event_loop()
 
 
+def _loop_exception(loop, context):
+    """The event loop's exception handler: what a TLS peer does wrong (a
+    failed handshake, plain HTTP on a TLS port, a reset mid-handshake) is no
+    error of fastlb's, so it is a debug line, never a traceback; everything
+    else goes to asyncio's default handler."""
+    exc = context.get("exception")
+    proto = context.get("protocol")
+    if isinstance(exc, ssl.SSLError) or (
+            isinstance(exc, OSError) and "SSL" in type(proto).__name__):
+        log.debug("TLS: %s: %s", context.get("message"), exc)
+        return
+    loop.default_exception_handler(context)
+
+
 def run(coro):
     """Run a coroutine on a fresh uvloop event loop."""
     loop = new_event_loop()
+    loop.set_exception_handler(_loop_exception)
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(coro)

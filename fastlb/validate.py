@@ -111,25 +111,49 @@ def format_address(host, port):
 
 
 def backend_url(text):
-    """``http://HOST[:PORT]`` -> ``(host, port)``; the scheme is required, PORT
-    defaults to 80. HOST is a name, an IPv4 address or ``[IPv6]``; it comes
-    back lower-cased and without brackets (as ``urllib.parse`` gives it)."""
+    """``http://HOST[:PORT]`` or ``https://HOST[:PORT]`` -> ``(host, port)``
+    (``backend_endpoint`` without the scheme)."""
+    return backend_endpoint(text)[1:]
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def backend_endpoint(text):
+    """``http://HOST[:PORT]`` or ``https://HOST[:PORT]`` -> ``(scheme, host,
+    port)``; the scheme is required, PORT defaults to 80 (http) or 443
+    (https). HOST is a name, an IPv4 address or ``[IPv6]``; it comes back
+    lower-cased and without brackets (as ``urllib.parse`` gives it)."""
     if "://" not in text:
-        raise ConfigError("no scheme: expected http://HOST[:PORT]")
+        raise ConfigError("no scheme: expected http://HOST[:PORT] or https://HOST[:PORT]")
     try:
         parts = urllib.parse.urlsplit(text)
         port = parts.port
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if parts.scheme != "http":
-        raise ConfigError("only http:// backends are supported")
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ConfigError("only http:// and https:// backends are supported")
     if not parts.hostname:
         raise ConfigError("missing host")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ConfigError("a backend is host and port only, no path")
     if port == 0:
         raise ConfigError("port must be from 1 to 65535")
-    return parts.hostname, 80 if port is None else port
+    return parts.scheme, parts.hostname, DEFAULT_PORTS[parts.scheme] if port is None else port
+
+
+def server_name(text):
+    """A TLS server name (SNI) for backends: a DNS name (no wildcard, no
+    port), or an IP address (then no SNI is sent, and the certificate must
+    name that address). Returned lower-cased, without a trailing dot."""
+    host = text.strip().lower()
+    if is_ip(host):
+        return host
+    labels = host.rstrip(".").split(".")
+    if not host or len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ConfigError(f"{show(text)} is not a host name; expected a name such as "
+                          "api.internal (the name the backends' certificate is for)")
+    return host.rstrip(".")
 
 
 def etcd_endpoint(text):

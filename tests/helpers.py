@@ -418,10 +418,11 @@ class _BackendConn(asyncio.Protocol):
 
 class ScriptBackend:
     """A backend server on ``lt`` (a LoopThread). ``handler(be, req)`` returns
-    the response: bytes, a list of byte strings, a ``Reply``, or ``HANG``."""
+    the response: bytes, a list of byte strings, a ``Reply``, or ``HANG``.
+    ``ssl``: an ``ssl.SSLContext`` to serve HTTPS with."""
 
     def __init__(self, lt, name="A", handler=None, max_requests=None, send_continue=True,
-                 on_head=None):
+                 on_head=None, ssl=None):
         self.lt = lt
         self.name = name
         self.handler = handler
@@ -436,7 +437,7 @@ class ScriptBackend:
 
         async def go():
             loop = asyncio.get_running_loop()
-            return await loop.create_server(lambda: _BackendConn(self), HOST, 0)
+            return await loop.create_server(lambda: _BackendConn(self), HOST, 0, ssl=ssl)
 
         self.server = lt.call(go())
         self.port = self.server.sockets[0].getsockname()[1]

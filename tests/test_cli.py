@@ -62,14 +62,14 @@ def test_bad_flag(args):
 
 
 @pytest.mark.parametrize("url", [
-    "https://127.0.0.1:8443",
+    "ws://127.0.0.1:8443",
     "http://127.0.0.1:99999",
     "http://127.0.0.1:80/path",
     "http://:80",
     "ftp://x:1",
     "http://user@127.0.0.1:80",
     "http://127.0.0.1:abc",
-], ids=["https", "port-range", "path", "no-host", "ftp", "userinfo", "port-text"])
+], ids=["ws", "port-range", "path", "no-host", "ftp", "userinfo", "port-text"])
 def test_bad_backend_url(url):
     p = run_fastlb("serve", "--listen", f"{HOST}:0", "--backend", url)
     lines = _one_line_error(p)
@@ -91,7 +91,7 @@ def test_backend_without_scheme_is_an_error(url):
     lines = _one_line_error(p)
     assert p.returncode == 2
     assert lines == [f"fastlb: error: --backend {url.partition(',')[0]}: no scheme: "
-                     "expected http://HOST[:PORT]"], p.stderr
+                     "expected http://HOST[:PORT] or https://HOST[:PORT]"], p.stderr
 
 
 def test_backend_port_zero_is_an_error():

@@ -204,7 +204,7 @@ backends = ["http://127.0.0.1:9002"]
     (MINIMAL + "zzz = 1\n",
      ['fastlb.toml:5: pools.app.zzz: unknown key "zzz" (known: algorithm, hash_key, '
       'hash_balance_factor, backends, connect_timeout, response_timeout, retries, '
-      'retry_timeout, upstream_idle_timeout, upstream_max_idle, max_interim, health, '
+      'retry_timeout, upstream_idle_timeout, upstream_max_idle, max_interim, tls, health, '
       'discovery)']),
     (MINIMAL.replace('backends = ["http://127.0.0.1:9001"]',
                      'backends = [{ url = "http://127.0.0.1:9001", wieght = 2 }]'),
@@ -296,15 +296,15 @@ backends = ["http://127.0.0.1:9002"]
       '(visible ASCII, no spaces), got "health"']),
     # backends
     (MINIMAL.replace('backends = ["http://127.0.0.1:9001"]',
-                     'backends = ["https://127.0.0.1:9001", "http://127.0.0.1:9001/x"]'),
-     ['fastlb.toml:4: pools.app.backends[0]: "https://127.0.0.1:9001": only http:// '
-      'backends are supported',
+                     'backends = ["ws://127.0.0.1:9001", "http://127.0.0.1:9001/x"]'),
+     ['fastlb.toml:4: pools.app.backends[0]: "ws://127.0.0.1:9001": only http:// and '
+      'https:// backends are supported',
       'fastlb.toml:4: pools.app.backends[1]: "http://127.0.0.1:9001/x": a backend is host '
       'and port only, no path']),
     (MINIMAL.replace('backends = ["http://127.0.0.1:9001"]',
                      'backends = ["127.0.0.1:9001", "http://127.0.0.1:0"]'),
      ['fastlb.toml:4: pools.app.backends[0]: "127.0.0.1:9001": no scheme: expected '
-      'http://HOST[:PORT]',
+      'http://HOST[:PORT] or https://HOST[:PORT]',
       'fastlb.toml:4: pools.app.backends[1]: "http://127.0.0.1:0": port must be from 1 to '
       '65535']),
     (MINIMAL.replace('backends = ["http://127.0.0.1:9001"]', "backends = []"),
@@ -674,7 +674,7 @@ def test_from_flags_reports_every_bad_flag():
                               "--hash-balance-factor", "0.5", "--health-path", "nope"))
     assert [str(e) for e in info.value.errors] == [
         "--listen: invalid port in 'x:y'",
-        "--backend ftp://h: only http:// backends are supported",
+        "--backend ftp://h: only http:// and https:// backends are supported",
         "--hash-key 'foo': expected ip, path, header:NAME, cookie:NAME or query:NAME",
         "--hash-balance-factor: must be 0 (off) or at least 1, got 0.5",
         '--health-path: expected an absolute path such as /healthz (visible ASCII, no '
@@ -858,8 +858,9 @@ backends = [{{ url = "http://{HOST}:{a.port}", weight = 3 }}, "http://{HOST}:{b.
 
 
 def test_readme_shows_the_example_and_documents_every_key():
-    from fastlb.config.load import (BACKEND_KEYS, GLOBAL_KEYS, HEALTH_KEYS, LISTENER_KEYS,
-                                    POOL_KEYS, ROUTE_KEYS)
+    from fastlb.config.load import (BACKEND_KEYS, BACKEND_TLS_KEYS, CERTIFICATE_KEYS,
+                                    GLOBAL_KEYS, HEALTH_KEYS, LISTENER_KEYS, POOL_KEYS,
+                                    ROUTE_KEYS, TLS_KEYS)
 
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
@@ -867,7 +868,8 @@ def test_readme_shows_the_example_and_documents_every_key():
     with open(EXAMPLE) as f:
         assert "```toml\n" + f.read() + "```\n" in section
     schema = section[section.index("### Schema"):section.index("### Errors")]
-    for keys in (GLOBAL_KEYS, LISTENER_KEYS, ROUTE_KEYS, POOL_KEYS, BACKEND_KEYS, HEALTH_KEYS):
+    for keys in (GLOBAL_KEYS, LISTENER_KEYS, ROUTE_KEYS, POOL_KEYS, BACKEND_KEYS, HEALTH_KEYS,
+                 TLS_KEYS, CERTIFICATE_KEYS, BACKEND_TLS_KEYS):
         for key in keys:
             if key not in ("listeners", "pools", "routes", "health", "url", "weight"):
                 assert f"`{key}`" in schema, key

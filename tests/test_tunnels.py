@@ -151,13 +151,15 @@ class _TunnelConn(asyncio.Protocol):
 
 
 class TunnelBackend:
-    def __init__(self, lt):
+    """``ssl``: an ``ssl.SSLContext``: the backend speaks TLS."""
+
+    def __init__(self, lt, ssl=None):
         self.lt = lt
         self.conns = []
 
         async def go():
             return await asyncio.get_running_loop().create_server(
-                lambda: _TunnelConn(self), HOST, 0)
+                lambda: _TunnelConn(self), HOST, 0, ssl=ssl)
 
         self.server = lt.call(go())
         self.addr = (HOST, self.server.sockets[0].getsockname()[1])

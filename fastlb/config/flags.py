@@ -24,14 +24,14 @@ it would be ambiguous which listener or pool it meant.
 import dataclasses
 
 from fastlb import validate
-from fastlb.config.model import (DEFAULT_NAME, BackendConfig, Config, ListenerConfig,
-                                 PoolConfig)
+from fastlb.config.model import (DEFAULT_NAME, BackendConfig, BackendTLSConfig, Config,
+                                 ListenerConfig, PoolConfig, TLSConfig)
 from fastlb.errors import ConfigError, ConfigIssue
 from fastlb.health import FLAGS as HEALTH_FLAGS
 from fastlb.health import HealthConfig
 
 __all__ = ["from_flags", "apply_flags", "Override", "FLAGS", "GLOBAL", "LISTENER", "POOL",
-           "HEALTH"]
+           "HEALTH", "tls_from_flags", "backend_tls_from_flags"]
 
 GLOBAL, LISTENER, POOL, HEALTH = "global", "listener", "pool", "health"
 
@@ -61,6 +61,9 @@ FLAGS = tuple(Flag(*f) for f in (
     ("upgrade", "--no-upgrade", LISTENER, "upgrade"),
     ("tunnel_timeout", "--tunnel-timeout", LISTENER, "tunnel_timeout"),
     ("trusted_proxies", "--trusted-proxy", LISTENER, "trusted_proxies"),
+    ("tls_cert", "--tls-cert", LISTENER, "tls.certificates[].cert"),
+    ("tls_key", "--tls-key", LISTENER, "tls.certificates[].key"),
+    ("tls_handshake_timeout", "--tls-handshake-timeout", LISTENER, "tls.handshake_timeout"),
     ("backend", "--backend", POOL, "backends"),
     ("algorithm", "--algorithm", POOL, "algorithm"),
     ("hash_key", "--hash-key", POOL, "hash_key"),
@@ -72,6 +75,9 @@ FLAGS = tuple(Flag(*f) for f in (
     ("upstream_idle_timeout", "--upstream-idle-timeout", POOL, "upstream_idle_timeout"),
     ("upstream_max_idle", "--upstream-max-idle", POOL, "upstream_max_idle"),
     ("max_interim", "--max-interim", POOL, "max_interim"),
+    ("backend_ca_file", "--backend-ca-file", POOL, "tls.ca_file"),
+    ("backend_server_name", "--backend-server-name", POOL, "tls.server_name"),
+    ("backend_verify", "--backend-no-verify", POOL, "tls.verify"),
 )) + tuple(Flag(flag[2:].replace("-", "_"), flag, HEALTH, field)
            for field, flag in HEALTH_FLAGS.items())
 
@@ -112,12 +118,72 @@ def _global_value(f, value, errors):
     return value
 
 
+def tls_from_flags(args):
+    """The ``TLSConfig`` of ``--tls-cert`` / ``--tls-key`` (pairs, in order)
+    and ``--tls-handshake-timeout``, the certificates read and checked; None
+    without ``--tls-cert``. Raises ``ConfigError`` naming the flag."""
+    import logging
+
+    from fastlb.runtime import tls
+
+    certs = list(getattr(args, "tls_cert", None) or ())
+    keys = list(getattr(args, "tls_key", None) or ())
+    if not certs and not keys:
+        return None
+    if len(certs) != len(keys):
+        raise ConfigError(errors=[ConfigIssue(
+            f"{len(certs)} --tls-cert and {len(keys)} --tls-key: give each certificate its "
+            "key (--tls-cert FILE --tls-key FILE, repeated for more)",
+            path="--tls-cert" if len(certs) < len(keys) else "--tls-key")])
+    out = []
+    errors = []
+    for cert, key in zip(certs, keys):
+        try:
+            c = tls.load_certificate(cert, key)
+        except tls.CertificateProblem as e:
+            errors.append(ConfigIssue(str(e), path=f"--tls-{e.which}"))
+            continue
+        soon = tls.expiring(c)
+        if soon:
+            logging.getLogger("fastlb").warning("warning: --tls-cert: %s", soon)
+        out.append(c)
+    if errors:
+        raise ConfigError(errors=errors)
+    return TLSConfig(certificates=tuple(out),
+                     handshake_timeout=getattr(args, "tls_handshake_timeout", 10.0))
+
+
+def backend_tls_from_flags(args):
+    """The ``BackendTLSConfig`` of ``--backend-ca-file``,
+    ``--backend-server-name`` and ``--backend-no-verify``."""
+    from fastlb.runtime import tls
+
+    v = {}
+    ca = getattr(args, "backend_ca_file", None)
+    name = getattr(args, "backend_server_name", None)
+    if not getattr(args, "backend_verify", True):
+        v["verify"] = False
+    if name is not None:
+        try:
+            v["server_name"] = validate.server_name(name)
+        except ConfigError as e:
+            raise ConfigError(errors=[ConfigIssue(str(e), path="--backend-server-name")]) \
+                from None
+    if ca is not None:
+        try:
+            v["ca_pem"] = tls.load_ca(ca)
+        except tls.CertificateProblem as e:
+            raise ConfigError(errors=[ConfigIssue(str(e), path="--backend-ca-file")]) from None
+        v["ca_file"] = ca
+    return BackendTLSConfig(**v)
+
+
 def from_flags(args):
     """The ``Config`` of the flags in ``args`` (argparse's namespace of ``serve``).
 
     Raises ``ConfigError`` listing every bad value, each named by its flag.
     """
-    from fastlb.cli import parse_backend_spec, parse_hash_key, parse_listen
+    from fastlb.cli import backend_scheme, parse_backend_spec, parse_hash_key, parse_listen
 
     errors = []
 
@@ -134,6 +200,16 @@ def from_flags(args):
     g = {k: _global_value(_BY_DEST[k], v, errors) for k, v in values[GLOBAL].items()}
 
     li = values[LISTENER]
+    p = values[POOL]
+    for d in (li, p):
+        for k in [k for k in d if k.startswith("tls.")]:
+            del d[k]    # read by tls_from_flags / backend_tls_from_flags
+    tls = attempt(tls_from_flags, args)
+    if tls is not None:
+        li["tls"] = tls
+    backend_tls = attempt(backend_tls_from_flags, args)
+    if backend_tls is not None:
+        p["tls"] = backend_tls
     bind = attempt(parse_listen, li.pop("bind", "127.0.0.1:8080"))
     if bind is not None:
         li["host"], li["port"] = bind
@@ -145,14 +221,13 @@ def from_flags(args):
             li["trusted_proxies"] = ()
     listener = ListenerConfig(name=DEFAULT_NAME, default_pool=DEFAULT_NAME, **li)
 
-    p = values[POOL]
     backends = []
     for spec in p.pop("backends", None) or ():
         parsed = attempt(parse_backend_spec, spec)
         if parsed is not None:
             (host, port), weight = parsed
             backends.append(BackendConfig(url=spec.partition(",")[0], host=host, port=port,
-                                          weight=weight))
+                                          weight=weight, scheme=backend_scheme(spec)))
     if "hash_key" in p:
         p["hash_key"] = attempt(parse_hash_key, p["hash_key"]) or "ip"
     factor = p.get("hash_balance_factor")

@@ -28,15 +28,17 @@ import typing
 from fastlb import validate
 from fastlb.observe.accesslog import FORMATS as ACCESS_LOG_FORMATS
 from fastlb.config.locate import Locator, dotted
-from fastlb.config.model import (AdminConfig, BackendConfig, Config, DiscoveryConfig,
-                                 ListenerConfig, PoolConfig, RouteConfig)
+from fastlb.config.model import (AdminConfig, BackendConfig, BackendTLSConfig, Config,
+                                 DiscoveryConfig, ListenerConfig, PoolConfig, RouteConfig,
+                                 TLSConfig)
 from fastlb.errors import ConfigError, ConfigIssue
 from fastlb.health import HealthConfig
 from fastlb.selection import ALGORITHMS, HASHED
 from fastlb.validate import show
 
 __all__ = ["load", "loads", "GLOBAL_KEYS", "LISTENER_KEYS", "ROUTE_KEYS", "POOL_KEYS",
-           "BACKEND_KEYS", "HEALTH_KEYS", "DISCOVERY_KEYS"]
+           "BACKEND_KEYS", "HEALTH_KEYS", "DISCOVERY_KEYS", "TLS_KEYS", "CERTIFICATE_KEYS",
+           "BACKEND_TLS_KEYS"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 _RESOLVERS = 16         # host names looked up at once, at most
@@ -212,8 +214,17 @@ LISTENER_KEYS = {
     "upgrade": _boolean,
     "tunnel_timeout": _POSITIVE,
     "trusted_proxies": validate.trusted_networks,
+    "tls": _SPECIAL,
     "backlog": _integer(1),
     "routes": _SPECIAL,
+}
+TLS_KEYS = {
+    "certificates": _SPECIAL,
+    "handshake_timeout": _POSITIVE,
+}
+CERTIFICATE_KEYS = {
+    "cert": _string(),
+    "key": _string(),
 }
 ROUTE_KEYS = {
     "host": _string(validate.route_host),
@@ -235,8 +246,14 @@ POOL_KEYS = {
     "upstream_idle_timeout": _POSITIVE,
     "upstream_max_idle": _integer(1),
     "max_interim": _integer(0),
+    "tls": _SPECIAL,
     "health": _SPECIAL,
     "discovery": _SPECIAL,
+}
+BACKEND_TLS_KEYS = {
+    "verify": _boolean,
+    "ca_file": _string(),
+    "server_name": _string(validate.server_name),
 }
 DISCOVERY_KEYS = {
     "dns_srv": _string(_srv_name),
@@ -281,6 +298,11 @@ _SECTIONS = {
     "admin": ("an admin listener setting ([admin])", ADMIN_KEYS),
     "health": ("a health check setting ([pools.NAME.health])", HEALTH_KEYS),
     "discovery": ("a discovery setting (discovery = { ... } of a pool)", DISCOVERY_KEYS),
+    "tls": ("a TLS setting of a listener ([listeners.NAME.tls])", TLS_KEYS),
+    "certificate": ("a certificate setting ({ cert = ..., key = ... } in [listeners.NAME.tls] "
+                    "certificates)", CERTIFICATE_KEYS),
+    "backend tls": ("a TLS setting of a pool's https:// backends ([pools.NAME.tls])",
+                    BACKEND_TLS_KEYS),
 }
 
 
@@ -467,6 +489,10 @@ class _Loader:
         v = self._keys(table, path, LISTENER_KEYS, "listener")
         if "bind" in v:
             v["host"], v["port"] = v.pop("bind")
+        if "tls" in table:
+            tls = self._listener_tls(path + ("tls",), table["tls"])
+            if tls is not None:
+                v["tls"] = tls
         default = v.get("default_pool")
         if default is not None and default not in pools:
             self.error(path + ("default_pool",), self._no_pool(default, pools))
@@ -487,6 +513,64 @@ class _Loader:
         if not routes and default is None and "default_pool" not in table:
             self.error(path, "no routes and no default_pool: every request would get 404")
         return ListenerConfig(name=name, routes=tuple(r for _, r in routes), **v)
+
+    def _listener_tls(self, path, raw):
+        """``[listeners.NAME.tls]``: certificates (read and checked now) and
+        the handshake timeout; None (and errors) when it is not usable."""
+        from fastlb.runtime import tls
+
+        table = self._table(raw, path, "a TLS table ([listeners.NAME.tls] with certificates "
+                                       '= [{ cert = "a.pem", key = "a.key" }])')
+        if table is None:
+            return None
+        v = self._keys(table, path, TLS_KEYS, "tls")
+        ok = len(v) == len(table) - ("certificates" in table)
+        raw_certs = table.get("certificates")
+        cpath = path + ("certificates",)
+        if raw_certs is None:
+            self.error(path, 'missing certificates (certificates = [{ cert = "a.pem", '
+                             'key = "a.key" }])')
+            return None
+        if isinstance(raw_certs, dict):
+            raw_certs = [raw_certs]
+        if not isinstance(raw_certs, list) or not raw_certs:
+            self.error(cpath, 'expected an array of certificates ([{ cert = "a.pem", '
+                              f'key = "a.key" }}, ...]), got {show(raw_certs)}')
+            return None
+        certs = []
+        seen = {}       # name -> index of the certificate that has it first
+        for i, item in enumerate(raw_certs):
+            ipath = cpath + (i,)
+            item = self._table(item, ipath, 'a certificate ({ cert = "a.pem", key = "a.key" })')
+            if item is None:
+                ok = False
+                continue
+            c = self._keys(item, ipath, CERTIFICATE_KEYS, "certificate")
+            missing = [k for k in ("cert", "key") if k not in item]
+            for k in missing:
+                self.error(ipath, f"missing {k} (the {'certificate' if k == 'cert' else 'key'}"
+                                  " file, PEM)")
+            if missing or len(c) != len(item):
+                ok = False
+                continue
+            try:
+                cert = tls.load_certificate(c["cert"], c["key"])
+            except tls.CertificateProblem as e:
+                self.error(ipath + (e.which,), str(e))
+                ok = False
+                continue
+            soon = tls.expiring(cert)
+            if soon:
+                self.warn(ipath + ("cert",), soon)
+            for name in cert.names:
+                j = seen.setdefault(name, i)
+                if j != i:
+                    self.warn(ipath + ("cert",), f"{name} is a name of certificates[{j}] too: "
+                                                 "that one is used for it")
+            certs.append(cert)
+        if not ok:
+            return None
+        return TLSConfig(certificates=tuple(certs), **v)
 
     def _route(self, path, table, pools):
         table = self._table(table, path, "a route table ([[listeners.NAME.routes]])")
@@ -562,8 +646,34 @@ class _Loader:
         discovery = self._discovery(path, table.get("discovery"))
         backends = self._backends(path, table, discovery is not None or "discovery" in table)
         health = self._health(path, table.get("health"))
+        tls = self._backend_tls(path, table.get("tls"))
+        if "tls" in table and backends and discovery is None and not any(
+                b.scheme == "https" for b in backends):
+            self.warn(path + ("tls",), "only used by https:// backends; this pool has none")
         return PoolConfig(name=name, backends=backends, health=health, discovery=discovery,
-                          **v)
+                          tls=tls, **v)
+
+    def _backend_tls(self, pool_path, raw):
+        """``[pools.NAME.tls]``: verify, ca_file (read and checked now), server_name."""
+        from fastlb.runtime import tls
+
+        if raw is None:
+            return BackendTLSConfig()
+        path = pool_path + ("tls",)
+        table = self._table(raw, path, "a TLS table ([pools.NAME.tls])")
+        if table is None:
+            return BackendTLSConfig()
+        v = self._keys(table, path, BACKEND_TLS_KEYS, "backend tls")
+        ok = len(v) == len(table)
+        if "ca_file" in v:
+            if v.get("verify", True) is False:
+                self.warn(path + ("ca_file",), "not used: verify = false checks no certificate")
+            try:
+                v["ca_pem"] = tls.load_ca(v["ca_file"])
+            except tls.CertificateProblem as e:
+                self.error(path + ("ca_file",), str(e))
+                ok = False
+        return BackendTLSConfig(**v) if ok else BackendTLSConfig()
 
     def _discovery(self, pool_path, raw):
         """``discovery = { dns_srv = ... }`` or ``{ etcd = [...], prefix = ... }``."""
@@ -659,11 +769,11 @@ class _Loader:
                              f'{{ url = "http://HOST:PORT", weight = N }}, got {show(item)}')
             return None
         try:
-            host, port = validate.backend_url(url)
+            scheme, host, port = validate.backend_endpoint(url)
         except ConfigError as e:
             self.error(upath, f"{show(url)}: {e}")
             return None
-        return BackendConfig(url=url, host=host, port=port, weight=weight)
+        return BackendConfig(url=url, host=host, port=port, weight=weight, scheme=scheme)
 
     def _admin(self, raw):
         if raw is None:

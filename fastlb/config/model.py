@@ -13,11 +13,13 @@ builds a new one.
       listeners: {name: ListenerConfig}      in file order
         host, port, default_pool, client-side timeouts and limits,
         upgrade and tunnel_timeout (tunnels), trusted_proxies (X-Forwarded-For)
+        tls: TLSConfig or None               TLS termination: certificates (chosen by SNI)
         routes: (RouteConfig, ...)           first match wins, in file order
           host / path_prefix / path / headers -> pool (+ strip_prefix)
       pools: {name: PoolConfig}              in file order
         algorithm, hash_key, upstream timeouts, retries
-        backends: (BackendConfig, ...)       url, host, port, weight (priority)
+        backends: (BackendConfig, ...)       url, scheme, host, port, weight (priority)
+        tls: BackendTLSConfig                for its https:// backends: verify, CA, SNI name
         health: fastlb.health.HealthConfig
         discovery: DiscoveryConfig or None   DNS SRV or etcd: the backends found there
       access_log, via, log_level, drain_timeout, allow_unresolved, workers
@@ -37,14 +39,16 @@ from fastlb.health import HealthConfig
 from fastlb.validate import format_address
 
 __all__ = ["Config", "ListenerConfig", "RouteConfig", "PoolConfig", "BackendConfig",
-           "AdminConfig", "DiscoveryConfig", "DEFAULT_NAME"]
+           "AdminConfig", "DiscoveryConfig", "TLSConfig", "CertificateConfig",
+           "BackendTLSConfig", "DEFAULT_NAME"]
 
 DEFAULT_NAME = "default"    # the listener and the pool that the flags describe
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
-    """One backend of a pool: ``http://HOST[:PORT]`` and its weight."""
+    """One backend of a pool: ``http://HOST[:PORT]`` (or ``https://``, spoken
+    to in TLS as its pool's ``tls`` says) and its weight."""
 
     url: str            # as written in the file or flag
     host: str           # lower-cased name or IP address (no brackets)
@@ -54,6 +58,7 @@ class BackendConfig:
     # group of backends, a higher one only while no backend of the lower is
     # eligible (fastlb.selection.PriorityGate)
     priority: int = 0
+    scheme: str = "http"    # "https": TLS to this backend
 
     @property
     def address(self):
@@ -131,6 +136,43 @@ class RouteConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CertificateConfig:
+    """A certificate and its private key, read once when the configuration is
+    loaded (``fastlb.runtime.tls.load_certificate``): the running process and
+    its workers use these very bytes, whatever happens to the files later,
+    until a reload reads them again."""
+
+    cert: str                   # the certificate file (PEM, the chain after it), as given
+    key: str                    # its private key file (PEM, unencrypted), as given
+    names: tuple = ()           # DNS names it is for (SAN DNS names, else its CN), lower-cased;
+    #                             "*.example.com": one label under example.com
+    not_after: float = 0.0      # it expires then (Unix time)
+    cert_pem: bytes = dataclasses.field(default=b"", repr=False)
+    key_pem: bytes = dataclasses.field(default=b"", repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    """TLS termination on a listener (``[listeners.NAME.tls]``): the
+    certificate of each handshake is chosen by the name the client asks for
+    (SNI), exact names first, then wildcards; the first certificate is the
+    default (no SNI, or a name none has)."""
+
+    certificates: tuple = ()        # (CertificateConfig, ...), at least one
+    handshake_timeout: float = 10.0  # a TLS handshake not done within this is closed
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendTLSConfig:
+    """How a pool speaks TLS to its ``https://`` backends (``[pools.NAME.tls]``)."""
+
+    verify: bool = True             # check the backend's certificate and name
+    ca_file: Optional[str] = None   # trust these CAs instead of the system's (PEM file)
+    ca_pem: bytes = dataclasses.field(default=b"", repr=False)  # its contents, read at load
+    server_name: Optional[str] = None  # SNI and the name checked; None: the backend's host
+
+
+@dataclasses.dataclass(frozen=True)
 class ListenerConfig:
     """An address clients connect to, with its client-side limits and routes.
 
@@ -150,6 +192,7 @@ class ListenerConfig:
     upgrade: bool = True                # Upgrade requests become tunnels (False: 501)
     tunnel_timeout: float = 3600.0      # a tunnel with no byte either way this long is closed
     trusted_proxies: tuple = ()         # CIDR strings: peers whose X-Forwarded-For is believed
+    tls: Optional[TLSConfig] = None     # TLS termination; None: plain HTTP
     backlog: int = 1024                 # listen() backlog
     routes: tuple = ()                  # (RouteConfig, ...): first match wins
 
@@ -205,6 +248,7 @@ class PoolConfig:
     upstream_idle_timeout: float = 60.0  # idle pooled upstream connection
     upstream_max_idle: int = 64         # idle pooled connections per backend
     max_interim: int = 10               # 1xx responses relayed per request, at most
+    tls: BackendTLSConfig = dataclasses.field(default_factory=BackendTLSConfig)  # https:// ones
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     discovery: Optional[DiscoveryConfig] = None  # backends found in DNS or etcd
 

@@ -18,7 +18,7 @@ from fastlb.config.model import BackendConfig
 from fastlb.errors import ConfigError
 from fastlb.observe.admin import AdminError
 from fastlb.observe.status import process_info
-from fastlb.validate import backend_url, format_address, weight_problem
+from fastlb.validate import backend_endpoint, format_address, weight_problem
 
 __all__ = ["ProcessSource", "MasterSource"]
 
@@ -73,7 +73,7 @@ class _Source:
         if pc is None:
             raise AdminError(404, f"no pool named {pool_name!r}")
         try:
-            host, port = backend_url(url)
+            scheme, host, port = backend_endpoint(url)
         except ConfigError as e:
             raise AdminError(400, f"url: {e}", "url") from None
         problem = weight_problem(weight)
@@ -82,7 +82,7 @@ class _Source:
         address = format_address(host, port)
         if any(b.address == address for b in pc.backends):
             raise AdminError(409, f"pool {pool_name} already has {address}")
-        bc = BackendConfig(url=url, host=host, port=port, weight=weight)
+        bc = BackendConfig(url=url, host=host, port=port, weight=weight, scheme=scheme)
         new = self._with_backends(config, pc, pc.backends + (bc,))
         await self._apply(new, f"admin: backend {address} added to pool {pool_name}")
         pool, i = self._find(pool_name, address)

@@ -20,7 +20,16 @@ so no request sees half of each:
   open connection uses the new routes; a removed one drains (the caller
   closes its listening socket); an added one is created (the caller starts
   its listener). A listener's row goes by its name: one whose ``bind``
-  moved keeps its counters.
+  moved keeps its counters;
+* TLS: the contexts of a listener's certificates (``fastlb.runtime.tls``)
+  are made by ``plan`` (the same ones again when its TLS settings did not
+  change) and swapped into its ``ServerTLS`` by ``apply``; a pool's https://
+  backends share one client context, kept while the pool's ``tls`` does not
+  change. A backend kept at the same address but spoken to otherwise (http
+  and https, other TLS settings) is *replaced*: a new Backend on the same
+  row of counters and with its health state, so that no pooled connection
+  of the old kind is used again; the old object finishes its requests as a
+  retired one.
 
 The first build is a plan against an empty proxy.
 """
@@ -28,11 +37,12 @@ import array
 import dataclasses
 import logging
 
-from fastlb.config.model import (DEFAULT_NAME, BackendConfig, Config, ListenerConfig,
-                                 PoolConfig)
+from fastlb.config.model import (DEFAULT_NAME, BackendConfig, BackendTLSConfig, Config,
+                                 ListenerConfig, PoolConfig)
 from fastlb.errors import KEY_KINDS
 from fastlb.health import HealthConfig
 from fastlb.proxy import Backend, Front, Pool
+from fastlb.runtime import tls
 from fastlb.runtime.routing import Router
 from fastlb.selection import HASHED, BalancerSet, PriorityGate, make_balancer
 from fastlb.validate import format_address
@@ -48,22 +58,25 @@ def as_config(opts):
         return opts
     n = len(opts.backends)
     weights = tuple(opts.weights) if opts.weights else (1,) * n
-    backends = tuple(BackendConfig(url=f"http://{format_address(h, p)}", host=h, port=p,
-                                   weight=w) for (h, p), w in zip(opts.backends, weights))
+    schemes = tuple(opts.schemes) if opts.schemes else ("http",) * n
+    backends = tuple(BackendConfig(url=f"{s}://{format_address(h, p)}", host=h, port=p,
+                                   weight=w, scheme=s)
+                     for (h, p), w, s in zip(opts.backends, weights, schemes))
     pool = PoolConfig(
         name=DEFAULT_NAME, backends=backends, algorithm=opts.algorithm, hash_key=opts.hash_key,
         hash_balance_factor=opts.hash_balance_factor, connect_timeout=opts.connect_timeout,
         response_timeout=opts.response_timeout, retries=opts.retries,
         retry_timeout=opts.retry_timeout, upstream_idle_timeout=opts.upstream_idle_timeout,
         upstream_max_idle=opts.upstream_max_idle, max_interim=opts.max_interim,
-        health=opts.health if opts.health is not None else HealthConfig())
+        health=opts.health if opts.health is not None else HealthConfig(),
+        tls=opts.backend_tls if opts.backend_tls is not None else BackendTLSConfig())
     listener = ListenerConfig(
         name=DEFAULT_NAME, host=opts.listen_host, port=opts.listen_port,
         default_pool=DEFAULT_NAME, header_timeout=opts.header_timeout,
         keepalive_timeout=opts.keepalive_timeout, max_header_size=opts.max_header_size,
         body_timeout=opts.body_timeout, body_min_rate=opts.body_min_rate,
         upgrade=opts.upgrade, tunnel_timeout=opts.tunnel_timeout,
-        trusted_proxies=opts.trusted_proxies, backlog=opts.backlog)
+        trusted_proxies=opts.trusted_proxies, tls=opts.tls, backlog=opts.backlog)
     return Config(listeners={DEFAULT_NAME: listener}, pools={DEFAULT_NAME: pool},
                   access_log=opts.access_log, access_log_format=opts.access_log_format,
                   via=opts.via, drain_timeout=opts.drain_timeout, workers=opts.workers)
@@ -78,6 +91,9 @@ class Plan:
         self.assign = []            # (Backend, pool, index, max_idle) to set at apply
         self.inherit = {}           # pool name -> (old Pool, [(new idx, old idx)])
         self.retire = []            # Backends no pool keeps
+        self.replaced = []          # Backends a pool keeps but speaks to otherwise (TLS):
+        #                             a new object takes over their row
+        self.certificates = {}      # listener name -> fastlb.runtime.tls.Certificates
         self.retire_pools = []      # old Pools replaced
         self.fronts_add = []        # ListenerConfig of listeners to create
         self.fronts_keep = []       # (Front, ListenerConfig) updated in place
@@ -102,17 +118,40 @@ def _key_spec(pc):
     return (1 if kind == "ip" else 2), KEY_KINDS.get(kind, 0), name.encode("latin-1")
 
 
+def _client_context(pc, old):
+    """The TLS context of a pool's https:// backends (None: it has none): the
+    old pool's when its TLS settings are the same (its backends and their
+    pooled connections are kept), else a new one."""
+    if not any(bc.scheme == "https" for bc in pc.backends):
+        return None
+    if old is not None and old.tls_context is not None and old.config.tls == pc.tls:
+        return old.tls_context
+    return tls.client_context(pc.tls)
+
+
 def _plan_pool(plan, pc, old):
     pool = Pool(pc.name)
     pool.config = pc
+    pool.tls_context = ctx = _client_context(pc, old)
     old_by_addr = {b.address: b for b in old.backends} if old is not None else {}
     old_index = {b.address: i for i, b in enumerate(old.backends)} if old is not None else {}
     pairs = []
     added = 0
+    changed = 0
     for i, bc in enumerate(pc.backends):
+        want, name = (ctx, pc.tls.server_name or bc.host) if bc.scheme == "https" \
+            else (None, None)
         b = old_by_addr.pop(bc.address, None)
-        if b is None:
-            b = Backend(i, bc.host, bc.port, pc.upstream_max_idle)
+        if b is not None and (b.tls is not want or b.server_name != name):
+            # the same backend, spoken to otherwise (http <-> https, other TLS
+            # settings): a new object, so its pooled connections go with the
+            # old one; its health state and its row of counters carry over
+            plan.replaced.append(b)
+            pairs.append((i, old_index[bc.address]))
+            b = Backend(i, bc.host, bc.port, pc.upstream_max_idle, want, name)
+            changed += 1
+        elif b is None:
+            b = Backend(i, bc.host, bc.port, pc.upstream_max_idle, want, name)
             added += 1
         else:
             pairs.append((i, old_index[bc.address]))
@@ -125,6 +164,8 @@ def _plan_pool(plan, pc, old):
         words = []
         if added or old_by_addr:
             words.append(f"backends +{added} -{len(old_by_addr)}")
+        if changed:
+            words.append(f"TLS of {changed} backend{'s' if changed > 1 else ''} changed")
         if _settings(old.config) != _settings(pc):
             words.append("settings changed")
         elif not words and old.config != pc:
@@ -174,6 +215,11 @@ def plan(proxy, config):
         p.changes.append("pools added: " + ", ".join(added))
     for name, lc in config.listeners.items():
         front = proxy.fronts.get(name)
+        if lc.tls is not None:
+            # the certificates' contexts, made now: apply only swaps them in
+            same = front is not None and front.tls is not None and front.tls.config == lc.tls
+            p.certificates[name] = front.tls.certificates if same \
+                else tls.Certificates(lc.tls)
         if front is None:
             p.fronts_add.append(lc)
             if proxy.fronts:
@@ -187,8 +233,12 @@ def plan(proxy, config):
             if front.config.routes != lc.routes:
                 p.changes.append(f"listener {name}: routes {len(front.config.routes)} -> "
                                  f"{len(lc.routes)}")
-            elif front.config != lc:
+            elif dataclasses.replace(front.config, tls=None) != dataclasses.replace(lc, tls=None):
                 p.changes.append(f"listener {name}: settings changed")
+            if front.config.tls != lc.tls:
+                p.changes.append(f"listener {name}: " + (
+                    "TLS off" if lc.tls is None else "TLS on" if front.config.tls is None
+                    else "certificates reloaded"))
     old = proxy.config
     if old is not None and (old.access_log, old.access_log_format) != (
             config.access_log, config.access_log_format):
@@ -204,8 +254,16 @@ def plan(proxy, config):
     return p
 
 
-def _set_front(front, lc, pools, draining=False):
+def _set_front(front, lc, pools, draining=False, certificates=None):
     front.config = lc
+    if lc.tls is None:
+        front.tls = None
+    elif certificates is not None:
+        if front.tls is None:
+            front.tls = tls.ServerTLS(certificates)
+        else:
+            front.tls.use(certificates)     # new handshakes get them; open connections keep theirs
+    front.proto = b"https" if front.tls is not None else b"http"
     front.header_timeout = lc.header_timeout
     front.keepalive_timeout = lc.keepalive_timeout
     front.max_header_size = lc.max_header_size
@@ -309,6 +367,14 @@ def apply(proxy, p):
         _own_counters(b)
         if b not in proxy.retired:
             proxy.retired.append(b)
+    for b in p.replaced:
+        # its requests in flight finish on it, counted in the row it shares
+        # with the object that replaced it; its connections are not pooled
+        b.retired = True
+        b.max_idle = 0
+        b.close_idle()
+        if b not in proxy.retired:
+            proxy.retired.append(b)
     for pool in p.pools.values():
         set_health(proxy, pool, pool.config.health, p.inherit.get(pool.name))
     for pool in p.retire_pools:
@@ -318,7 +384,7 @@ def apply(proxy, p):
     _move_in_flight(proxy, p.pools)
     added = []
     for front, lc in p.fronts_keep:
-        _set_front(front, lc, p.pools)
+        _set_front(front, lc, p.pools, certificates=p.certificates.get(front.name))
         row = rows_l[front.name]
         if row != front.row:
             _counters(front, tables.listener_counters(slot, row), row)
@@ -333,7 +399,7 @@ def apply(proxy, p):
         proxy.drain_front(front)
     for lc in p.fronts_add:
         front = Front(lc.name)
-        _set_front(front, lc, p.pools)
+        _set_front(front, lc, p.pools, certificates=p.certificates.get(lc.name))
         row = rows_l[lc.name]
         _counters(front, tables.listener_counters(slot, row), row)
         proxy.fronts[lc.name] = front

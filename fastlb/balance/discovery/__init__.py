@@ -31,11 +31,12 @@ from fastlb.validate import format_address
 __all__ = ["canonical", "Backoff", "backend"]
 
 
-def backend(host, port, weight=1, priority=0, url=None):
-    """A ``BackendConfig`` for a discovered backend."""
+def backend(host, port, weight=1, priority=0, url=None, scheme="http"):
+    """A ``BackendConfig`` for a discovered backend (``scheme`` https: spoken
+    to in TLS, as its pool's ``tls`` says)."""
     host = host.lower()
-    return BackendConfig(url=url or f"http://{format_address(host, port)}", host=host,
-                         port=port, weight=weight, priority=priority)
+    return BackendConfig(url=url or f"{scheme}://{format_address(host, port)}", host=host,
+                         port=port, weight=weight, priority=priority, scheme=scheme)
 
 
 def canonical(backends):

@@ -472,10 +472,10 @@ def parse_backend(value):
     else:
         url = text
     try:
-        host, port = validate.backend_url(url)
+        scheme, host, port = validate.backend_endpoint(url)
     except ConfigError as e:
         raise ValueError(f"{url!r}: {e}") from None
-    return backend(host, port, weight=weight, priority=priority, url=url)
+    return backend(host, port, weight=weight, priority=priority, url=url, scheme=scheme)
 
 
 class EtcdPrefixSource:
