@@ -18,6 +18,9 @@ applies: FASTLB_NO_EXTENSIONS=1 measures the pure-Python core and data path.
 formatted, batched and written by the log thread as in ``fastlb serve``).
 ``--routes N`` puts N routes on the listener, half exact hosts and half path
 prefixes, of which only the last matches the request (the cost of routing).
+``--connection-per-request`` opens a new client connection for every request
+(``connection_made``, the request, its response, ``connection_lost``): what a
+client that never reuses its connection costs, the per-connection work included.
 """
 import argparse
 import asyncio
@@ -93,10 +96,12 @@ def with_routes(opts, n):
     return dataclasses.replace(config, listeners={name: li})
 
 
-def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, **kw):
+def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, per_connection=False,
+          **kw):
     """A Proxy over ``backends`` pooled upstream connections and one client.
-    Returns ``run(n)``, which sends n keep-alive requests through it; ``kw``
-    are more ``Options`` (``access_log``, ...)."""
+    Returns ``run(n)``, which sends n keep-alive requests through it (each
+    on a new client connection if ``per_connection``); ``kw`` are more
+    ``Options`` (``access_log``, ...)."""
     loop = asyncio.new_event_loop()
     opts = Options(backends=tuple(("127.0.0.1", 9000 + i) for i in range(backends)),
                    algorithm=algorithm, hash_key=hash_key, **kw)
@@ -113,7 +118,16 @@ def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, **kw):
             client.data_received(req)
             client.up.data_received(resp)
 
-    return run
+    def run_connections(n, req=REQUEST, resp=RESPONSE):
+        transport = NullTransport()
+        for _ in range(n):
+            c = proxy.ClientProtocol(p)
+            c.connection_made(transport)
+            c.data_received(req)
+            c.up.data_received(resp)
+            c.connection_lost(None)
+
+    return run_connections if per_connection else run
 
 
 def main():
@@ -128,8 +142,11 @@ def main():
                     help="combined or json (default: fastlb's default)")
     ap.add_argument("--routes", type=int, default=0, metavar="N",
                     help="N routes on the listener, only the last matching (default 0)")
+    ap.add_argument("--connection-per-request", action="store_true",
+                    help="a new client connection for every request")
     args = ap.parse_args()
-    kw = {"access_log": args.access_log, "routes": args.routes}
+    kw = {"access_log": args.access_log, "routes": args.routes,
+          "per_connection": args.connection_per_request}
     if args.access_log_format is not None:
         kw["access_log_format"] = args.access_log_format
     run = build(args.algorithm, args.hash_key, **kw)
