@@ -32,6 +32,7 @@ cdef Py_ssize_t B_REQUESTS, B_RETRIES, B_LAT, B_LAT_SUM_US
 cdef long long[::1] _LAT_US         # the histogram's bounds in microseconds
 cdef Py_ssize_t N_LAT
 cdef Py_ssize_t L_1XX, L_ACTIVE, L_BYTES_IN, L_BYTES_OUT, L_CONNECTIONS, L_REQUESTS
+cdef Py_ssize_t L_TUNNELS, L_TUNNELS_TOTAL, L_TUNNEL_BYTES_IN, L_TUNNEL_BYTES_OUT
 cdef Py_ssize_t NB, NL
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
 cdef dict _ERRORS
@@ -65,7 +66,6 @@ cdef class Proxy:
     cdef public Py_ssize_t upstreams  # open upstream connections
     cdef public Py_ssize_t connecting # upstream connects in progress
     cdef public Py_ssize_t tunnels    # open tunnels (after a 101)
-    cdef public long long tunnels_total, tunnel_bytes_up, tunnel_bytes_down
     cdef public set flushing          # upstreams of ended tunnels still sending
     cdef public object listener       # the first Front's fastlb.server.Listener
     cdef public Py_ssize_t fd_base, fd_budget

@@ -120,6 +120,10 @@ from fastlb.runtime.shm import (
     L_BYTES_OUT,
     L_CONNECTIONS,
     L_REQUESTS,
+    L_TUNNEL_BYTES_IN,
+    L_TUNNEL_BYTES_OUT,
+    L_TUNNELS,
+    L_TUNNELS_TOTAL,
     LAT_BOUNDS,
     NB,
     NL,
@@ -404,9 +408,8 @@ class UpstreamProtocol:
             self._body(data, 0, client, None)
             return
         if self.state == U_TUNNEL:
-            proxy = self.proxy
-            client.deadline = proxy.now + client.front.tunnel_timeout
-            proxy.tunnel_bytes_down += len(data)
+            client.deadline = self.proxy.now + client.front.tunnel_timeout
+            client.front.ctr[L_TUNNEL_BYTES_OUT] += len(data)
             client.write_response(data)
             return
         if self.buf:
@@ -517,7 +520,7 @@ class UpstreamProtocol:
         client.start_tunnel(self)
         if end != len(data) and client.state == R_TUNNEL:
             rest = _tail(data, end)
-            self.proxy.tunnel_bytes_down += len(rest)
+            client.front.ctr[L_TUNNEL_BYTES_OUT] += len(rest)
             client.write_response(rest)
 
     def close_tunnel(self):
@@ -880,7 +883,7 @@ class ClientProtocol:
         elif state == R_TUNNEL:
             proxy = self.proxy
             self.deadline = proxy.now + self.front.tunnel_timeout
-            proxy.tunnel_bytes_up += len(data)
+            self.front.ctr[L_TUNNEL_BYTES_IN] += len(data)
             up = self.up
             up.backend.ctr[B_BYTES_OUT] += len(data)
             up.write(data)
@@ -1607,7 +1610,9 @@ class ClientProtocol:
         proxy = self.proxy
         self.state = R_TUNNEL
         proxy.tunnels += 1
-        proxy.tunnels_total += 1
+        front = self.front
+        front.ctr[L_TUNNELS] += 1
+        front.ctr[L_TUNNELS_TOTAL] += 1
         backend = self.backend
         if backend.fail_streak:
             proxy.note_success(backend)
@@ -1616,7 +1621,7 @@ class ClientProtocol:
         pending = self.pending
         if pending:
             self.pending = b""
-            proxy.tunnel_bytes_up += len(pending)
+            front.ctr[L_TUNNEL_BYTES_IN] += len(pending)
             up.backend.ctr[B_BYTES_OUT] += len(pending)
             up.write(pending)
         if self.eof:
@@ -1629,6 +1634,7 @@ class ClientProtocol:
         proxy = self.proxy
         self.state = R_CLOSED
         proxy.tunnels -= 1
+        self.front.ctr[L_TUNNELS] -= 1
         if self.log_head is not None:
             proxy.log_request(self, 101)
         self._release()
@@ -1731,12 +1737,9 @@ class Proxy:
         self.stalls = 0         # event-loop stalls that pushed deadlines back
         self.upstreams = 0      # open upstream connections (fds)
         self.connecting = 0     # upstream connects in progress (each holds an fd)
-        # tunnels (for metrics): open now, opened since start, bytes relayed
-        # from the clients to the backends and back
+        # tunnels open now (the listeners' counters have them too, and the
+        # ones opened and the bytes relayed)
         self.tunnels = 0
-        self.tunnels_total = 0
-        self.tunnel_bytes_up = 0
-        self.tunnel_bytes_down = 0
         self.flushing = set()   # upstreams of ended tunnels still sending (UpstreamProtocol)
         self.listener = None    # the first Front's fastlb.server.Listener
         self.fd_base = 0        # fds open besides connections (set by start)
