@@ -219,6 +219,54 @@ def free_dead_port():
     return port
 
 
+# ---------------------------------------------------------------- PROXY protocol
+
+PP2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def read_proxy_header(data):
+    """The PROXY protocol header at the start of ``data``, as a receiver
+    written from HAProxy's proxy-protocol.txt reads it: None while it is
+    incomplete (or absent: data that starts like neither version gives
+    ``(0, None)``), else ``(length, dict)``. The dict: ``version`` (1, 2),
+    ``command`` ("PROXY", "LOCAL", "UNKNOWN"), ``src`` and ``dst`` as
+    ``"ip:port"`` (IPv6 in brackets) when the header carries them."""
+    import ipaddress
+    import struct
+
+    if data.startswith(b"PROXY "):
+        end = data.find(b"\r\n")
+        if end < 0:
+            return None
+        words = data[6:end].decode("ascii").split(" ")
+        if words[0] == "UNKNOWN":
+            return end + 2, {"version": 1, "command": "UNKNOWN"}
+        _, src, dst, sport, dport = words
+        fmt = "[{}]:{}" if words[0] == "TCP6" else "{}:{}"
+        return end + 2, {"version": 1, "command": "PROXY", "proto": words[0],
+                         "src": fmt.format(src, sport), "dst": fmt.format(dst, dport)}
+    if data.startswith(PP2_SIGNATURE[:len(data)]) and len(data) < 16:
+        return None
+    if data.startswith(PP2_SIGNATURE):
+        ver_cmd, fam, length = struct.unpack_from("!BBH", data, 12)
+        if len(data) < 16 + length:
+            return None
+        out = {"version": ver_cmd >> 4, "command": ["LOCAL", "PROXY"][ver_cmd & 15],
+               "family": fam}
+        if ver_cmd & 15 == 1 and fam in (0x11, 0x21):
+            size = 4 if fam == 0x11 else 16
+            a = data[16:16 + 2 * size + 4]
+            src, dst = (ipaddress.ip_address(a[:size]), ipaddress.ip_address(a[size:2 * size]))
+            sport, dport = struct.unpack_from("!HH", a, 2 * size)
+            fmt = "{}:{}" if size == 4 else "[{}]:{}"
+            out["src"] = fmt.format(src, sport)
+            out["dst"] = fmt.format(dst, dport)
+        return 16 + length, out
+    if b"PROXY ".startswith(data):
+        return None
+    return 0, None
+
+
 # ---------------------------------------------------------------- scripted backend
 
 HANG = object()
