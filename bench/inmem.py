@@ -21,6 +21,8 @@ prefixes, of which only the last matches the request (the cost of routing).
 ``--connection-per-request`` opens a new client connection for every request
 (``connection_made``, the request, its response, ``connection_lost``): what a
 client that never reuses its connection costs, the per-connection work included.
+``--proxy-protocol v1|v2`` (with ``--connection-per-request``): the listener
+reads a PROXY protocol header, sent with each connection's request.
 """
 import argparse
 import asyncio
@@ -97,7 +99,7 @@ def with_routes(opts, n):
 
 
 def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, per_connection=False,
-          **kw):
+          proxy_header=b"", **kw):
     """A Proxy over ``backends`` pooled upstream connections and one client.
     Returns ``run(n)``, which sends n keep-alive requests through it (each
     on a new client connection if ``per_connection``); ``kw`` are more
@@ -118,7 +120,7 @@ def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, per_conn
             client.data_received(req)
             client.up.data_received(resp)
 
-    def run_connections(n, req=REQUEST, resp=RESPONSE):
+    def run_connections(n, req=proxy_header + REQUEST, resp=RESPONSE):
         transport = NullTransport()
         for _ in range(n):
             c = proxy.ClientProtocol(p)
@@ -144,9 +146,20 @@ def main():
                     help="N routes on the listener, only the last matching (default 0)")
     ap.add_argument("--connection-per-request", action="store_true",
                     help="a new client connection for every request")
+    ap.add_argument("--proxy-protocol", choices=["v1", "v2"], default=None,
+                    help="with --connection-per-request: each connection starts with a "
+                         "PROXY protocol header of this version")
     args = ap.parse_args()
     kw = {"access_log": args.access_log, "routes": args.routes,
           "per_connection": args.connection_per_request}
+    if args.proxy_protocol:
+        if not args.connection_per_request:
+            ap.error("--proxy-protocol needs --connection-per-request")
+        from fastlb.wire.proxyproto import proxy_header
+
+        kw["proxy_protocol"] = True
+        kw["proxy_header"] = proxy_header(int(args.proxy_protocol[1]),
+                                          ("203.0.113.7", 41234, "198.51.100.1", 443))
     if args.access_log_format is not None:
         kw["access_log_format"] = args.access_log_format
     run = build(args.algorithm, args.hash_key, **kw)

@@ -56,6 +56,9 @@ class Options:
     upgrade: bool = True                 # Upgrade requests become tunnels (False: 501)
     tunnel_timeout: float = 3600.0       # a tunnel idle (no byte either way) this long closes
     trusted_proxies: tuple = ()          # CIDR strings whose X-Forwarded-For is believed
+    proxy_protocol: bool = False         # connections start with a PROXY protocol header...
+    proxy_protocol_from: tuple = ()      # ... from these CIDR networks (): from every peer
+    send_proxy_protocol: object = None   # "v1" or "v2": a PROXY header to the backends
     access_log: str = "off"              # "-", a path, or "off"
     access_log_format: str = "combined"  # "combined" or "json"
     via: bool = True

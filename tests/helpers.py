@@ -8,7 +8,10 @@
   By default it echoes what it received (request line, headers, body length
   and hash) as JSON; ``handler`` may return raw bytes instead, a ``Reply`` (raw
   bytes + close / close-without-reply), or ``HANG``. It records every byte it
-  receives, each parsed request and the number of connections.
+  receives, each parsed request and the number of connections. With
+  ``proxy_protocol=True`` each connection may start with a PROXY protocol
+  header (``read_proxy_header``, written here from the spec, independently
+  of fastlb's parser), kept as ``req.proxy`` and in the echo (``proxy``).
 * ``UvicornBackend``: a uvicorn ASGI echo app on a background thread.
 * ``spawn_fastlb``: ``python -m fastlb serve`` as a subprocess, port read from
   its "listening on" log line.
@@ -296,6 +299,7 @@ class Request:
         self.sha = hashlib.sha256()
         self.conn_index = 0   # which connection of the backend
         self.index_on_conn = 0
+        self.proxy = None     # the PROXY protocol header its connection began with (a dict)
 
     def get(self, name):
         vals = [v for n, v in self.headers if n.lower() == name.lower()]
@@ -319,6 +323,8 @@ def echo_response(be, req, extra_headers=b""):
         "body": bytes(req.body).decode("latin-1") if req.body_len <= 4096 else None,
         "conn": req.conn_index, "n_on_conn": req.index_on_conn,
     }
+    if be.proxy_protocol:
+        doc["proxy"] = req.proxy
     body = json.dumps(doc).encode()
     close = b"Connection: close\r\n" if (req.get("connection") or "").lower() == "close" else b""
     return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Backend: "
@@ -336,6 +342,8 @@ class _BackendConn(asyncio.Protocol):
         self.nreq = 0
         self.transport = None
         self.closed = False
+        self.proxy = None       # the connection's PROXY protocol header (a dict), if any
+        self.proxy_done = not be.proxy_protocol
 
     def connection_made(self, transport):
         self.transport = transport
@@ -353,6 +361,14 @@ class _BackendConn(asyncio.Protocol):
         be = self.be
         be.received += data
         self.buf += data
+        if not self.proxy_done:
+            got = read_proxy_header(bytes(self.buf))
+            if got is None:
+                return
+            n, self.proxy = got
+            del self.buf[:n]
+            self.proxy_done = True
+            be.proxy_headers.append(self.proxy)
         for _ in range(10000):
             if self.closed or not self._step():
                 break
@@ -368,6 +384,7 @@ class _BackendConn(asyncio.Protocol):
             req = self.req = Request(head)
             req.conn_index = self.index
             req.index_on_conn = self.nreq
+            req.proxy = self.proxy
             self.nreq += 1
             te = (req.get("transfer-encoding") or "").lower()
             self.chunked = "chunked" in te
@@ -469,8 +486,10 @@ class ScriptBackend:
     the response: bytes, a list of byte strings, a ``Reply``, or ``HANG``."""
 
     def __init__(self, lt, name="A", handler=None, max_requests=None, send_continue=True,
-                 on_head=None):
+                 on_head=None, proxy_protocol=False):
         self.lt = lt
+        self.proxy_protocol = proxy_protocol
+        self.proxy_headers = []     # the PROXY protocol header of each connection, in order
         self.name = name
         self.handler = handler
         self.max_requests = max_requests
@@ -687,8 +706,11 @@ class FastlbProcess:
 
 # ---------------------------------------------------------------- raw sockets
 
-def raw_connect(port, timeout=5.0, nodelay=True):
-    s = socket.create_connection((HOST, port), timeout=timeout)
+def raw_connect(port, timeout=5.0, nodelay=True, source=None):
+    """A TCP connection to 127.0.0.1:``port``; ``source``: the local address
+    to connect from (any of 127.0.0.0/8 is this machine)."""
+    s = socket.create_connection((HOST, port), timeout=timeout,
+                                 source_address=(source, 0) if source else None)
     if nodelay:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s

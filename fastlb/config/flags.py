@@ -61,6 +61,8 @@ FLAGS = tuple(Flag(*f) for f in (
     ("upgrade", "--no-upgrade", LISTENER, "upgrade"),
     ("tunnel_timeout", "--tunnel-timeout", LISTENER, "tunnel_timeout"),
     ("trusted_proxies", "--trusted-proxy", LISTENER, "trusted_proxies"),
+    ("proxy_protocol", "--proxy-protocol", LISTENER, "proxy_protocol"),
+    ("proxy_protocol_from", "--proxy-protocol-from", LISTENER, "proxy_protocol_from"),
     ("backend", "--backend", POOL, "backends"),
     ("algorithm", "--algorithm", POOL, "algorithm"),
     ("hash_key", "--hash-key", POOL, "hash_key"),
@@ -72,6 +74,7 @@ FLAGS = tuple(Flag(*f) for f in (
     ("upstream_idle_timeout", "--upstream-idle-timeout", POOL, "upstream_idle_timeout"),
     ("upstream_max_idle", "--upstream-max-idle", POOL, "upstream_max_idle"),
     ("max_interim", "--max-interim", POOL, "max_interim"),
+    ("send_proxy_protocol", "--send-proxy-protocol", POOL, "send_proxy_protocol"),
 )) + tuple(Flag(flag[2:].replace("-", "_"), flag, HEALTH, field)
            for field, flag in HEALTH_FLAGS.items())
 
@@ -137,12 +140,17 @@ def from_flags(args):
     bind = attempt(parse_listen, li.pop("bind", "127.0.0.1:8080"))
     if bind is not None:
         li["host"], li["port"] = bind
-    if "trusted_proxies" in li:
-        try:
-            li["trusted_proxies"] = validate.trusted_networks(tuple(li["trusted_proxies"] or ()))
-        except ConfigError as e:
-            errors.append(ConfigIssue(str(e), path="--trusted-proxy"))
-            li["trusted_proxies"] = ()
+    for key, flag in (("trusted_proxies", "--trusted-proxy"),
+                      ("proxy_protocol_from", "--proxy-protocol-from")):
+        if key in li:
+            try:
+                li[key] = validate.trusted_networks(tuple(li[key] or ()))
+            except ConfigError as e:
+                errors.append(ConfigIssue(str(e), path=flag))
+                li[key] = ()
+    if li.get("proxy_protocol_from") and not li.get("proxy_protocol"):
+        errors.append(ConfigIssue(validate.PROXY_FROM_ALONE.format("--proxy-protocol"),
+                                  path="--proxy-protocol-from"))
     listener = ListenerConfig(name=DEFAULT_NAME, default_pool=DEFAULT_NAME, **li)
 
     p = values[POOL]
@@ -164,6 +172,9 @@ def from_flags(args):
     if "eject_max" in h and "eject_base" in h:
         h["eject_max"] = max(h["eject_max"], h["eject_base"])   # as serve always did
     health = attempt(HealthConfig, **h) or HealthConfig()
+    if health.send_proxy_protocol and p.get("send_proxy_protocol") is None:
+        errors.append(ConfigIssue(validate.HEALTH_PROXY_ALONE.format("--send-proxy-protocol"),
+                                  path="--health-send-proxy-protocol"))
     pool = PoolConfig(name=DEFAULT_NAME, backends=tuple(backends), health=health, **p)
     if errors:
         raise ConfigError(errors=errors)

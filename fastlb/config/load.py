@@ -212,6 +212,8 @@ LISTENER_KEYS = {
     "upgrade": _boolean,
     "tunnel_timeout": _POSITIVE,
     "trusted_proxies": validate.trusted_networks,
+    "proxy_protocol": _boolean,
+    "proxy_protocol_from": validate.trusted_networks,
     "backlog": _integer(1),
     "routes": _SPECIAL,
 }
@@ -235,6 +237,7 @@ POOL_KEYS = {
     "upstream_idle_timeout": _POSITIVE,
     "upstream_max_idle": _integer(1),
     "max_interim": _integer(0),
+    "send_proxy_protocol": _choice(validate.PROXY_PROTOCOL_VERSIONS),
     "health": _SPECIAL,
     "discovery": _SPECIAL,
 }
@@ -467,6 +470,9 @@ class _Loader:
         v = self._keys(table, path, LISTENER_KEYS, "listener")
         if "bind" in v:
             v["host"], v["port"] = v.pop("bind")
+        if "proxy_protocol_from" in table and table.get("proxy_protocol", False) is False:
+            self.error(path + ("proxy_protocol_from",),
+                       validate.PROXY_FROM_ALONE.format("proxy_protocol = true"))
         default = v.get("default_pool")
         if default is not None and default not in pools:
             self.error(path + ("default_pool",), self._no_pool(default, pools))
@@ -562,6 +568,9 @@ class _Loader:
         discovery = self._discovery(path, table.get("discovery"))
         backends = self._backends(path, table, discovery is not None or "discovery" in table)
         health = self._health(path, table.get("health"))
+        if health.send_proxy_protocol and "send_proxy_protocol" not in table:
+            self.error(path + ("health", "send_proxy_protocol"),
+                       validate.HEALTH_PROXY_ALONE.format("the pool's send_proxy_protocol"))
         return PoolConfig(name=name, backends=backends, health=health, discovery=discovery,
                           **v)
 

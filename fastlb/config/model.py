@@ -12,11 +12,12 @@ builds a new one.
     Config
       listeners: {name: ListenerConfig}      in file order
         host, port, default_pool, client-side timeouts and limits,
-        upgrade and tunnel_timeout (tunnels), trusted_proxies (X-Forwarded-For)
+        upgrade and tunnel_timeout (tunnels), trusted_proxies (X-Forwarded-For),
+        proxy_protocol and proxy_protocol_from (the PROXY protocol header in)
         routes: (RouteConfig, ...)           first match wins, in file order
           host / path_prefix / path / headers -> pool (+ strip_prefix)
       pools: {name: PoolConfig}              in file order
-        algorithm, hash_key, upstream timeouts, retries
+        algorithm, hash_key, upstream timeouts, retries, send_proxy_protocol
         backends: (BackendConfig, ...)       url, host, port, weight (priority)
         health: fastlb.health.HealthConfig
         discovery: DiscoveryConfig or None   DNS SRV or etcd: the backends found there
@@ -150,6 +151,8 @@ class ListenerConfig:
     upgrade: bool = True                # Upgrade requests become tunnels (False: 501)
     tunnel_timeout: float = 3600.0      # a tunnel with no byte either way this long is closed
     trusted_proxies: tuple = ()         # CIDR strings: peers whose X-Forwarded-For is believed
+    proxy_protocol: bool = False        # connections start with a PROXY protocol header...
+    proxy_protocol_from: tuple = ()     # ... those from these CIDR networks (): from every peer
     backlog: int = 1024                 # listen() backlog
     routes: tuple = ()                  # (RouteConfig, ...): first match wins
 
@@ -205,6 +208,8 @@ class PoolConfig:
     upstream_idle_timeout: float = 60.0  # idle pooled upstream connection
     upstream_max_idle: int = 64         # idle pooled connections per backend
     max_interim: int = 10               # 1xx responses relayed per request, at most
+    send_proxy_protocol: Optional[str] = None   # "v1" or "v2": a PROXY header starts every
+    #                                     connection to a backend (each then serves one client)
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     discovery: Optional[DiscoveryConfig] = None  # backends found in DNS or etcd
 
