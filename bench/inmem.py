@@ -18,6 +18,11 @@ applies: FASTLB_NO_EXTENSIONS=1 measures the pure-Python core and data path.
 formatted, batched and written by the log thread as in ``fastlb serve``).
 ``--routes N`` puts N routes on the listener, half exact hosts and half path
 prefixes, of which only the last matches the request (the cost of routing).
+``--connection-per-request`` opens a new client connection for every request
+(``connection_made``, the request, its response, ``connection_lost``): what a
+client that never reuses its connection costs, the per-connection work included.
+``--proxy-protocol v1|v2`` (with ``--connection-per-request``): the listener
+reads a PROXY protocol header, sent with each connection's request.
 """
 import argparse
 import asyncio
@@ -93,10 +98,12 @@ def with_routes(opts, n):
     return dataclasses.replace(config, listeners={name: li})
 
 
-def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, **kw):
+def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, per_connection=False,
+          proxy_header=b"", **kw):
     """A Proxy over ``backends`` pooled upstream connections and one client.
-    Returns ``run(n)``, which sends n keep-alive requests through it; ``kw``
-    are more ``Options`` (``access_log``, ...)."""
+    Returns ``run(n)``, which sends n keep-alive requests through it (each
+    on a new client connection if ``per_connection``); ``kw`` are more
+    ``Options`` (``access_log``, ...)."""
     loop = asyncio.new_event_loop()
     opts = Options(backends=tuple(("127.0.0.1", 9000 + i) for i in range(backends)),
                    algorithm=algorithm, hash_key=hash_key, **kw)
@@ -113,7 +120,16 @@ def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, **kw):
             client.data_received(req)
             client.up.data_received(resp)
 
-    return run
+    def run_connections(n, req=proxy_header + REQUEST, resp=RESPONSE):
+        transport = NullTransport()
+        for _ in range(n):
+            c = proxy.ClientProtocol(p)
+            c.connection_made(transport)
+            c.data_received(req)
+            c.up.data_received(resp)
+            c.connection_lost(None)
+
+    return run_connections if per_connection else run
 
 
 def main():
@@ -128,8 +144,22 @@ def main():
                     help="combined or json (default: fastlb's default)")
     ap.add_argument("--routes", type=int, default=0, metavar="N",
                     help="N routes on the listener, only the last matching (default 0)")
+    ap.add_argument("--connection-per-request", action="store_true",
+                    help="a new client connection for every request")
+    ap.add_argument("--proxy-protocol", choices=["v1", "v2"], default=None,
+                    help="with --connection-per-request: each connection starts with a "
+                         "PROXY protocol header of this version")
     args = ap.parse_args()
-    kw = {"access_log": args.access_log, "routes": args.routes}
+    kw = {"access_log": args.access_log, "routes": args.routes,
+          "per_connection": args.connection_per_request}
+    if args.proxy_protocol:
+        if not args.connection_per_request:
+            ap.error("--proxy-protocol needs --connection-per-request")
+        from fastlb.wire.proxyproto import proxy_header
+
+        kw["proxy_protocol"] = True
+        kw["proxy_header"] = proxy_header(int(args.proxy_protocol[1]),
+                                          ("203.0.113.7", 41234, "198.51.100.1", 443))
     if args.access_log_format is not None:
         kw["access_log_format"] = args.access_log_format
     run = build(args.algorithm, args.hash_key, **kw)

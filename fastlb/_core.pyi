@@ -19,6 +19,7 @@ __all__ = [
     "write_request_head",
     "rewrite_response_head",
     "find_head_end",
+    "parse_proxy_header",
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",
@@ -330,6 +331,19 @@ def find_head_end(data: bytes, start: int = 0) -> int:
     """Index just past the first CRLF CRLF at or after ``start``, or -1 if there is none yet.
 
     Raises TypeError unless ``data`` is bytes, ValueError for a negative ``start``.
+    """
+
+def parse_proxy_header(
+        data: bytes) -> Optional[tuple[int, Optional[tuple[str, int, str, int]]]]:
+    """The PROXY protocol header (HAProxy's spec, version 1 or 2) at the start of ``data``.
+
+    None while more bytes are needed (``data`` is a valid start so far);
+    ``(end, addrs)`` once it is complete, ``data[end:]`` being the stream
+    after it; ``addrs`` is ``(src_ip, src_port, dst_ip, dst_port)``, or None
+    for version 1 ``UNKNOWN``, version 2 ``LOCAL`` and version 2 families
+    other than TCP over IPv4/IPv6 (the connection's own addresses apply).
+    Raises ``fastlb.errors.ProxyHeaderError`` (``reason``) as soon as the
+    bytes cannot start a valid header, TypeError unless ``data`` is bytes.
     """
 
 def access_log_line(fmt: int, head: Optional[bytes], client: bytes, stamp: bytes, status: int,

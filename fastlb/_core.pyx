@@ -42,6 +42,7 @@ __all__ = [
     "write_request_head",
     "rewrite_response_head",
     "find_head_end",
+    "parse_proxy_header",
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",
@@ -61,6 +62,9 @@ cdef enum:
     KEY_COOKIE = 4
 
     MAX_CHUNK_SIZE_DIGITS = 20
+
+    PP_V1_MAX = 107     # PROXY protocol: a version 1 line, CRLF included, at most
+    PP_V2_MAX = 16384   # ... a version 2 header at most
 
 cdef enum:
     BODY_NONE = 0
@@ -98,6 +102,7 @@ for _name, _value in (
     ("KEY_NONE", KEY_NONE), ("KEY_PATH", KEY_PATH), ("KEY_QUERY", KEY_QUERY),
     ("KEY_HEADER", KEY_HEADER), ("KEY_COOKIE", KEY_COOKIE),
     ("MAX_CHUNK_SIZE_DIGITS", MAX_CHUNK_SIZE_DIGITS),
+    ("PROXY_V1_MAX", PP_V1_MAX), ("PROXY_V2_MAX", PP_V2_MAX),
 ):
     if getattr(_errors, _name) != _value:
         raise ImportError(f"fastlb._core: {_name} differs from fastlb.errors")
@@ -138,6 +143,7 @@ include "wire/request.pxi"      # RequestHead, parse_request_head, write_request
 include "wire/response.pxi"     # rewrite_response_head
 include "wire/chunked.pxi"      # ChunkedScanner: where a chunked body ends; de-chunking
 include "wire/framing.pxi"      # find_head_end
+include "wire/proxyproto.pxi"   # parse_proxy_header: the PROXY protocol header a connection starts with
 
 # balance/: choosing a backend
 include "balance/hashing.pxi"    # XXH64: hash64

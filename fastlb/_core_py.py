@@ -23,6 +23,8 @@ Everything here is per-request, CPU-only and I/O-free:
   selects a backend between the two, so invalid requests never reach the
   selector.
 * ``rewrite_response_head``: the same for a backend's response head.
+* ``parse_proxy_header``: the PROXY protocol header (v1 or v2) a connection
+  starts with, read strictly (``fastlb.errors.ProxyHeaderError``).
 * ``ChunkedScanner``: finds where a chunked body ends, strictly, and can
   de-chunk it for HTTP/1.0 clients.
 * ``access_log_line``: one access log line (combined or JSON), escaped;
@@ -52,6 +54,7 @@ from fastlb.balance.selectors import (
 from fastlb.observe.logline import AccessLogBuffer, access_log_line, monotonic_us
 from fastlb.wire.chunked import ChunkedScanner
 from fastlb.wire.framing import find_head_end
+from fastlb.wire.proxyproto import parse_proxy_header
 from fastlb.wire.request import RequestHead, parse_request_head, write_request_head
 from fastlb.wire.response import rewrite_response_head
 
@@ -71,6 +74,7 @@ __all__ = [
     "write_request_head",
     "rewrite_response_head",
     "find_head_end",
+    "parse_proxy_header",
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",

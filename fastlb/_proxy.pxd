@@ -10,7 +10,7 @@ from fastlb._core cimport monotonic_us  # the clock of response times: a C call
 from fastlb.runtime._routing cimport Router, Route   # a listener's compiled routes
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE, U_TUNNEL
-cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED, R_TUNNEL
+cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED, R_TUNNEL, R_PROXY
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
 cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT, TAIL_COPY
 cdef object _tail(bytes data, Py_ssize_t start)
@@ -25,6 +25,7 @@ cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM
 cdef int RESP_UPGRADE
 cdef object _parse_request_head, _write_request_head, _rewrite_response_head, _ChunkedScanner
 cdef object _find_head_end
+cdef object _pp_parse, _pp_header, _ProxyHeaderError   # fastlb.wire.proxyproto
 cdef object _clock
 # indices of the counter rows (fastlb.runtime.shm): ``ctr[B_*] += n`` is one add to memory
 cdef Py_ssize_t B_1XX, B_ACTIVE, B_BYTES_IN, B_BYTES_OUT, B_CONNECT_ERRORS, B_FAILURES
@@ -32,6 +33,7 @@ cdef Py_ssize_t B_REQUESTS, B_RETRIES, B_LAT, B_LAT_SUM_US
 cdef long long[::1] _LAT_US         # the histogram's bounds in microseconds
 cdef Py_ssize_t N_LAT
 cdef Py_ssize_t L_1XX, L_ACTIVE, L_BYTES_IN, L_BYTES_OUT, L_CONNECTIONS, L_REQUESTS
+cdef Py_ssize_t L_TUNNELS, L_TUNNELS_TOTAL, L_TUNNEL_BYTES_IN, L_TUNNEL_BYTES_OUT, L_PROXY_ERRORS
 cdef Py_ssize_t NB, NL
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
 cdef dict _ERRORS
@@ -65,7 +67,9 @@ cdef class Proxy:
     cdef public Py_ssize_t upstreams  # open upstream connections
     cdef public Py_ssize_t connecting # upstream connects in progress
     cdef public Py_ssize_t tunnels    # open tunnels (after a 101)
-    cdef public long long tunnels_total, tunnel_bytes_up, tunnel_bytes_down
+    cdef public long long proxy_errors  # connections closed for their PROXY protocol header
+    cdef public double _pp_logged
+    cdef public long long _pp_quiet
     cdef public set flushing          # upstreams of ended tunnels still sending
     cdef public object listener       # the first Front's fastlb.server.Listener
     cdef public Py_ssize_t fd_base, fd_budget
@@ -85,6 +89,7 @@ cdef class Proxy:
     @cython.locals(head=bytes, backend=Backend, now=double, t_resp=double)
     cpdef log_request(self, ClientProtocol client, int status)
     cpdef local_error(self, reason)
+    cpdef proxy_header_error(self, ClientProtocol client, reason)
     @cython.locals(c=ClientProtocol)
     cpdef start_drain(self)
     @cython.locals(c=ClientProtocol)
@@ -106,6 +111,7 @@ cdef class Pool:
     cdef public double connect_timeout, response_timeout, retry_timeout, idle_timeout
     cdef public int max_tries         # backends tried for one request, at most
     cdef public int max_interim       # 1xx responses relayed per request, at most
+    cdef public int send_proxy        # PROXY protocol version to the backends (0: none)
     cdef public object health         # HealthChecker or None
     cdef public bint eject_5xx        # 5xx responses count as backend failures
     cdef public object tls_context    # ssl.SSLContext of its https:// backends, or None
@@ -126,6 +132,8 @@ cdef class Front:
     cdef public object trusted        # TrustedProxies (fastlb.wire.forwarded), or None
     cdef public object tls            # fastlb.runtime.tls.ServerTLS of a TLS listener, or None
     cdef public bytes proto           # X-Forwarded-Proto of its requests: b"http" or b"https"
+    cdef public bint proxy_protocol   # connections start with a PROXY protocol header ...
+    cdef public object pp_from        # ... from peers in these (TrustedProxies); None: all
     cdef public Pool pool             # requests matching no route (None: 404)
     cdef public Router router         # None: no routes
     cdef public int hash_what
@@ -175,6 +183,8 @@ cdef class UpstreamProtocol:
     cdef public int interim            # 1xx responses relayed for this request
     cdef public double idle_since
     cdef public double flush_by        # an ended tunnel's: aborted if still sending then
+    cdef public bint private           # began with a client's PROXY header: never shared
+    cdef public ClientProtocol owner   # idle and private: the client it is kept for
 
     @cython.locals(client=ClientProtocol, proxy=Proxy, pos=Py_ssize_t, end=Py_ssize_t,
                    req_flags=int, flags=int, framing=int, status=int, length="long long",
@@ -197,6 +207,8 @@ cdef class UpstreamProtocol:
     cpdef close(self)
     cpdef abort(self)
     cpdef drop_idle(self)
+    @cython.locals(owner=ClientProtocol)
+    cdef _unpool(self)
 
 
 @cython.final
@@ -212,6 +224,9 @@ cdef class ClientProtocol:
     cdef public bytes client_ip       # the peer's address
     cdef public bytes addr            # the client's: the peer's, or a trusted proxy's word
     cdef public object trust          # TrustedProxies when the peer is a trusted proxy, or None
+    cdef public tuple pp_addrs        # (src ip, port, dst ip, port): from a PROXY header, or
+                                      # the socket's once a PROXY header to a backend needed them
+    cdef public UpstreamProtocol kept # a private upstream connection, idle between requests
     cdef public int state             # R_*
     cdef public bytes buf             # the first piece of a head under way (b"": none)
     cdef public list parts            # the pieces of that head, or None
@@ -249,6 +264,9 @@ cdef class ClientProtocol:
 
     @cython.locals(proxy=Proxy, up=UpstreamProtocol)
     cpdef data_received(self, data)
+    @cython.locals(front=Front, buf=bytes, end=Py_ssize_t)
+    cdef _proxy_header(self, bytes data)
+    cpdef bytes proxy_header(self, int version)
     @cython.locals(proxy=Proxy, front=Front, pool=Pool, parts=list, whole=bytes, head=bytes,
                    rest=bytes, stripped=bytes,
                    probe=bytes, end=Py_ssize_t, fed=Py_ssize_t, i=Py_ssize_t, c=int, idx=int,
@@ -260,7 +278,7 @@ cdef class ClientProtocol:
     cdef _body(self, bytes data, Py_ssize_t start)
     cdef _send_up(self, bytes piece)
     cdef _stash(self, bytes data)
-    @cython.locals(idle=list, up=UpstreamProtocol)
+    @cython.locals(idle=list, up=UpstreamProtocol, kept=UpstreamProtocol)
     cdef _forward(self, Backend backend, bytes out)
     @cython.locals(up=UpstreamProtocol)
     cdef _send_to(self, Backend backend)
@@ -292,6 +310,7 @@ cdef class ClientProtocol:
     @cython.locals(up=UpstreamProtocol)
     cpdef _log_cut(self)
     cdef _linger(self)
+    @cython.locals(kept=UpstreamProtocol)
     cdef _drop_upstream(self)
     @cython.locals(proxy=Proxy, backend=Backend)
     cpdef start_tunnel(self, UpstreamProtocol up)

@@ -32,6 +32,8 @@ Rules this module keeps:
 Request states: R_HEAD (reading a head) -> R_BODY (relaying a body) ->
 R_DONE (request complete, response in flight) -> R_HEAD again, or closed;
 or R_DONE -> R_TUNNEL when a backend answers an upgrade request with 101.
+A connection that must start with a PROXY protocol header starts in
+R_PROXY, and goes to R_HEAD once the header is read.
 
 Tunnels. An upgrade request (``REQ_UPGRADE``: HTTP/1.1, Upgrade and
 ``Connection: upgrade``, no body) goes to a backend as any request, with its
@@ -69,6 +71,34 @@ after a peer's close_notify it writes nothing more, so an EOF from a TLS
 peer (``transport.can_write_eof()`` is false) ends the connection: a client
 with a request under way has left (499), a tunnel ends. The X-Forwarded-Proto
 a request gets is its listener's (``Front.proto``).
+PROXY protocol in. On a listener with ``proxy_protocol`` (``Front``), a
+connection from a peer in ``proxy_protocol_from`` (every peer when it is
+empty) starts in R_PROXY: its first bytes must be a PROXY protocol header
+(``fastlb.wire.proxyproto``), due within the listener's header_timeout; a
+connection from any other peer is plain HTTP from its first byte (a PROXY
+line is then a bad request line: 400), as HAProxy's ``expect-proxy`` with
+an ``if { src ... }``. The header's source address is this connection's
+peer from then on (``client_ip``: X-Forwarded-For, the access log, hash key
+``ip``, and the trusted-proxies decision, made only then), and the bytes
+after it in the same read are the start of the first request. A header
+that is invalid, too long, late or cut short closes the connection without
+an answer; ``Proxy.proxy_header_error`` counts it (per listener) and logs
+it, at most once per LOCAL_LOG_EVERY seconds. A connection that closes
+before sending a byte is not counted (a TCP health check of the proxy in
+front). Nothing of this runs on a listener without ``proxy_protocol``: its
+connections start in R_HEAD as before, and no request pays for it.
+
+PROXY protocol out. A pool with ``send_proxy_protocol`` (``Pool.send_proxy``:
+version 1 or 2) starts every new connection to a backend with a header for
+the client it is opened for (its ``pp_addrs``: the client's address and the
+one it connected to, from its own PROXY header or its socket). Such a
+connection is ``private``: it never goes to the backend's shared pool
+(``max_idle`` is 0 for those pools), since the backend takes the header's
+address for every request on it. Between two requests of its client it is
+kept by that client (``ClientProtocol.kept``, ``UpstreamProtocol.owner``),
+and the client's next request to the same backend reuses it, as HAProxy
+keeps the server connections of ``send-proxy`` private to their session;
+one to another backend closes it. It closes with its client.
 
 Upstream side:
 
@@ -131,7 +161,12 @@ from fastlb.runtime.shm import (
     L_BYTES_IN,
     L_BYTES_OUT,
     L_CONNECTIONS,
+    L_PROXY_ERRORS,
     L_REQUESTS,
+    L_TUNNEL_BYTES_IN,
+    L_TUNNEL_BYTES_OUT,
+    L_TUNNELS,
+    L_TUNNELS_TOTAL,
     LAT_BOUNDS,
     NB,
     NL,
@@ -139,6 +174,7 @@ from fastlb.runtime.shm import (
 from fastlb.runtime.tls import SHUTDOWN_TIMEOUT as TLS_SHUTDOWN
 from fastlb.runtime.tls import describe_error as _tls_reason
 from fastlb.selection import HASHED, BalancerSet, make_balancer
+from fastlb.wire import proxyproto
 from fastlb.errors import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -157,6 +193,7 @@ from fastlb.errors import (
     BadGateway,
     BadRequest,
     HTTPError,
+    ProxyHeaderError as _ProxyHeaderError,
 )
 
 log = logging.getLogger("fastlb")
@@ -166,6 +203,8 @@ _write_request_head = core.write_request_head
 _rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
 _find_head_end = core.find_head_end
+_pp_parse = core.parse_proxy_header
+_pp_header = proxyproto.proxy_header
 _clock = time.monotonic    # access log timings (the ticker's clock is too coarse)
 # the response-time histogram's bounds (fastlb.runtime.shm), in microseconds
 _LAT_US = array.array("q", [round(b * 1e6) for b in LAT_BOUNDS])
@@ -276,6 +315,7 @@ class Pool:
         self.max_tries = 3
         self.retry_timeout = 10.0
         self.max_interim = 10
+        self.send_proxy = 0     # PROXY protocol version sent to the backends (0: none)
         self.idle_timeout = 60.0
         self.health = None      # fastlb.health.HealthChecker, when checks are on
         self.eject_5xx = False
@@ -305,6 +345,8 @@ class Front:
         self.trusted = None     # fastlb.wire.forwarded.TrustedProxies, or None: trust nobody
         self.tls = None         # fastlb.runtime.tls.ServerTLS of a TLS listener, or None
         self.proto = b"http"    # X-Forwarded-Proto of its requests (b"https" with TLS)
+        self.proxy_protocol = False  # connections start with a PROXY protocol header ...
+        self.pp_from = None     # ... those from these networks (TrustedProxies); None: all
         self.pool = None        # the pool of requests that match no route (None: 404)
         self.router = None      # fastlb.runtime.routing.Router, or None: no routes
         self.hash_what = 0      # the hash key parse_request_head extracts
@@ -343,6 +385,8 @@ class UpstreamProtocol:
         self.paused = False
         self.eof = False        # a tunnel's backend side sent EOF
         self.flush_by = 0.0     # a tunnel's end: aborted if still flushing by then (0: not)
+        self.private = False    # began with a client's PROXY header: that client's alone
+        self.owner = None       # idle and private: the ClientProtocol that keeps it
         self.write = None       # transport.write, bound once
 
     # -------------------------------------------------------- asyncio callbacks
@@ -362,11 +406,7 @@ class UpstreamProtocol:
         client = self.client
         if client is None:
             if state == U_IDLE:
-                # closed while pooled: leave room for a live one
-                try:
-                    self.backend.idle.remove(self)
-                except ValueError:
-                    pass
+                self._unpool()  # closed while pooled: leave room for a live one
             return
         self.client = None
         self.backend.ctr[B_ACTIVE] -= 1
@@ -426,9 +466,8 @@ class UpstreamProtocol:
             self._body(data, 0, client, None)
             return
         if self.state == U_TUNNEL:
-            proxy = self.proxy
-            client.deadline = proxy.now + client.front.tunnel_timeout
-            proxy.tunnel_bytes_down += len(data)
+            client.deadline = self.proxy.now + client.front.tunnel_timeout
+            client.front.ctr[L_TUNNEL_BYTES_OUT] += len(data)
             client.write_response(data)
             return
         if self.buf:
@@ -539,7 +578,7 @@ class UpstreamProtocol:
         client.start_tunnel(self)
         if end != len(data) and client.state == R_TUNNEL:
             rest = _tail(data, end)
-            self.proxy.tunnel_bytes_down += len(rest)
+            client.front.ctr[L_TUNNEL_BYTES_OUT] += len(rest)
             client.write_response(rest)
 
     def close_tunnel(self):
@@ -630,10 +669,15 @@ class UpstreamProtocol:
                 self.transport.resume_reading()
             self.reused = True
             idle = backend.idle
-            if len(idle) < backend.max_idle:
+            if len(idle) < backend.max_idle and not self.private:
                 self.state = U_IDLE
                 self.idle_since = self.proxy.now
                 idle.append(self)
+            elif self.private:
+                # a client's own: kept for its next request (see the module)
+                self.state = U_IDLE
+                self.owner = client
+                client.kept = self
             else:
                 self.close()
         else:
@@ -678,11 +722,21 @@ class UpstreamProtocol:
     def drop_idle(self):
         """A pooled connection that spoke out of turn: out of the pool, and aborted."""
         if self.state == U_IDLE:
-            try:
-                self.backend.idle.remove(self)
-            except ValueError:
-                pass
+            self._unpool()
         self.abort()
+
+    def _unpool(self):
+        """Out of the pool that holds it: its backend's, or its owner's."""
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            if owner.kept is self:
+                owner.kept = None
+            return
+        try:
+            self.backend.idle.remove(self)
+        except ValueError:
+            pass
 
     def abort(self):
         """Drop the connection at once (its state is unknown)."""
@@ -698,6 +752,7 @@ R_BODY = 1
 R_DONE = 2
 R_CLOSED = 3
 R_TUNNEL = 4    # after a 101: bytes both ways, no HTTP
+R_PROXY = 5     # waiting for the PROXY protocol header the connection starts with
 
 # Reasons to pause reading from the client (bits).
 P_UPSTREAM = 1      # the upstream transport's write buffer is full
@@ -783,6 +838,8 @@ class ClientProtocol:
         self.addr = b""         # the client's (the access log's, hash key ip's): the peer's,
                                 # unless a trusted proxy says otherwise for this request
         self.trust = None       # the listener's TrustedProxies if the peer is one of them
+        self.pp_addrs = None    # (src ip, src port, dst ip, dst port) of a PROXY header
+        self.kept = None        # a private upstream connection kept between requests
         self.state = R_HEAD
         self.buf = b""          # the first piece of a head under way (b"": none)
         self.parts = None       # the pieces of a head under way, or None
@@ -836,11 +893,16 @@ class ClientProtocol:
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0].encode("ascii")
+        front = self.front
+        self.deadline = proxy.now + front.header_timeout
+        if front.proxy_protocol and (front.pp_from is None
+                                     or front.pp_from.trusts(self.client_ip)):
+            self.state = R_PROXY    # the peer is to be decided by its header
+            return
         self.addr = self.client_ip
-        trusted = self.front.trusted
+        trusted = front.trusted
         if trusted is not None and trusted.trusts(self.client_ip):
             self.trust = trusted
-        self.deadline = proxy.now + self.front.header_timeout
 
     def connection_lost(self, exc):
         self.front.ctr[L_ACTIVE] -= 1
@@ -858,6 +920,11 @@ class ClientProtocol:
     def eof_received(self):
         # Keep the write side open while a request is in flight, then close.
         if self.state == R_HEAD and not self.buf:
+            return False
+        if self.state == R_PROXY:
+            if self.buf:
+                self.proxy.proxy_header_error(self, "closed before the end of its PROXY "
+                                                    "protocol header")
             return False
         self.eof = True
         if not self.transport.can_write_eof():
@@ -917,15 +984,58 @@ class ClientProtocol:
         elif state == R_TUNNEL:
             proxy = self.proxy
             self.deadline = proxy.now + self.front.tunnel_timeout
-            proxy.tunnel_bytes_up += len(data)
+            self.front.ctr[L_TUNNEL_BYTES_IN] += len(data)
             up = self.up
             up.backend.ctr[B_BYTES_OUT] += len(data)
             up.write(data)
+        elif state == R_PROXY:
+            self._proxy_header(data)
 
     # httptools callback: the only one defined, so the parser stays in C for
     # everything else.
     def on_message_complete(self):
         self.ll_done = True
+
+    # -------------------------------------------------------- PROXY protocol
+
+    def _proxy_header(self, data):
+        """R_PROXY: the bytes of the PROXY protocol header (``buf`` holds
+        those of earlier reads); the bytes after it start the HTTP stream."""
+        buf = self.buf + data if self.buf else data
+        try:
+            got = _pp_parse(buf)
+        except _ProxyHeaderError as e:
+            self.proxy.proxy_header_error(self, e.reason)
+            return
+        if got is None:
+            self.buf = buf      # incomplete (and bounded: the parser refuses more)
+            return
+        end, addrs = got
+        self.buf = b""
+        if addrs is not None:   # else LOCAL or UNKNOWN: the socket's peer it is
+            self.pp_addrs = addrs
+            self.client_ip = addrs[0].encode("ascii")
+        self.addr = self.client_ip
+        front = self.front
+        trusted = front.trusted
+        if trusted is not None and trusted.trusts(self.client_ip):
+            self.trust = trusted
+        self.state = R_HEAD
+        if end < len(buf):
+            self._head(buf[end:])
+
+    def proxy_header(self, version):
+        """The PROXY protocol header (``version`` 1 or 2) that starts a
+        connection to a backend made for this client: its address and the
+        one it connected to (from its own PROXY header, else its socket)."""
+        addrs = self.pp_addrs
+        if addrs is None:
+            t = self.transport
+            peer = t.get_extra_info("peername") if t is not None else None
+            sock = t.get_extra_info("sockname") if t is not None else None
+            if peer and sock:
+                addrs = self.pp_addrs = (peer[0], peer[1], sock[0], sock[1])
+        return _pp_header(version, addrs)
 
     # -------------------------------------------------------- request head
 
@@ -1219,6 +1329,21 @@ class ClientProtocol:
                 up.write(out)
                 backend.ctr[B_BYTES_OUT] += len(out)
                 return
+        kept = self.kept
+        if kept is not None:
+            # a private connection of this client's (PROXY protocol to the backends)
+            self.kept = None
+            kept.owner = None
+            if kept.backend is backend and kept.state == U_IDLE:
+                kept.bind(self)
+                self.up = kept
+                if self.wpaused:
+                    kept.pause_reading()
+                self.t_sent = monotonic_us()
+                kept.write(out)
+                backend.ctr[B_BYTES_OUT] += len(out)
+                return
+            kept.close()        # another backend's: this request needs its own
         self.outq = [out]
         self.proxy.connect(backend, self, self.gen)
 
@@ -1574,6 +1699,14 @@ class ClientProtocol:
                 self._close()       # the end of a lingering close
         elif state == R_TUNNEL:
             self.end_tunnel()       # nothing either way for tunnel_timeout
+        elif state == R_PROXY:
+            if self.proxy.draining or self.front.draining:
+                self._close()       # stopping: its wait for a header is cut short
+            else:
+                self.proxy.proxy_header_error(
+                    self, "no complete PROXY protocol header within %gs"
+                    % self.front.header_timeout if self.buf else
+                    "no PROXY protocol header within %gs" % self.front.header_timeout)
         elif state == R_DONE:
             if self.wpaused:
                 # The backend is waiting for us, not the other way round. A
@@ -1644,7 +1777,9 @@ class ClientProtocol:
         proxy = self.proxy
         self.state = R_TUNNEL
         proxy.tunnels += 1
-        proxy.tunnels_total += 1
+        front = self.front
+        front.ctr[L_TUNNELS] += 1
+        front.ctr[L_TUNNELS_TOTAL] += 1
         backend = self.backend
         if backend.fail_streak:
             proxy.note_success(backend)
@@ -1653,7 +1788,7 @@ class ClientProtocol:
         pending = self.pending
         if pending:
             self.pending = b""
-            proxy.tunnel_bytes_up += len(pending)
+            front.ctr[L_TUNNEL_BYTES_IN] += len(pending)
             up.backend.ctr[B_BYTES_OUT] += len(pending)
             up.write(pending)
         if self.eof:
@@ -1666,6 +1801,7 @@ class ClientProtocol:
         proxy = self.proxy
         self.state = R_CLOSED
         proxy.tunnels -= 1
+        self.front.ctr[L_TUNNELS] -= 1
         if self.log_head is not None:
             proxy.log_request(self, 101)
         self._release()
@@ -1696,12 +1832,18 @@ class ClientProtocol:
             self.state == R_HEAD and bool(self.buf))
 
     def _drop_upstream(self):
-        """Abort the upstream connection of an exchange cut short (its state is unknown)."""
+        """Abort the upstream connection of an exchange cut short (its state is
+        unknown), and close a private one kept idle for this client."""
         up = self.up
         if up is not None:
             self.up = None
             up.backend.ctr[B_ACTIVE] -= 1
             up.abort()
+        kept = self.kept
+        if kept is not None:
+            self.kept = None
+            kept.owner = None
+            kept.close()
 
 
 # ---------------------------------------------------------------- shared state
@@ -1767,12 +1909,12 @@ class Proxy:
         self.stalls = 0         # event-loop stalls that pushed deadlines back
         self.upstreams = 0      # open upstream connections (fds)
         self.connecting = 0     # upstream connects in progress (each holds an fd)
-        # tunnels (for metrics): open now, opened since start, bytes relayed
-        # from the clients to the backends and back
+        # tunnels open now (the listeners' counters have them too, and the
+        # ones opened and the bytes relayed)
         self.tunnels = 0
-        self.tunnels_total = 0
-        self.tunnel_bytes_up = 0
-        self.tunnel_bytes_down = 0
+        self.proxy_errors = 0   # connections closed for their PROXY protocol header
+        self._pp_logged = -LOCAL_LOG_EVERY
+        self._pp_quiet = 0      # of them not logged since the last line
         self.flushing = set()   # upstreams of ended tunnels still sending (UpstreamProtocol)
         self.listener = None    # the first Front's fastlb.server.Listener
         self.fd_base = 0        # fds open besides connections (set by start)
@@ -1890,7 +2032,11 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
 
     def release_fresh(self, up):
-        """A connection made for a client that went away: keep it for the next one."""
+        """A connection made for a client that went away: keep it for the next
+        one (not one that began with that client's PROXY header)."""
+        if up.private:
+            up.close()
+            return
         up.reused = True
         up.backend.push_idle(up, self.now)
 
@@ -1929,12 +2075,35 @@ class Proxy:
         else:
             self._local_quiet += 1
 
+    def proxy_header_error(self, client, reason):
+        """``client`` must start with a PROXY protocol header and did not
+        send a valid one (``reason``): it is closed without an answer,
+        counted (the proxy's ``proxy_errors``, its listener's
+        ``proxy_errors`` counter) and logged at most once every
+        LOCAL_LOG_EVERY seconds (a flood of them says the same thing)."""
+        self.proxy_errors += 1
+        front = client.front
+        front.ctr[L_PROXY_ERRORS] += 1
+        client._close()
+        now = self.loop.time()
+        if now - self._pp_logged >= LOCAL_LOG_EVERY:
+            quiet = self._pp_quiet
+            self._pp_quiet = 0
+            self._pp_logged = now
+            peer = client.transport.get_extra_info("peername") if client.transport else None
+            who = _peer_name(peer) if peer else "a client"
+            log.warning("listener %s: connection from %s closed without an answer: %s%s",
+                        front.name, who, reason,
+                        f" ({quiet} more since the last report)" if quiet else "")
+        else:
+            self._pp_quiet += 1
+
     def start_drain(self):
         """Stop keeping connections alive: idle ones close now, busy ones
         after their response (which says ``Connection: close``)."""
         self.draining = True
         for c in list(self.clients):
-            if c.state == R_HEAD and not c.buf:
+            if (c.state == R_HEAD and not c.buf) or c.state == R_PROXY:
                 c._drain_idle()
 
     def drain_front(self, front):
@@ -1942,7 +2111,7 @@ class Proxy:
         the others after their response."""
         front.draining = True
         for c in list(self.clients):
-            if c.front is front and c.state == R_HEAD and not c.buf:
+            if c.front is front and ((c.state == R_HEAD and not c.buf) or c.state == R_PROXY):
                 c._drain_idle()
 
     # -------------------------------------------------------- access log
@@ -2034,6 +2203,12 @@ async def _stop_all(checkers):
     await asyncio.gather(*(h.stop() for h in checkers), return_exceptions=True)
 
 
+def _peer_name(peer):
+    """``host:port`` of a socket's peer name (IPv6 in brackets)."""
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def strip_target(out, n):
     """``out`` (a head written for a backend) with the first ``n`` bytes of
     its target removed (a route's ``strip_prefix``); the path sent always
@@ -2097,4 +2272,12 @@ async def _connect(proxy, backend, client, gen):
         # request into it and wait for an answer that cannot come.
         client.upstream_connect_failed(backend, "closed by the backend as it opened", gen)
         return
+    pool = backend.pool if backend.pool is not None else client.pool
+    version = pool.send_proxy if pool is not None else 0
+    if version:
+        # the first bytes on the connection: it is this client's from now on
+        up.private = True
+        header = client.proxy_header(version)
+        up.write(header)
+        backend.ctr[B_BYTES_OUT] += len(header)
     client.upstream_connected(up, gen)

@@ -226,6 +226,18 @@ def _add_common(p):
                    help="a network (10.0.0.0/8, 127.0.0.1) of proxies whose X-Forwarded-For "
                         "is believed and extended; repeatable (default: none, the fields "
                         "clients send are replaced)")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="connections start with a PROXY protocol header (v1 or v2) that "
+                        "gives the client's address; from peers of --proxy-protocol-from "
+                        "only, if given (default: off)")
+    p.add_argument("--proxy-protocol-from", dest="proxy_protocol_from", action="append",
+                   default=[], metavar="CIDR",
+                   help="with --proxy-protocol: the networks whose connections must start "
+                        "with the header (others are plain HTTP); repeatable (default: "
+                        "every peer)")
+    p.add_argument("--send-proxy-protocol", choices=["v1", "v2"], default=None,
+                   help="start every connection to a backend with a PROXY protocol header "
+                        "of this version (each such connection serves one client)")
     h = p.add_argument_group("health checks (see README)")
     h.add_argument("--health-path", metavar="PATH",
                    help="URL path probed on every backend; active checks are off without it")
@@ -251,6 +263,9 @@ def _add_common(p):
                    help="longest ejection (default 300)")
     h.add_argument("--eject-5xx", action="store_true",
                    help="count 5xx responses as failures for ejection")
+    h.add_argument("--health-send-proxy-protocol", action="store_true",
+                   help="health checks start with a PROXY protocol header too "
+                        "(v2: LOCAL; needs --send-proxy-protocol)")
     h.add_argument("--max-ejected-percent", type=_percent, metavar="P",
                    help="at most P %% of the backends (rounded down) are ejected at a time "
                         "(default: all but one; 100: all, then the one whose ejection ends "
@@ -364,12 +379,18 @@ def options_from_args(args, backends, weights=(), schemes=()):
     if args.hash_balance_factor and args.hash_balance_factor < 1:
         raise ConfigError(f"--hash-balance-factor {args.hash_balance_factor:g}: "
                           "must be 0 (off) or at least 1")
+    if args.health_send_proxy_protocol and args.send_proxy_protocol is None:
+        raise ConfigError("--health-send-proxy-protocol: "
+                          + validate.HEALTH_PROXY_ALONE.format("--send-proxy-protocol"))
+    if args.proxy_protocol and getattr(args, "tls_cert", None):
+        raise ConfigError(f"--proxy-protocol: {validate.PROXY_WITH_TLS}")
     health = HealthConfig(
         path=args.health_path, interval=args.health_interval, timeout=args.health_timeout,
         rise=args.health_rise, fall=args.health_fall, expect=args.health_expect,
         host=args.health_host, slow_start=args.slow_start, eject_after=args.eject_after,
         eject_base=args.eject_base, eject_max=max(args.eject_max, args.eject_base),
-        eject_5xx=args.eject_5xx, max_ejected_percent=args.max_ejected_percent)
+        eject_5xx=args.eject_5xx, max_ejected_percent=args.max_ejected_percent,
+        send_proxy_protocol=args.health_send_proxy_protocol)
     if args.access_log not in ("off", "-"):
         try:
             open(args.access_log, "a").close()
@@ -388,17 +409,27 @@ def options_from_args(args, backends, weights=(), schemes=()):
         body_timeout=args.body_timeout, body_min_rate=args.body_min_rate,
         upgrade=args.upgrade, tunnel_timeout=args.tunnel_timeout,
         trusted_proxies=_trusted_networks(args.trusted_proxies),
+        proxy_protocol=args.proxy_protocol,
+        proxy_protocol_from=_proxy_from(args.proxy_protocol, args.proxy_protocol_from),
+        send_proxy_protocol=args.send_proxy_protocol,
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
         hash_balance_factor=args.hash_balance_factor, workers=getattr(args, "workers", 1),
         schemes=tuple(schemes), tls=tls_from_flags(args), backend_tls=backend_tls_from_flags(args),
     )
 
 
-def _trusted_networks(values):
+def _trusted_networks(values, flag="--trusted-proxy"):
     try:
         return validate.trusted_networks(tuple(values or ()))
     except ConfigError as e:
-        raise ConfigError(f"--trusted-proxy: {e}") from None
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def _proxy_from(enabled, values):
+    if values and not enabled:
+        raise ConfigError("--proxy-protocol-from: "
+                          + validate.PROXY_FROM_ALONE.format("--proxy-protocol"))
+    return _trusted_networks(values, "--proxy-protocol-from")
 
 
 def main(argv=None):

@@ -13,7 +13,8 @@ from fastlb import _core_py
 
 _NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
           "hash64", "hash_key", "ChunkedScanner", "RequestHead", "parse_request_head",
-          "write_request_head", "rewrite_response_head", "find_head_end", "pick_many",
+          "write_request_head", "rewrite_response_head", "find_head_end", "parse_proxy_header",
+          "pick_many",
           "access_log_line", "AccessLogBuffer", "monotonic_us")
 
 Selector_Py = _core_py.Selector
@@ -31,6 +32,7 @@ parse_request_head_Py = _core_py.parse_request_head
 write_request_head_Py = _core_py.write_request_head
 rewrite_response_head_Py = _core_py.rewrite_response_head
 find_head_end_Py = _core_py.find_head_end
+parse_proxy_header_Py = _core_py.parse_proxy_header
 pick_many_Py = _core_py.pick_many
 access_log_line_Py = _core_py.access_log_line
 AccessLogBuffer_Py = _core_py.AccessLogBuffer
@@ -63,6 +65,7 @@ if _c is not None:
     write_request_head_C = _c.write_request_head
     rewrite_response_head_C = _c.rewrite_response_head
     find_head_end_C = _c.find_head_end
+    parse_proxy_header_C = _c.parse_proxy_header
     pick_many_C = _c.pick_many
     access_log_line_C = _c.access_log_line
     AccessLogBuffer_C = _c.AccessLogBuffer
@@ -82,6 +85,7 @@ if _c is not None:
     write_request_head = write_request_head_C
     rewrite_response_head = rewrite_response_head_C
     find_head_end = find_head_end_C
+    parse_proxy_header = parse_proxy_header_C
     pick_many = pick_many_C
     access_log_line = access_log_line_C
     AccessLogBuffer = AccessLogBuffer_C
@@ -92,6 +96,7 @@ else:
     RequestHead_C = parse_request_head_C = write_request_head_C = None
     WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
     hash64_C = hash_key_C = find_head_end_C = Selector_C = pick_many_C = None
+    parse_proxy_header_C = None
     access_log_line_C = AccessLogBuffer_C = monotonic_us_C = None
     Selector = Selector_Py
     RoundRobin = RoundRobin_Py
@@ -108,6 +113,7 @@ else:
     write_request_head = write_request_head_Py
     rewrite_response_head = rewrite_response_head_Py
     find_head_end = find_head_end_Py
+    parse_proxy_header = parse_proxy_header_Py
     pick_many = pick_many_Py
     access_log_line = access_log_line_Py
     AccessLogBuffer = AccessLogBuffer_Py

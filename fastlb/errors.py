@@ -96,6 +96,22 @@ class BadGateway(HTTPError):
     status = 502
 
 
+class ProxyHeaderError(FastLBError, ValueError):
+    """Bytes that are not a valid PROXY protocol header (``parse_proxy_header``);
+    ``reason`` says why. The connection is closed without an answer."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# PROXY protocol headers (parse_proxy_header): a version 1 line is at most
+# this many bytes, its CRLF included (the spec's bound); a version 2 header at
+# most this many in all (HAProxy's buffer).
+PROXY_V1_MAX = 107
+PROXY_V2_MAX = 16384
+
+
 # Body framing, returned by the head rewriters.
 BODY_NONE = 0      # no body
 BODY_LENGTH = 1    # Content-Length bytes follow

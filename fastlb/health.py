@@ -125,6 +125,7 @@ FLAGS = {
     "eject_reset": "--eject-reset",
     "eject_5xx": "--eject-5xx",
     "max_ejected_percent": "--max-ejected-percent",
+    "send_proxy_protocol": "--health-send-proxy-protocol",
 }
 
 
@@ -195,6 +196,8 @@ class HealthConfig:
     eject_5xx: bool = False         # [--eject-5xx] count 5xx responses as failures
     max_ejected_percent: Optional[float] = None  # [--max-ejected-percent] share of the pool
     #                                 passive ejection may take out; None: all but one
+    send_proxy_protocol: bool = False  # [--health-send-proxy-protocol] checks start with a
+    #                                 PROXY header of the pool's version (HAProxy's check-send-proxy)
     expect_ranges: tuple = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -255,8 +258,9 @@ class HealthConfig:
             out.append(("eject_max", f"must be at least {name('eject_base')} "
                                      f"({v['eject_base']:g}), got {v['eject_max']:g}"))
         number("eject_reset", strict=True)
-        if not isinstance(v["eject_5xx"], bool):
-            out.append(("eject_5xx", f"expected true or false, got {show(v['eject_5xx'])}"))
+        for flag in ("eject_5xx", "send_proxy_protocol"):
+            if not isinstance(v[flag], bool):
+                out.append((flag, f"expected true or false, got {show(v[flag])}"))
         pct = v["max_ejected_percent"]
         if pct is not None and number("max_ejected_percent") and pct > 100:
             out.append(("max_ejected_percent", f"must be at most 100, got {pct:g}"))
@@ -365,6 +369,17 @@ def _netloc(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _check_proxy_header(version, writer):
+    """The PROXY protocol header a check starts with: v2 LOCAL; v1 the check
+    connection's own addresses (the spec's advice for health checks)."""
+    from fastlb.wire.proxyproto import local_proxy_header
+
+    local = writer.get_extra_info("sockname")
+    peer = writer.get_extra_info("peername")
+    addrs = (local[0], local[1], peer[0], peer[1]) if local and peer else None
+    return local_proxy_header(version, addrs)
+
+
 class HealthChecker:
     """Active and passive health of ``backends``, applied to ``balancer``.
 
@@ -373,10 +388,13 @@ class HealthChecker:
     ``is_eligible(idx)``, and ``set_weight(idx, w)`` (ints) when slow start is
     on. ``weights``: configured weights (default all 1). ``seed`` seeds the
     first-check jitter. ``logger`` defaults to ``logging.getLogger("fastlb.health")``.
+    ``proxy_protocol`` (1 or 2, the pool's ``send_proxy_protocol``): with
+    ``config.send_proxy_protocol`` every check starts with a PROXY protocol
+    header of that version (``fastlb.wire.proxyproto.local_proxy_header``).
     """
 
     def __init__(self, backends, balancer, config, loop, logger=None, weights=None,
-                 seed=None, on_trial=None, pool=None):
+                 seed=None, on_trial=None, pool=None, proxy_protocol=None):
         from fastlb import __version__
 
         backends = list(backends)
@@ -390,6 +408,8 @@ class HealthChecker:
                 raise ValueError(f"weights are non-negative ints, got {w!r}")
         self.config = config
         self.pool = pool            # the pool's name (None: the only pool)
+        # the PROXY protocol version checks start with (None: no header)
+        self._pp = proxy_protocol if config.send_proxy_protocol else None
         self._loop = loop
         self._bal = balancer
         self._log = logger if logger is not None else logging.getLogger("fastlb.health")
@@ -792,6 +812,8 @@ class HealthChecker:
                     reader, writer = await asyncio.open_connection(
                         st.host, st.port, limit=_STATUS_LINE_MAX, ssl=st.tls,
                         server_hostname=st.server_name, ssl_handshake_timeout=cfg.timeout)
+                if self._pp is not None:
+                    writer.write(_check_proxy_header(self._pp, writer))
                 writer.write(st.request)
                 line = await reader.readuntil(b"\n")
         except TimeoutError:

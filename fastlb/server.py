@@ -64,6 +64,9 @@ class Options:
     tls: object = None                   # fastlb.config.model.TLSConfig: TLS termination
     schemes: tuple = ()                  # per backend, "http" or "https"; () = all http
     backend_tls: object = None           # fastlb.config.model.BackendTLSConfig (https ones)
+    proxy_protocol: bool = False         # connections start with a PROXY protocol header...
+    proxy_protocol_from: tuple = ()      # ... from these CIDR networks (): from every peer
+    send_proxy_protocol: object = None   # "v1" or "v2": a PROXY header to the backends
     access_log: str = "off"              # "-", a path, or "off"
     access_log_format: str = "combined"  # "combined" or "json"
     via: bool = True

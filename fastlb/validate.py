@@ -88,6 +88,15 @@ def trusted_networks(values):
     return tuple(out)
 
 
+PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
+# with the name of the setting each needs: "proxy_protocol = true", "--proxy-protocol"
+PROXY_FROM_ALONE = ("needs {} (without it no connection is expected to start with a PROXY "
+                    "protocol header)")
+HEALTH_PROXY_ALONE = "needs {} (the checks send the header of its version)"
+PROXY_WITH_TLS = ("is not supported on a TLS listener (the PROXY protocol header comes before "
+                  "the TLS handshake, and fastlb reads it only on plain HTTP listeners)")
+
+
 def listen_address(text):
     """``[HOST:]PORT`` (HOST may be ``[v6]``; empty HOST: all IPv4 addresses;
     no HOST: 127.0.0.1) -> ``(host, port)``."""

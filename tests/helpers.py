@@ -8,7 +8,10 @@
   By default it echoes what it received (request line, headers, body length
   and hash) as JSON; ``handler`` may return raw bytes instead, a ``Reply`` (raw
   bytes + close / close-without-reply), or ``HANG``. It records every byte it
-  receives, each parsed request and the number of connections.
+  receives, each parsed request and the number of connections. With
+  ``proxy_protocol=True`` each connection may start with a PROXY protocol
+  header (``read_proxy_header``, written here from the spec, independently
+  of fastlb's parser), kept as ``req.proxy`` and in the echo (``proxy``).
 * ``UvicornBackend``: a uvicorn ASGI echo app on a background thread.
 * ``spawn_fastlb``: ``python -m fastlb serve`` as a subprocess, port read from
   its "listening on" log line.
@@ -219,6 +222,54 @@ def free_dead_port():
     return port
 
 
+# ---------------------------------------------------------------- PROXY protocol
+
+PP2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def read_proxy_header(data):
+    """The PROXY protocol header at the start of ``data``, as a receiver
+    written from HAProxy's proxy-protocol.txt reads it: None while it is
+    incomplete (or absent: data that starts like neither version gives
+    ``(0, None)``), else ``(length, dict)``. The dict: ``version`` (1, 2),
+    ``command`` ("PROXY", "LOCAL", "UNKNOWN"), ``src`` and ``dst`` as
+    ``"ip:port"`` (IPv6 in brackets) when the header carries them."""
+    import ipaddress
+    import struct
+
+    if data.startswith(b"PROXY "):
+        end = data.find(b"\r\n")
+        if end < 0:
+            return None
+        words = data[6:end].decode("ascii").split(" ")
+        if words[0] == "UNKNOWN":
+            return end + 2, {"version": 1, "command": "UNKNOWN"}
+        _, src, dst, sport, dport = words
+        fmt = "[{}]:{}" if words[0] == "TCP6" else "{}:{}"
+        return end + 2, {"version": 1, "command": "PROXY", "proto": words[0],
+                         "src": fmt.format(src, sport), "dst": fmt.format(dst, dport)}
+    if data.startswith(PP2_SIGNATURE[:len(data)]) and len(data) < 16:
+        return None
+    if data.startswith(PP2_SIGNATURE):
+        ver_cmd, fam, length = struct.unpack_from("!BBH", data, 12)
+        if len(data) < 16 + length:
+            return None
+        out = {"version": ver_cmd >> 4, "command": ["LOCAL", "PROXY"][ver_cmd & 15],
+               "family": fam}
+        if ver_cmd & 15 == 1 and fam in (0x11, 0x21):
+            size = 4 if fam == 0x11 else 16
+            a = data[16:16 + 2 * size + 4]
+            src, dst = (ipaddress.ip_address(a[:size]), ipaddress.ip_address(a[size:2 * size]))
+            sport, dport = struct.unpack_from("!HH", a, 2 * size)
+            fmt = "{}:{}" if size == 4 else "[{}]:{}"
+            out["src"] = fmt.format(src, sport)
+            out["dst"] = fmt.format(dst, dport)
+        return 16 + length, out
+    if b"PROXY ".startswith(data):
+        return None
+    return 0, None
+
+
 # ---------------------------------------------------------------- scripted backend
 
 HANG = object()
@@ -248,6 +299,7 @@ class Request:
         self.sha = hashlib.sha256()
         self.conn_index = 0   # which connection of the backend
         self.index_on_conn = 0
+        self.proxy = None     # the PROXY protocol header its connection began with (a dict)
 
     def get(self, name):
         vals = [v for n, v in self.headers if n.lower() == name.lower()]
@@ -271,6 +323,8 @@ def echo_response(be, req, extra_headers=b""):
         "body": bytes(req.body).decode("latin-1") if req.body_len <= 4096 else None,
         "conn": req.conn_index, "n_on_conn": req.index_on_conn,
     }
+    if be.proxy_protocol:
+        doc["proxy"] = req.proxy
     body = json.dumps(doc).encode()
     close = b"Connection: close\r\n" if (req.get("connection") or "").lower() == "close" else b""
     return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Backend: "
@@ -288,6 +342,8 @@ class _BackendConn(asyncio.Protocol):
         self.nreq = 0
         self.transport = None
         self.closed = False
+        self.proxy = None       # the connection's PROXY protocol header (a dict), if any
+        self.proxy_done = not be.proxy_protocol
 
     def connection_made(self, transport):
         self.transport = transport
@@ -305,6 +361,14 @@ class _BackendConn(asyncio.Protocol):
         be = self.be
         be.received += data
         self.buf += data
+        if not self.proxy_done:
+            got = read_proxy_header(bytes(self.buf))
+            if got is None:
+                return
+            n, self.proxy = got
+            del self.buf[:n]
+            self.proxy_done = True
+            be.proxy_headers.append(self.proxy)
         for _ in range(10000):
             if self.closed or not self._step():
                 break
@@ -320,6 +384,7 @@ class _BackendConn(asyncio.Protocol):
             req = self.req = Request(head)
             req.conn_index = self.index
             req.index_on_conn = self.nreq
+            req.proxy = self.proxy
             self.nreq += 1
             te = (req.get("transfer-encoding") or "").lower()
             self.chunked = "chunked" in te
@@ -422,8 +487,10 @@ class ScriptBackend:
     ``ssl``: an ``ssl.SSLContext`` to serve HTTPS with."""
 
     def __init__(self, lt, name="A", handler=None, max_requests=None, send_continue=True,
-                 on_head=None, ssl=None):
+                 on_head=None, ssl=None, proxy_protocol=False):
         self.lt = lt
+        self.proxy_protocol = proxy_protocol
+        self.proxy_headers = []     # the PROXY protocol header of each connection, in order
         self.name = name
         self.handler = handler
         self.max_requests = max_requests
@@ -640,8 +707,11 @@ class FastlbProcess:
 
 # ---------------------------------------------------------------- raw sockets
 
-def raw_connect(port, timeout=5.0, nodelay=True):
-    s = socket.create_connection((HOST, port), timeout=timeout)
+def raw_connect(port, timeout=5.0, nodelay=True, source=None):
+    """A TCP connection to 127.0.0.1:``port``; ``source``: the local address
+    to connect from (any of 127.0.0.0/8 is this machine)."""
+    s = socket.create_connection((HOST, port), timeout=timeout,
+                                 source_address=(source, 0) if source else None)
     if nodelay:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s

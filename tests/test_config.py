@@ -204,8 +204,8 @@ backends = ["http://127.0.0.1:9002"]
     (MINIMAL + "zzz = 1\n",
      ['fastlb.toml:5: pools.app.zzz: unknown key "zzz" (known: algorithm, hash_key, '
       'hash_balance_factor, backends, connect_timeout, response_timeout, retries, '
-      'retry_timeout, upstream_idle_timeout, upstream_max_idle, max_interim, tls, health, '
-      'discovery)']),
+      'retry_timeout, upstream_idle_timeout, upstream_max_idle, max_interim, tls, '
+      'send_proxy_protocol, health, discovery)']),
     (MINIMAL.replace('backends = ["http://127.0.0.1:9001"]',
                      'backends = [{ url = "http://127.0.0.1:9001", wieght = 2 }]'),
      ['fastlb.toml:4: pools.app.backends[0].wieght: unknown key "wieght" '
@@ -584,6 +584,8 @@ FLAG_SET = [
     "--max-ejected-percent", "50", "--access-log", "-", "--no-via", "--log-level", "debug",
     "--allow-unresolved", "--access-log-format", "json", "--no-upgrade", "--tunnel-timeout", "120",
     "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "127.0.0.1",
+    "--proxy-protocol", "--proxy-protocol-from", "10.0.0.0/8", "--proxy-protocol-from", "::1",
+    "--send-proxy-protocol", "v2", "--health-send-proxy-protocol",
 ]
 FLAG_SET_FILE = """\
 access_log = "-"
@@ -603,6 +605,8 @@ body_min_rate = 100
 upgrade = false
 tunnel_timeout = 120
 trusted_proxies = ["10.0.0.0/8", "127.0.0.1/32"]
+proxy_protocol = true
+proxy_protocol_from = ["10.0.0.0/8", "::1/128"]
 [pools.default]
 backends = ["http://127.0.0.1:9001", { url = "http://127.0.0.1:9002", weight = 3 }]
 algorithm = "maglev"
@@ -615,6 +619,7 @@ upstream_max_idle = 8
 retries = 1
 retry_timeout = 3
 max_interim = 2
+send_proxy_protocol = "v2"
 [pools.default.health]
 path = "/hz"
 interval = 3
@@ -629,6 +634,7 @@ eject_base = 4
 eject_max = 40
 eject_5xx = true
 max_ejected_percent = 50
+send_proxy_protocol = true
 """
 
 

@@ -37,6 +37,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from fastlb.config import loads
 from fastlb.errors import ConfigError
+from fastlb.runtime.shm import L_NAMES
 from helpers import (HANG, HOST, FastlbProcess, Reader, access_log_lines, echo_response, get,
                      raw_connect, recv_until_close, run_fastlb, send_raw, wait_for)
 from helpers import (active_core, backend_loop, make_backend, make_config_lb,  # noqa: F401
@@ -768,7 +769,7 @@ def test_websocket_over_a_tls_listener(pki, ws_backend, make_config_lb):
     assert code == 4002
     assert wait_for(lambda: lb.lt.call_soon(lambda: (lb.proxy.tunnels, len(lb.proxy.clients)))
                     == (0, 0))
-    assert lb.lt.call_soon(lambda: lb.proxy.tunnels_total) == 2
+    assert lb.lt.call_soon(lambda: dict(zip(L_NAMES, lb.proxy.fronts["web"].ctr)))["tunnels_total"] == 2
 
 
 def _tls_layer_warnings(caplog):
@@ -1064,3 +1065,20 @@ def test_certificate_names_and_dates_match_the_stdlib_decoder(pki):
         assert list(names) == (dns or cn[-1:])
         assert not_after == ssl.cert_time_to_seconds(want["notAfter"])
         assert not_before == ssl.cert_time_to_seconds(want["notBefore"])
+
+
+def test_proxy_protocol_on_a_tls_listener_is_refused_naming_the_setting(pki, tmp_path):
+    """The PROXY protocol header comes before the TLS handshake, and fastlb
+    reads it only on plain listeners: asking for both is a configuration
+    error (file and flags), never a listener that fails every connection."""
+    path = _config_file(tmp_path, tls_listener(pki, pki.a).replace(
+        "[listeners.web.tls]", "proxy_protocol = true\n[listeners.web.tls]")
+        + pool("app", "http://127.0.0.1:9"))
+    r = run_fastlb("check-config", path)
+    assert r.returncode == 1
+    assert "listeners.web.proxy_protocol: is not supported on a TLS listener" in r.stdout, r.stdout
+    r = run_fastlb("serve", "--listen", f"{HOST}:0", "--backend", "http://127.0.0.1:9",
+                   "--tls-cert", pki.a.cert, "--tls-key", pki.a.key, "--proxy-protocol",
+                   timeout=15)
+    assert r.returncode == 2
+    assert "--proxy-protocol: is not supported on a TLS listener" in r.stderr, r.stderr

@@ -23,6 +23,8 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 
+from fastlb.runtime.shm import L_NAMES
+
 from helpers import (HOST, FastlbProcess, Reader, Reply, access_log_lines, ok_response,
                      raw_connect, recv_until_close, send_raw, wait_for)
 from helpers import (active_core, backend_loop, make_backend, make_config_lb,  # noqa: F401
@@ -211,6 +213,11 @@ def on_loop(lb, fn):
     return lb.lt.call_soon(fn)
 
 
+def listener_counters(lb, name="default"):
+    """The traffic counters of listener ``name`` (``fastlb.runtime.shm.L_NAMES``)."""
+    return on_loop(lb, lambda: dict(zip(L_NAMES, lb.proxy.fronts[name].ctr)))
+
+
 def run(coro, timeout=60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -241,7 +248,7 @@ def test_text_and_binary_messages(ws_backend, make_lb):
     run(go())
     assert wait_for(lambda: on_loop(lb, lambda: (lb.proxy.tunnels, lb.proxy.upstreams,
                                                  len(lb.proxy.clients))) == (0, 0, 0))
-    assert on_loop(lb, lambda: lb.proxy.tunnels_total) == 1
+    assert listener_counters(lb)["tunnels_total"] == 1
 
 
 def test_handshake_headers_reach_the_backend(ws_backend, make_lb):
@@ -415,7 +422,8 @@ backends = ["http://{HOST}:{http_be.port}"]
                 lb.proxy.upstreams - len(http_b.idle))
 
     assert wait_for(lambda: on_loop(lb, left) == (0, 0, 0, 0), timeout=10)
-    assert on_loop(lb, lambda: lb.proxy.tunnels_total) == n
+    assert listener_counters(lb, "web")["tunnels_total"] == n
+    assert listener_counters(lb, "web")["tunnels"] == 0
 
 
 def test_tunnel_idle_timeout(ws_backend, make_lb):
@@ -463,8 +471,9 @@ def test_tunnel_bytes_and_counters(tunnel_backend, make_lb):
     conn = tunnel_backend.conns[0]
     assert bytes(conn.received) == b"".join(b"%d:" % i + b"x" * (i * 1000) for i in range(20))
     assert wait_for(lambda: on_loop(lb, lambda: lb.proxy.tunnels) == 0)
-    assert on_loop(lb, lambda: (lb.proxy.tunnel_bytes_up, lb.proxy.tunnel_bytes_down,
-                                lb.proxy.tunnels_total)) == (sent, sent + 3, 1)
+    c = listener_counters(lb)
+    assert (c["tunnel_bytes_in"], c["tunnel_bytes_out"], c["tunnels_total"], c["tunnels"]) == (
+        sent, sent + 3, 1, 0)
     # the tunnel's backend connection is gone, not pooled
     assert wait_for(lambda: on_loop(lb, lambda: (lb.proxy.upstreams, len(lb.proxy.backends[0].idle),
                                                  lb.proxy.backends[0].active)) == (0, 0, 0))
@@ -486,7 +495,7 @@ def test_tunnel_in_the_traffic_counters(tunnel_backend, make_lb):
         assert recv_exactly(s, 5000) == b"z" * 5000
         s.shutdown(socket.SHUT_WR)
         assert recv_until_close(s, 5) == (b"bye", True)
-    assert (open_b["active"], open_l["active"]) == (1, 1)
+    assert (open_b["active"], open_l["active"], open_l["tunnels"]) == (1, 1, 1)
     conn = tunnel_backend.conns[0]
     wait_for(lambda: listener_counts(lb)["active"] == 0)
     def row():
@@ -500,7 +509,9 @@ def test_tunnel_in_the_traffic_counters(tunnel_backend, make_lb):
                                     b"Connection: Upgrade\r\n\r\n") + 5000 + 3)
     assert listener_counts(lb) == lexp(connections=1, requests=1, responses_1xx=1,
                                        bytes_in=len(request) + 5000,
-                                       bytes_out=len(SWITCHED) + 5000 + 3)
+                                       bytes_out=len(SWITCHED) + 5000 + 3,
+                                       tunnels_total=1, tunnel_bytes_in=5000,
+                                       tunnel_bytes_out=5000 + 3)
 
 
 @pytest.mark.parametrize("split", [None, "bytes"], ids=["whole", "bytes"])
@@ -615,7 +626,7 @@ def test_upgrade_refused_by_the_backend_stays_http(make_backend, make_lb, status
         assert (r.status, r.body) == (200, b"/next")
     assert be.requests[0].get("upgrade") == "websocket"
     assert [q.target for q in be.requests] == ["/ws", "/next"]
-    assert on_loop(lb, lambda: lb.proxy.tunnels_total) == 0
+    assert listener_counters(lb)["tunnels_total"] == 0
 
 
 def test_websocket_client_refused_by_backend(make_backend, make_lb):
@@ -720,3 +731,72 @@ def test_drain_ends_when_the_last_tunnel_does(ws_backend):
     finally:
         lb.kill()
     assert "drained: every request finished" in b"".join(lb.stderr_lines).decode()
+
+
+def test_reload_with_workers_drains_tunnels_and_metrics_count_them(ws_backend, tmp_path):
+    """``--workers 2``: /metrics sums every worker's tunnels; a reload
+    (SIGHUP) drains the old workers as SIGTERM does, so a tunnel open on one
+    keeps working until ``drain_timeout`` and is then closed, while new
+    connections reach the new workers. The closed worker's counters stay in
+    the totals; its open-tunnels gauge does not."""
+    import re
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from test_workers import _serve_file, children, log_text
+
+    text = (f'workers = 2\ndrain_timeout = 2\n[admin]\nbind = "127.0.0.1:0"\n'
+            f'[listeners.web]\nbind = "127.0.0.1:0"\ndefault_pool = "ws"\n'
+            f'[pools.ws]\nbackends = ["http://{HOST}:{ws_backend.addr[1]}"]\n')
+    lb, path, pids = _serve_file(tmp_path, text, 2)
+    try:
+        m = wait_for(lambda: re.search(r"admin listening on 127\.0\.0\.1:(\d+)", log_text(lb)),
+                     15)
+        assert m, log_text(lb)
+        api = httpx.Client(base_url=f"http://127.0.0.1:{m.group(1)}", timeout=10)
+
+        def metric(name):
+            for fam in text_string_to_metric_families(api.get("/metrics").text):
+                for s in fam.samples:
+                    if s.name == name and s.labels.get("listener") == "web":
+                        return s.value
+            raise KeyError(name)
+
+        async def go():
+            a = await ws_connect(f"ws://{HOST}:{lb.port}/echo", ping_interval=None)
+            b = await ws_connect(f"ws://{HOST}:{lb.port}/echo", ping_interval=None)
+            for ws in (a, b):
+                await ws.send("12345")
+                assert await ws.recv() == "12345"
+            assert await asyncio.to_thread(
+                wait_for, lambda: metric("fastlb_frontend_current_tunnels") == 2)
+            assert metric("fastlb_frontend_tunnels_total") == 2
+            await b.close()
+            assert await asyncio.to_thread(
+                wait_for, lambda: metric("fastlb_frontend_current_tunnels") == 1)
+            path.write_text(text.replace("drain_timeout = 2", "drain_timeout = 2.5"))
+            lb.proc.send_signal(signal.SIGHUP)
+            assert await asyncio.to_thread(
+                wait_for, lambda: "reloaded (" in log_text(lb), 10), log_text(lb)
+            t0 = time.monotonic()
+            await a.send("during the drain")
+            assert await a.recv() == "during the drain"
+            async with ws_connect(f"ws://{HOST}:{lb.port}/echo", ping_interval=None) as c:
+                await c.send("on a new worker")
+                assert await c.recv() == "on a new worker"
+            with pytest.raises(websockets.ConnectionClosedError):
+                await asyncio.wait_for(a.recv(), 15)    # closed at the old worker's drain end
+            assert time.monotonic() - t0 > 1.0          # not before: it was kept, not cut
+            return a.close_code
+
+        assert run(go(), timeout=60) == 1006
+        # the old generation is gone; its tunnels are in the totals, none is open
+        assert wait_for(lambda: not set(children(lb.proc.pid)) & set(pids), 15)
+        assert wait_for(lambda: metric("fastlb_frontend_current_tunnels") == 0)
+        assert metric("fastlb_frontend_tunnels_total") == 3
+        assert metric("fastlb_frontend_tunnel_bytes_in_total") > 0
+        assert metric("fastlb_frontend_tunnel_bytes_out_total") > 0
+        api.close()
+    finally:
+        assert lb.terminate(timeout=30) == 0, log_text(lb)

@@ -64,6 +64,8 @@ FLAGS = tuple(Flag(*f) for f in (
     ("tls_cert", "--tls-cert", LISTENER, "tls.certificates[].cert"),
     ("tls_key", "--tls-key", LISTENER, "tls.certificates[].key"),
     ("tls_handshake_timeout", "--tls-handshake-timeout", LISTENER, "tls.handshake_timeout"),
+    ("proxy_protocol", "--proxy-protocol", LISTENER, "proxy_protocol"),
+    ("proxy_protocol_from", "--proxy-protocol-from", LISTENER, "proxy_protocol_from"),
     ("backend", "--backend", POOL, "backends"),
     ("algorithm", "--algorithm", POOL, "algorithm"),
     ("hash_key", "--hash-key", POOL, "hash_key"),
@@ -78,6 +80,7 @@ FLAGS = tuple(Flag(*f) for f in (
     ("backend_ca_file", "--backend-ca-file", POOL, "tls.ca_file"),
     ("backend_server_name", "--backend-server-name", POOL, "tls.server_name"),
     ("backend_verify", "--backend-no-verify", POOL, "tls.verify"),
+    ("send_proxy_protocol", "--send-proxy-protocol", POOL, "send_proxy_protocol"),
 )) + tuple(Flag(flag[2:].replace("-", "_"), flag, HEALTH, field)
            for field, flag in HEALTH_FLAGS.items())
 
@@ -213,12 +216,19 @@ def from_flags(args):
     bind = attempt(parse_listen, li.pop("bind", "127.0.0.1:8080"))
     if bind is not None:
         li["host"], li["port"] = bind
-    if "trusted_proxies" in li:
-        try:
-            li["trusted_proxies"] = validate.trusted_networks(tuple(li["trusted_proxies"] or ()))
-        except ConfigError as e:
-            errors.append(ConfigIssue(str(e), path="--trusted-proxy"))
-            li["trusted_proxies"] = ()
+    for key, flag in (("trusted_proxies", "--trusted-proxy"),
+                      ("proxy_protocol_from", "--proxy-protocol-from")):
+        if key in li:
+            try:
+                li[key] = validate.trusted_networks(tuple(li[key] or ()))
+            except ConfigError as e:
+                errors.append(ConfigIssue(str(e), path=flag))
+                li[key] = ()
+    if li.get("tls") is not None and li.get("proxy_protocol"):
+        errors.append(ConfigIssue(validate.PROXY_WITH_TLS, path="--proxy-protocol"))
+    if li.get("proxy_protocol_from") and not li.get("proxy_protocol"):
+        errors.append(ConfigIssue(validate.PROXY_FROM_ALONE.format("--proxy-protocol"),
+                                  path="--proxy-protocol-from"))
     listener = ListenerConfig(name=DEFAULT_NAME, default_pool=DEFAULT_NAME, **li)
 
     backends = []
@@ -239,6 +249,9 @@ def from_flags(args):
     if "eject_max" in h and "eject_base" in h:
         h["eject_max"] = max(h["eject_max"], h["eject_base"])   # as serve always did
     health = attempt(HealthConfig, **h) or HealthConfig()
+    if health.send_proxy_protocol and p.get("send_proxy_protocol") is None:
+        errors.append(ConfigIssue(validate.HEALTH_PROXY_ALONE.format("--send-proxy-protocol"),
+                                  path="--health-send-proxy-protocol"))
     pool = PoolConfig(name=DEFAULT_NAME, backends=tuple(backends), health=health, **p)
     if errors:
         raise ConfigError(errors=errors)

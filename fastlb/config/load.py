@@ -215,6 +215,8 @@ LISTENER_KEYS = {
     "tunnel_timeout": _POSITIVE,
     "trusted_proxies": validate.trusted_networks,
     "tls": _SPECIAL,
+    "proxy_protocol": _boolean,
+    "proxy_protocol_from": validate.trusted_networks,
     "backlog": _integer(1),
     "routes": _SPECIAL,
 }
@@ -247,6 +249,7 @@ POOL_KEYS = {
     "upstream_max_idle": _integer(1),
     "max_interim": _integer(0),
     "tls": _SPECIAL,
+    "send_proxy_protocol": _choice(validate.PROXY_PROTOCOL_VERSIONS),
     "health": _SPECIAL,
     "discovery": _SPECIAL,
 }
@@ -493,6 +496,11 @@ class _Loader:
             tls = self._listener_tls(path + ("tls",), table["tls"])
             if tls is not None:
                 v["tls"] = tls
+        if v.get("tls") is not None and table.get("proxy_protocol") is True:
+            self.error(path + ("proxy_protocol",), validate.PROXY_WITH_TLS)
+        if "proxy_protocol_from" in table and table.get("proxy_protocol", False) is False:
+            self.error(path + ("proxy_protocol_from",),
+                       validate.PROXY_FROM_ALONE.format("proxy_protocol = true"))
         default = v.get("default_pool")
         if default is not None and default not in pools:
             self.error(path + ("default_pool",), self._no_pool(default, pools))
@@ -650,6 +658,9 @@ class _Loader:
         if "tls" in table and backends and discovery is None and not any(
                 b.scheme == "https" for b in backends):
             self.warn(path + ("tls",), "only used by https:// backends; this pool has none")
+        if health.send_proxy_protocol and "send_proxy_protocol" not in table:
+            self.error(path + ("health", "send_proxy_protocol"),
+                       validate.HEALTH_PROXY_ALONE.format("the pool's send_proxy_protocol"))
         return PoolConfig(name=name, backends=backends, health=health, discovery=discovery,
                           tls=tls, **v)
 

@@ -12,12 +12,13 @@ builds a new one.
     Config
       listeners: {name: ListenerConfig}      in file order
         host, port, default_pool, client-side timeouts and limits,
-        upgrade and tunnel_timeout (tunnels), trusted_proxies (X-Forwarded-For)
+        upgrade and tunnel_timeout (tunnels), trusted_proxies (X-Forwarded-For),
+        proxy_protocol and proxy_protocol_from (the PROXY protocol header in)
         tls: TLSConfig or None               TLS termination: certificates (chosen by SNI)
         routes: (RouteConfig, ...)           first match wins, in file order
           host / path_prefix / path / headers -> pool (+ strip_prefix)
       pools: {name: PoolConfig}              in file order
-        algorithm, hash_key, upstream timeouts, retries
+        algorithm, hash_key, upstream timeouts, retries, send_proxy_protocol
         backends: (BackendConfig, ...)       url, scheme, host, port, weight (priority)
         tls: BackendTLSConfig                for its https:// backends: verify, CA, SNI name
         health: fastlb.health.HealthConfig
@@ -193,6 +194,8 @@ class ListenerConfig:
     tunnel_timeout: float = 3600.0      # a tunnel with no byte either way this long is closed
     trusted_proxies: tuple = ()         # CIDR strings: peers whose X-Forwarded-For is believed
     tls: Optional[TLSConfig] = None     # TLS termination; None: plain HTTP
+    proxy_protocol: bool = False        # connections start with a PROXY protocol header...
+    proxy_protocol_from: tuple = ()     # ... those from these CIDR networks (): from every peer
     backlog: int = 1024                 # listen() backlog
     routes: tuple = ()                  # (RouteConfig, ...): first match wins
 
@@ -249,6 +252,8 @@ class PoolConfig:
     upstream_max_idle: int = 64         # idle pooled connections per backend
     max_interim: int = 10               # 1xx responses relayed per request, at most
     tls: BackendTLSConfig = dataclasses.field(default_factory=BackendTLSConfig)  # https:// ones
+    send_proxy_protocol: Optional[str] = None   # "v1" or "v2": a PROXY header starts every
+    #                                     connection to a backend (each then serves one client)
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     discovery: Optional[DiscoveryConfig] = None  # backends found in DNS or etcd
 

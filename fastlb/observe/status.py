@@ -16,7 +16,8 @@ from fastlb.validate import format_address
 from fastlb.runtime.shm import (B_1XX, B_ACTIVE, B_BYTES_IN, B_BYTES_OUT, B_CONNECT_ERRORS,
                                 B_FAILURES, B_LAT, B_LAT_SUM_US, B_REQUESTS, B_RETRIES,
                                 L_1XX, L_ACTIVE, L_BYTES_IN, L_BYTES_OUT, L_CONNECTIONS,
-                                L_REQUESTS, LAT_BOUNDS)
+                                L_PROXY_ERRORS, L_REQUESTS, L_TUNNEL_BYTES_IN,
+                                L_TUNNEL_BYTES_OUT, L_TUNNELS, L_TUNNELS_TOTAL, LAT_BOUNDS)
 
 __all__ = ["collect", "metrics_text", "METRICS", "PAGE", "quantile"]
 
@@ -100,7 +101,11 @@ def collect(source):
         listeners.append({"name": name, "bind": bind, "connections": c[L_CONNECTIONS],
                           "active": c[L_ACTIVE], "requests": c[L_REQUESTS],
                           "responses": _classes(c, L_1XX), "bytes_in": c[L_BYTES_IN],
-                          "bytes_out": c[L_BYTES_OUT]})
+                          "bytes_out": c[L_BYTES_OUT], "tunnels": c[L_TUNNELS],
+                          "tunnels_total": c[L_TUNNELS_TOTAL],
+                          "tunnel_bytes_in": c[L_TUNNEL_BYTES_IN],
+                          "tunnel_bytes_out": c[L_TUNNEL_BYTES_OUT],
+                          "proxy_errors": c[L_PROXY_ERRORS]})
     return {"time": now, "process": source.process(), "listeners": listeners, "pools": pools}
 
 
@@ -121,6 +126,20 @@ METRICS = {
                                              "(fastlb's own answers included)."),
     "fastlb_frontend_bytes_in_total": ("counter", "listener", "Bytes received from clients."),
     "fastlb_frontend_bytes_out_total": ("counter", "listener", "Bytes sent to clients."),
+    "fastlb_frontend_current_tunnels": ("gauge", "listener",
+                                        "Upgrade tunnels (WebSocket) open now."),
+    "fastlb_frontend_tunnels_total": ("counter", "listener",
+                                      "Upgrade tunnels opened (a 101 relayed)."),
+    "fastlb_frontend_tunnel_bytes_in_total": ("counter", "listener",
+                                              "Bytes relayed in tunnels from clients to "
+                                              "backends (also in bytes_in)."),
+    "fastlb_frontend_tunnel_bytes_out_total": ("counter", "listener",
+                                               "Bytes relayed in tunnels from backends to "
+                                               "clients (also in bytes_out)."),
+    "fastlb_frontend_proxy_protocol_errors_total": ("counter", "listener",
+                                                    "Connections closed without an answer "
+                                                    "for a missing, invalid or late PROXY "
+                                                    "protocol header."),
     "fastlb_backend_http_responses_total": ("counter", "pool, code",
                                             "Responses received from a pool's backends, by "
                                             "status class."),
@@ -194,6 +213,12 @@ def metrics_text(data):
             f"fastlb_frontend_bytes_in_total{{{lab}}} {li['bytes_in']}")
         out["fastlb_frontend_bytes_out_total"].append(
             f"fastlb_frontend_bytes_out_total{{{lab}}} {li['bytes_out']}")
+        for metric, key in (("fastlb_frontend_current_tunnels", "tunnels"),
+                            ("fastlb_frontend_tunnels_total", "tunnels_total"),
+                            ("fastlb_frontend_tunnel_bytes_in_total", "tunnel_bytes_in"),
+                            ("fastlb_frontend_tunnel_bytes_out_total", "tunnel_bytes_out"),
+                            ("fastlb_frontend_proxy_protocol_errors_total", "proxy_errors")):
+            out[metric].append(f"{metric}{{{lab}}} {li[key]}")
     status = out["fastlb_server_status"]
     hist = out["fastlb_server_response_time_seconds"]
     sresp = out["fastlb_server_http_responses_total"]

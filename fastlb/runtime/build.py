@@ -47,6 +47,7 @@ from fastlb.runtime.routing import Router
 from fastlb.selection import HASHED, BalancerSet, PriorityGate, make_balancer
 from fastlb.validate import format_address
 from fastlb.wire.forwarded import TrustedProxies
+from fastlb.wire.proxyproto import VERSIONS as PROXY_VERSIONS
 
 log = logging.getLogger("fastlb")
 
@@ -68,6 +69,7 @@ def as_config(opts):
         response_timeout=opts.response_timeout, retries=opts.retries,
         retry_timeout=opts.retry_timeout, upstream_idle_timeout=opts.upstream_idle_timeout,
         upstream_max_idle=opts.upstream_max_idle, max_interim=opts.max_interim,
+        send_proxy_protocol=opts.send_proxy_protocol,
         health=opts.health if opts.health is not None else HealthConfig(),
         tls=opts.backend_tls if opts.backend_tls is not None else BackendTLSConfig())
     listener = ListenerConfig(
@@ -76,7 +78,8 @@ def as_config(opts):
         keepalive_timeout=opts.keepalive_timeout, max_header_size=opts.max_header_size,
         body_timeout=opts.body_timeout, body_min_rate=opts.body_min_rate,
         upgrade=opts.upgrade, tunnel_timeout=opts.tunnel_timeout,
-        trusted_proxies=opts.trusted_proxies, tls=opts.tls, backlog=opts.backlog)
+        trusted_proxies=opts.trusted_proxies, proxy_protocol=opts.proxy_protocol,
+        proxy_protocol_from=opts.proxy_protocol_from, tls=opts.tls, backlog=opts.backlog)
     return Config(listeners={DEFAULT_NAME: listener}, pools={DEFAULT_NAME: pool},
                   access_log=opts.access_log, access_log_format=opts.access_log_format,
                   via=opts.via, drain_timeout=opts.drain_timeout, workers=opts.workers)
@@ -95,6 +98,7 @@ class Plan:
         #                             a new object takes over their row
         self.certificates = {}      # listener name -> fastlb.runtime.tls.Certificates
         self.retire_pools = []      # old Pools replaced
+        self.flush_idle = []        # kept Backends whose idle connections must close
         self.fronts_add = []        # ListenerConfig of listeners to create
         self.fronts_keep = []       # (Front, ListenerConfig) updated in place
         self.fronts_remove = []     # Fronts to drain
@@ -133,6 +137,13 @@ def _plan_pool(plan, pc, old):
     pool = Pool(pc.name)
     pool.config = pc
     pool.tls_context = ctx = _client_context(pc, old)
+    # with the PROXY protocol to the backends, a connection carries the
+    # header of the client it was made for: it is that client's alone, and
+    # none goes to the shared pool (ClientProtocol.kept holds it between
+    # that client's requests)
+    pool.send_proxy = PROXY_VERSIONS.get(pc.send_proxy_protocol, 0)
+    max_idle = 0 if pool.send_proxy else pc.upstream_max_idle
+    changed_pp = old is not None and old.config.send_proxy_protocol != pc.send_proxy_protocol
     old_by_addr = {b.address: b for b in old.backends} if old is not None else {}
     old_index = {b.address: i for i, b in enumerate(old.backends)} if old is not None else {}
     pairs = []
@@ -148,14 +159,17 @@ def _plan_pool(plan, pc, old):
             # old one; its health state and its row of counters carry over
             plan.replaced.append(b)
             pairs.append((i, old_index[bc.address]))
-            b = Backend(i, bc.host, bc.port, pc.upstream_max_idle, want, name)
+            b = Backend(i, bc.host, bc.port, max_idle, want, name)
             changed += 1
         elif b is None:
-            b = Backend(i, bc.host, bc.port, pc.upstream_max_idle, want, name)
+            b = Backend(i, bc.host, bc.port, max_idle, want, name)
             added += 1
         else:
             pairs.append((i, old_index[bc.address]))
-        plan.assign.append((b, pool, i, pc.upstream_max_idle))
+            if changed_pp:
+                # its pooled connections were opened with the old header (or none)
+                plan.flush_idle.append(b)
+        plan.assign.append((b, pool, i, max_idle))
         pool.backends.append(b)
     plan.retire.extend(old_by_addr.values())
     if old is not None:
@@ -274,6 +288,11 @@ def _set_front(front, lc, pools, draining=False, certificates=None):
     # decided per connection when it opens: a change applies to new connections
     if front.trusted is None or front.trusted.networks != lc.trusted_proxies:
         front.trusted = TrustedProxies(lc.trusted_proxies) if lc.trusted_proxies else None
+    front.proxy_protocol = lc.proxy_protocol
+    if front.pp_from is None or front.pp_from.networks != lc.proxy_protocol_from:
+        # None: every peer sends the header
+        front.pp_from = (TrustedProxies(lc.proxy_protocol_from) if lc.proxy_protocol_from
+                         else None)
     default = pools.get(lc.default_pool) if lc.default_pool is not None else None
     front.pool = default
     routes = [(rc, pools[rc.pool]) for rc in lc.routes if not draining or rc.pool in pools]
@@ -316,7 +335,8 @@ def set_health(proxy, pool, config, inherit=None):
     named = len(proxy.config.pools) > 1 if proxy.config is not None else False
     pool.health = HealthChecker(backends, pool.balancers, config, proxy.loop,
                                 weights=pool.weights, on_trial=on_trial,
-                                pool=pool.name if named else None)
+                                pool=pool.name if named else None,
+                                proxy_protocol=pool.send_proxy or None)
     if inherit is not None:
         old, pairs = inherit
         if old.health is not None and pairs:
@@ -361,6 +381,8 @@ def apply(proxy, p):
         row = rows_b[(pool.name, b.address)]
         if row != b.row:
             _counters(b, tables.backend_counters(slot, row), row)
+    for b in p.flush_idle:
+        b.close_idle()
     for b in p.retire:
         b.retired = True
         b.max_idle = 0      # nothing goes back to its pool

@@ -71,13 +71,18 @@ B_GAUGES = (B_ACTIVE,)
 
 # A listener's counters: connections accepted, open now (gauge), requests,
 # responses sent to clients by class (fastlb's own answers included), bytes
-# from and to clients.
+# from and to clients; Upgrade tunnels open now (gauge) and opened, the bytes
+# they relayed from clients and to them (also in bytes_in and bytes_out);
+# connections closed for a missing or invalid PROXY protocol header.
 L_NAMES = ("connections", "active", "requests", "responses_1xx", "responses_2xx",
-           "responses_3xx", "responses_4xx", "responses_5xx", "bytes_in", "bytes_out")
+           "responses_3xx", "responses_4xx", "responses_5xx", "bytes_in", "bytes_out",
+           "tunnels", "tunnels_total", "tunnel_bytes_in", "tunnel_bytes_out", "proxy_errors")
 (L_CONNECTIONS, L_ACTIVE, L_REQUESTS, L_1XX, L_2XX, L_3XX, L_4XX, L_5XX, L_BYTES_IN,
- L_BYTES_OUT) = range(len(L_NAMES))
+ L_BYTES_OUT, L_TUNNELS, L_TUNNELS_TOTAL, L_TUNNEL_BYTES_IN, L_TUNNEL_BYTES_OUT,
+ L_PROXY_ERRORS) = range(len(L_NAMES))
 NL = 16
-L_GAUGES = (L_ACTIVE,)
+L_GAUGES = (L_ACTIVE, L_TUNNELS)
+assert len(L_NAMES) <= NL and len(B_NAMES) <= B_LAT
 
 
 _ROW_B = struct.Struct(f"={NB}Q")
