@@ -591,3 +591,30 @@ def test_select_may_choose_a_backend_of_weight_0(tmp_path, make_backend, make_co
     assert len(bes[1].requests) == 5
     assert wait_for(lambda: in_flight(lb, "app") == [0, 0])
 
+
+def test_the_example_module(make_backend):
+    """examples/hooks.py is the README's, loads, and routes as it says."""
+    from fastlb import core
+
+    with open(os.path.join(REPO, "examples", "hooks.py")) as f:
+        code = f.read()
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Python hooks\n"):readme.index("## Observability\n")]
+    assert "```python\n" + code + "```\n" in section
+    hc = hooks_mod.configure(os.path.join(REPO, "examples", "hooks.py"))
+    assert hc.defined == ("route", "select", "request_headers")
+    mod = hc.loaded
+
+    def view(head):
+        return hooks_mod.Request(core.parse_request_head(head), head, b"10.0.0.1", None)
+
+    assert mod.route(view(b"GET / HTTP/1.1\r\nHost: a\r\nx-user: alice\r\n\r\n")) == "canary"
+    assert mod.route(view(b"GET / HTTP/1.1\r\nHost: a\r\nX-Canary: 1\r\n\r\n")) == "canary"
+    assert mod.route(view(b"GET /v2/x?y HTTP/1.1\r\nHost: a\r\n\r\n")) == "api"
+    assert mod.route(view(b"GET /v1/x HTTP/1.1\r\nHost: a\r\nX-User: carol\r\n\r\n")) is None
+    # and with the example configuration it is a valid one
+    text = open(os.path.join(REPO, "examples", "fastlb.toml")).read()
+    c = loads(text + '\n[hooks]\nmodule = "hooks.py"\n', "fastlb.toml", resolve=False,
+              base=os.path.join(REPO, "examples"))
+    assert c.hooks.defined == hc.defined
