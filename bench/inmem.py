@@ -3,7 +3,7 @@ stand-in transports, so no socket, no syscall and no other process is measured.
 
     python bench/inmem.py [--algorithm NAME] [--hash-key KEY] [--requests N]
                           [--access-log PATH [--access-log-format combined|json]]
-                          [--routes N]
+                          [--routes N] [--hooks MODULE|FILE]
 
 prints the CPU time per request of fastlb's own user-space work (the core,
 httptools, the data path and CPython). Under valgrind it gives the steadiest
@@ -23,6 +23,8 @@ prefixes, of which only the last matches the request (the cost of routing).
 client that never reuses its connection costs, the per-connection work included.
 ``--proxy-protocol v1|v2`` (with ``--connection-per-request``): the listener
 reads a PROXY protocol header, sent with each connection's request.
+``--hooks FILE`` runs the Python hooks of FILE (``bench/hooks/``: an empty
+route hook, one that reads a header, one that adds a field).
 """
 import argparse
 import asyncio
@@ -98,16 +100,29 @@ def with_routes(opts, n):
     return dataclasses.replace(config, listeners={name: li})
 
 
+def with_hooks(opts, spec):
+    """The Config of ``opts`` (Options or a Config) with the hooks of ``spec``."""
+    import dataclasses
+
+    from fastlb.hooks import configure
+    from fastlb.runtime import build as rt_build
+
+    return dataclasses.replace(rt_build.as_config(opts), hooks=configure(spec))
+
+
 def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, per_connection=False,
-          proxy_header=b"", **kw):
+          proxy_header=b"", hooks=None, **kw):
     """A Proxy over ``backends`` pooled upstream connections and one client.
     Returns ``run(n)``, which sends n keep-alive requests through it (each
     on a new client connection if ``per_connection``); ``kw`` are more
-    ``Options`` (``access_log``, ...)."""
+    ``Options`` (``access_log``, ...); ``hooks``: a hooks module or file."""
     loop = asyncio.new_event_loop()
     opts = Options(backends=tuple(("127.0.0.1", 9000 + i) for i in range(backends)),
                    algorithm=algorithm, hash_key=hash_key, **kw)
-    p = proxy.Proxy(with_routes(opts, routes) if routes else opts, loop)
+    config = with_routes(opts, routes) if routes else opts
+    if hooks is not None:
+        config = with_hooks(config, hooks)
+    p = proxy.Proxy(config, loop)
     for b in p.backends:
         up = proxy.UpstreamProtocol(b, p)
         up.connection_made(NullTransport())
@@ -149,9 +164,11 @@ def main():
     ap.add_argument("--proxy-protocol", choices=["v1", "v2"], default=None,
                     help="with --connection-per-request: each connection starts with a "
                          "PROXY protocol header of this version")
+    ap.add_argument("--hooks", default=None, metavar="MODULE|FILE",
+                    help="Python hooks, e.g. bench/hooks/empty_route.py (default none)")
     args = ap.parse_args()
     kw = {"access_log": args.access_log, "routes": args.routes,
-          "per_connection": args.connection_per_request}
+          "per_connection": args.connection_per_request, "hooks": args.hooks}
     if args.proxy_protocol:
         if not args.connection_per_request:
             ap.error("--proxy-protocol needs --connection-per-request")

@@ -13,6 +13,7 @@ __all__ = [
     "Maglev",
     "hash64",
     "hash_key",
+    "field_value",
     "ChunkedScanner",
     "RequestHead",
     "parse_request_head",
@@ -204,6 +205,13 @@ def hash_key(head: bytes, kind: str, name: "bytes | str" = b"") -> bytes:
     ``name``, case-insensitive, OWS-trimmed), "cookie" (first cookie ``name``
     in the Cookie field(s)). ValueError for another kind or an empty ``name``;
     TypeError unless ``head`` is bytes.
+    """
+
+def field_value(head: bytes, name: "bytes | str") -> Optional[bytes]:
+    """The value of the first field ``name`` (ASCII case-insensitive) of a
+    raw request head, OWS-trimmed; None when it has no such field (or
+    ``name`` is empty). Lines are read up to the blank line; a head is never
+    validated here. TypeError unless ``head`` is bytes and ``name`` bytes or str.
     """
 
 class ChunkedScanner:

@@ -36,6 +36,7 @@ __all__ = [
     "Maglev",
     "hash64",
     "hash_key",
+    "field_value",
     "ChunkedScanner",
     "RequestHead",
     "parse_request_head",

@@ -14,7 +14,8 @@ Everything here is per-request, CPU-only and I/O-free:
   ``n`` (see ``fastlb.balance.selectors``), all subclasses of ``Selector``.
   Walks over ineligible backends are bounded by ``n`` (Maglev: by its table
   size). ``pick_many`` runs n picks (select + release) in a row.
-* ``hash64`` (XXH64) and ``hash_key`` (the bytes of a request to hash).
+* ``hash64`` (XXH64) and ``hash_key`` (the bytes of a request to hash);
+  ``field_value``: one field of a request head (what Python hooks ask for).
 * ``parse_request_head``: validates a raw request head strictly (the Host
   authority and the target's form included) and returns a ``RequestHead``:
   method, target, version, host, path, framing, and the hash key if asked;
@@ -40,7 +41,7 @@ one module beside each ``.pxi`` file that ``_core.pyx`` includes; this module
 re-exports their public names.
 """
 from fastlb.balance.hashing import hash64
-from fastlb.balance.hashkeys import hash_key
+from fastlb.balance.hashkeys import field_value, hash_key
 from fastlb.balance.selectors import (
     P2C,
     LeastConn,
@@ -68,6 +69,7 @@ __all__ = [
     "Maglev",
     "hash64",
     "hash_key",
+    "field_value",
     "ChunkedScanner",
     "RequestHead",
     "parse_request_head",

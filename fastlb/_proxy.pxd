@@ -36,6 +36,8 @@ cdef Py_ssize_t L_1XX, L_ACTIVE, L_BYTES_IN, L_BYTES_OUT, L_CONNECTIONS, L_REQUE
 cdef Py_ssize_t L_TUNNELS, L_TUNNELS_TOTAL, L_TUNNEL_BYTES_IN, L_TUNNEL_BYTES_OUT, L_PROXY_ERRORS
 cdef Py_ssize_t NB, NL
 cdef object _HttpRequestParser, _HttpParserError, _HttpParserUpgrade
+cdef object HOOK_FAILED               # a Python hook failed (logged): 500 (fastlb.hooks)
+cdef int SELECT_FAILED                # ... what pick_backend returns then
 cdef dict _ERRORS
 
 cdef class ClientProtocol
@@ -81,6 +83,7 @@ cdef class Proxy:
     cdef public object log_add        # log.buffer.add, bound once (None when off)
     cdef public object _ticker
     cdef public set _tasks
+    cdef public object hooks          # fastlb.hooks.Hooks, or None: no hooks (one test per request)
     cdef public object tables         # fastlb.runtime.shm.Tables: the counters' table
     cdef public object layout         # its rows: assign(config) -> (backend rows, listener rows)
     cdef public int slot              # this process's counter slot in it
@@ -240,6 +243,7 @@ cdef class ClientProtocol:
     cdef public bint ll_skip          # llhttp ended this request at its head (Upgrade)
     cdef public int req_flags
     cdef public bytes req_head        # the rewritten head, kept to retry a bodiless request
+    cdef public object view           # Python hooks: their view of the request being routed
     cdef public UpstreamProtocol up   # serving the request in flight
     cdef public Backend backend
     cdef public list outq             # bytes waiting for the upstream connection
@@ -273,6 +277,9 @@ cdef class ClientProtocol:
                    flags=int, framing=int, length="long long", backend=Backend, hash_kind=int,
                    req=RequestHead, route=Route)
     cdef _head(self, bytes data)
+    cdef _hook_pool(self, RequestHead req, bytes head)
+    cdef int _hook_backend(self, Pool pool) except? -4
+    cdef _hook_head(self, out)
     @cython.locals(proxy=Proxy, n=Py_ssize_t, left="long long", end=Py_ssize_t, done=bint,
                    piece=bytes, rest=bytes, deadline=double)
     cdef _body(self, bytes data, Py_ssize_t start)

@@ -180,6 +180,7 @@ from fastlb.errors import (
     BODY_CLOSE,
     BODY_LENGTH,
     BODY_NONE,
+    HOOK_FAILED,
     KEY_KINDS,
     REQ_HTTP10,
     REQ_IDEMPOTENT,
@@ -190,6 +191,7 @@ from fastlb.errors import (
     RESP_INFORMATIONAL,
     RESP_UPGRADE,
     RESP_UPSTREAM_KEEP_ALIVE,
+    SELECT_FAILED,
     BadGateway,
     BadRequest,
     HTTPError,
@@ -782,6 +784,7 @@ _REASONS = {
     404: "Not Found",
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -853,6 +856,7 @@ class ClientProtocol:
         self.ll_skip = False    # llhttp does not see this body (see _body)
         self.req_flags = 0
         self.req_head = None    # the rewritten head, kept to retry a bodiless request
+        self.view = None        # Python hooks: their view of the request being routed
         self.up = None          # UpstreamProtocol serving the request in flight
         self.backend = None
         self.outq = None        # bytes waiting for the upstream connection
@@ -1150,7 +1154,19 @@ class ClientProtocol:
             self.addr = self.trust.client(req.forwarded_for, self.client_ip)
         # Only a valid request is routed and reaches the selector.
         strip = None
-        if front.router is None:
+        if proxy.hooks is not None:
+            # Python hooks (without them, each of their steps here is one test):
+            # the pool a route hook chose (None: the routes decide)
+            chosen = self._hook_pool(req, head)
+            if chosen is HOOK_FAILED:
+                self._reject(500)
+                return
+            pool = chosen
+        if proxy.hooks is not None and pool is not None:
+            if pool.hash_kind == 2 and (pool.hash_what != front.hash_what
+                                        or pool.hash_name != front.hash_name):
+                req = _parse_request_head(head, pool.hash_what, pool.hash_name)
+        elif front.router is None:
             pool = front.pool           # one pool, no routes: nothing to look up
         else:
             route = front.router.route(req, head)
@@ -1169,13 +1185,21 @@ class ClientProtocol:
         self.pool = pool
         balancer = pool.balancer
         hash_kind = pool.hash_kind
-        if hash_kind == 0:
-            idx = balancer.select()
-        else:
-            idx = balancer.select(self.addr if hash_kind == 1 else req.key)
-            if idx == -2:       # the request has no key: the fallback algorithm picks
-                balancer = pool.fallback
+        idx = -1
+        if proxy.hooks is not None:
+            # a select hook's backend, counted in flight on pool.balancer (-1: none)
+            idx = self._hook_backend(pool)
+            if idx == SELECT_FAILED:
+                self._reject(500)
+                return
+        if idx < 0:
+            if hash_kind == 0:
                 idx = balancer.select()
+            else:
+                idx = balancer.select(self.addr if hash_kind == 1 else req.key)
+                if idx == -2:       # the request has no key: the fallback algorithm picks
+                    balancer = pool.fallback
+                    idx = balancer.select()
         if idx < 0:
             self._reject(503)
             return
@@ -1192,6 +1216,11 @@ class ClientProtocol:
                                       backend.authority, True)
         if strip is not None:
             out = strip_target(out, strip)
+        if proxy.hooks is not None:
+            out = self._hook_head(out)      # with a request_headers hook's fields
+            if out is HOOK_FAILED:
+                self._reject(500)
+                return
         length = req.length
         self.req_flags = flags
         self.gen += 1
@@ -1228,6 +1257,31 @@ class ClientProtocol:
                 self._body(rest, 0)
             else:
                 self._stash(rest)
+
+    # -------------------------------------------------------- Python hooks
+
+    def _hook_pool(self, req, head):
+        """The hooks' view of this request (kept in ``view`` for the next two
+        steps), and the pool a route hook chose: a Pool, None (the routes
+        decide) or HOOK_FAILED (logged: 500). See ``fastlb.hooks``."""
+        hooks = self.proxy.hooks
+        view = self.view = hooks.request(req, head, self.addr, self.front)
+        pick = hooks.pick_pool
+        return pick(view) if pick is not None else None
+
+    def _hook_backend(self, pool):
+        """A select hook's backend: its index, counted in flight on
+        ``pool.balancer``; -1 (the algorithm decides) or SELECT_FAILED."""
+        pick = self.proxy.hooks.pick_backend
+        return pick(self.view, pool) if pick is not None else -1
+
+    def _hook_head(self, out):
+        """``out`` with a request_headers hook's fields, or HOOK_FAILED. The
+        last step: the view is let go."""
+        edit = self.proxy.hooks.edit_head
+        view = self.view
+        self.view = None
+        return edit(view, out) if edit is not None else out
 
     # -------------------------------------------------------- request body
 
@@ -1925,6 +1979,7 @@ class Proxy:
         self._ticker = None
         self._tasks = set()
         self._health_stop = None
+        self.hooks = None       # fastlb.hooks.Hooks, or None: no hooks (none of it runs)
         build.apply(self, build.plan(self, config))
 
     # -------------------------------------------------------- timers

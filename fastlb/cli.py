@@ -305,6 +305,10 @@ def build_parser():
                        help="processes serving traffic: N, or auto (one per CPU); with more "
                             "than 1 a master process holds the sockets, runs the health "
                             "checks and restarts workers (default 1: one process)")
+    serve.add_argument("--hooks", metavar="MODULE|FILE",
+                       help="Python hooks: a module (myhooks) or a file (./myhooks.py) "
+                            "defining route, select and/or request_headers (see README, "
+                            "Python hooks); with --config it replaces the file's [hooks]")
     serve.add_argument("--admin", metavar="HOST:PORT",
                        help="serve /metrics, /status and the admin API on this address "
                             "(off by default; see README, Observability)")
@@ -463,6 +467,8 @@ def main(argv=None):
                 from fastlb.runtime import build
 
                 opts = _with_admin(build.as_config(opts), args)
+            if args.hooks is not None:
+                opts = _with_hooks(opts, args.hooks)
             return _run_serve(opts, pid_file=args.pid_file)
         from fastlb.demo import run_demo
 
@@ -632,6 +638,20 @@ def _with_admin(config, args):
         if (li.host, li.port) == (admin.host, admin.port) and admin.port:
             raise ConfigError(f"--admin: {admin.bind} is already the address of listener {name}")
     return dataclasses.replace(config, admin=admin)
+
+
+def _with_hooks(opts, spec):
+    """``opts`` (Options or a Config) as a Config with the hooks of ``--hooks spec``."""
+    import dataclasses
+
+    from fastlb.hooks import configure
+    from fastlb.runtime import build
+
+    try:
+        hooks = configure(spec)
+    except ConfigError as e:
+        raise ConfigError(f"--hooks: {e}") from None
+    return dataclasses.replace(build.as_config(opts), hooks=hooks)
 
 
 def _demo_addresses(config):

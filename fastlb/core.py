@@ -12,9 +12,9 @@ import os
 from fastlb import _core_py
 
 _NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
-          "hash64", "hash_key", "ChunkedScanner", "RequestHead", "parse_request_head",
-          "write_request_head", "rewrite_response_head", "find_head_end", "parse_proxy_header",
-          "pick_many",
+          "hash64", "hash_key", "field_value", "ChunkedScanner", "RequestHead",
+          "parse_request_head", "write_request_head", "rewrite_response_head", "find_head_end",
+          "parse_proxy_header", "pick_many",
           "access_log_line", "AccessLogBuffer", "monotonic_us")
 
 Selector_Py = _core_py.Selector
@@ -26,6 +26,7 @@ Random_Py = _core_py.Random
 Maglev_Py = _core_py.Maglev
 hash64_Py = _core_py.hash64
 hash_key_Py = _core_py.hash_key
+field_value_Py = _core_py.field_value
 ChunkedScanner_Py = _core_py.ChunkedScanner
 RequestHead_Py = _core_py.RequestHead
 parse_request_head_Py = _core_py.parse_request_head
@@ -59,6 +60,7 @@ if _c is not None:
     Maglev_C = _c.Maglev
     hash64_C = _c.hash64
     hash_key_C = _c.hash_key
+    field_value_C = _c.field_value
     ChunkedScanner_C = _c.ChunkedScanner
     RequestHead_C = _c.RequestHead
     parse_request_head_C = _c.parse_request_head
@@ -79,6 +81,7 @@ if _c is not None:
     Maglev = Maglev_C
     hash64 = hash64_C
     hash_key = hash_key_C
+    field_value = field_value_C
     ChunkedScanner = ChunkedScanner_C
     RequestHead = RequestHead_C
     parse_request_head = parse_request_head_C
@@ -95,7 +98,7 @@ else:
     RoundRobin_C = ChunkedScanner_C = rewrite_response_head_C = None
     RequestHead_C = parse_request_head_C = write_request_head_C = None
     WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
-    hash64_C = hash_key_C = find_head_end_C = Selector_C = pick_many_C = None
+    hash64_C = hash_key_C = field_value_C = find_head_end_C = Selector_C = pick_many_C = None
     parse_proxy_header_C = None
     access_log_line_C = AccessLogBuffer_C = monotonic_us_C = None
     Selector = Selector_Py
@@ -107,6 +110,7 @@ else:
     Maglev = Maglev_Py
     hash64 = hash64_Py
     hash_key = hash_key_Py
+    field_value = field_value_Py
     ChunkedScanner = ChunkedScanner_Py
     RequestHead = RequestHead_Py
     parse_request_head = parse_request_head_Py

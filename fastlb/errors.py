@@ -148,3 +148,17 @@ MAX_CHUNK_SIZE_DIGITS = 20
 
 # Largest Content-Length accepted (2**62: no overflow anywhere, far beyond any real body).
 MAX_CONTENT_LENGTH = 1 << 62
+
+
+class _HookFailed:
+    """What ``fastlb.hooks`` gives the data path when a Python hook failed
+    (it is logged): the client gets 500."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "HOOK_FAILED"
+
+
+HOOK_FAILED = _HookFailed()
+SELECT_FAILED = -3      # the same, from pick_backend (which returns a backend's index)

@@ -540,6 +540,10 @@ class HealthChecker:
     def is_eligible(self, idx):
         return self._states[idx].eligible
 
+    def backend_state(self, idx):
+        """``state_name`` of backend ``idx``: UP, DOWN, EJECTED, DRAIN or MAINT."""
+        return state_name(self._states[idx])
+
     def snapshot(self):
         """One dict per backend, for the status page and the admin API."""
         now = self._loop.time()

@@ -574,6 +574,9 @@ def log_listening(config, sockets, workers=None):
                    + (f": {', '.join(dict.fromkeys(names))}" if names else "") + ")")
         log.info("fastlb %s (%s core) listening on %s -> %s%s%s", _version(), core.IMPL, addrs,
                  where, tls, f" ({workers} workers)" if workers else "")
+    if config.hooks is not None:
+        log.info("hooks %s: %s (run on the event loop)", config.hooks.module,
+                 ", ".join(config.hooks.defined))
 
 
 class _Info:

@@ -630,17 +630,21 @@ def run_fastlb(*args, timeout=30, **kw):
 class FastlbProcess:
     """``python -m fastlb serve`` with ``--listen 127.0.0.1:0``; the port is read
     from its "listening on" line on stderr. ``backends=None``: ``serve`` with
-    only the ``extra`` arguments (e.g. ``--config FILE``)."""
+    only the ``extra`` arguments (e.g. ``--config FILE``); ``cwd`` (the
+    repository by default) and ``env`` are the process's."""
 
-    def __init__(self, backends, *extra, stdout=subprocess.DEVNULL):
+    def __init__(self, backends, *extra, stdout=subprocess.DEVNULL, cwd=REPO, env=None):
         args = ["serve"]
         if backends is not None:
             args += ["--listen", f"{HOST}:0"]
             for h, p in backends:
                 args += ["--backend", f"http://{h}:{p}"]
         args += list(extra)
+        if cwd != REPO and env is None:
+            # python -m fastlb from elsewhere: the package is still this checkout's
+            env = dict(os.environ, PYTHONPATH=REPO)
         self.proc = subprocess.Popen(fastlb_cmd(*args), stdout=stdout,
-                                     stderr=subprocess.PIPE, cwd=REPO)
+                                     stderr=subprocess.PIPE, cwd=cwd, env=env)
         self.stderr_lines = []
         self.port = None
         deadline = time.monotonic() + 15

@@ -630,3 +630,35 @@ def test_hash_key(C):
         name = rng.choice(HK_NAMES)
         assert outcome(P.hash_key, raw, kind, name) == outcome(C.hash_key, raw, kind, name), \
             (i, raw, kind, name)
+
+
+def test_field_value(C):
+    """What Python hooks read of a head (``Request.header``): the same field
+    in both cores, whatever the bytes; and by hand, the cases that matter."""
+    rng = random.Random(1414)
+    for i in range(N_CASES):
+        raw = rand_request(rng)
+        if rng.random() < 0.3:
+            raw = raw.replace(b"\r\n", rng.choice([b"\r\nX-Custom:  v \r\n", b"\r\nx-custom:\r\n",
+                                                   b"\r\nX-CUSTOM: a\r\nx-custom: b\r\n",
+                                                   b"\r\nnocolon\r\n"]), 1)
+        if rng.random() < 0.1:
+            raw = mutate(rng, raw)
+        name = rng.choice(HK_NAMES)
+        assert outcome(P.field_value, raw, name) == outcome(C.field_value, raw, name), \
+            (i, raw, name)
+    head = (b"GET /x HTTP/1.1\r\nHost: h\r\nX-A:  one \t\r\nx-a: two\r\nEmpty:\r\n"
+            b"Caf\xe9: \xff\r\n\r\nX-After: no\r\n")
+    for core in (P, C):
+        assert core.field_value(head, b"x-a") == b"one"
+        assert core.field_value(head, "X-A") == b"one"
+        assert core.field_value(head, b"empty") == b""
+        assert core.field_value(head, b"caf\xe9") == b"\xff"    # only ASCII letters fold
+        assert core.field_value(head, b"CAF\xc9") is None
+        assert core.field_value(head, b"x-after") is None       # after the blank line
+        assert core.field_value(head, b"get /x http/1.1") is None
+        assert core.field_value(head, b"") is None
+        with pytest.raises(TypeError):
+            core.field_value(bytearray(head), b"x-a")
+        with pytest.raises(TypeError):
+            core.field_value(head, 3)

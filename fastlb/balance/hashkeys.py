@@ -84,3 +84,40 @@ def hash_key(head, kind, name=b""):
                 return v
         pos = e + 2
     return b""
+
+
+def field_value(head, name):
+    """The value of the first field called ``name`` in a raw request head; None when none is.
+
+    ``name`` is compared ASCII case-insensitively (bytes; a str is encoded
+    as Latin-1); the value is OWS-trimmed (b"" for an empty one). The lines
+    after the request line are read up to the blank line, as ``hash_key``
+    reads them; a line without a colon is passed over. Never validates the
+    head (the data path gives it a validated one): any bytes give an answer.
+    Raises TypeError when ``head`` is not bytes or ``name`` not bytes or str.
+    """
+    if type(head) is not bytes:
+        raise TypeError("head must be bytes")
+    if isinstance(name, str):
+        name = name.encode("latin-1")
+    elif type(name) is not bytes:
+        raise TypeError("name must be bytes or str")
+    if not name:
+        return None
+    want = name.lower()
+    n = len(head)
+    eol = head.find(b"\r\n")
+    if eol < 0:
+        return None
+    pos = eol + 2
+    while pos < n:
+        e = head.find(b"\r\n", pos)
+        if e < 0:
+            e = n
+        if e == pos:
+            break
+        colon = head.find(b":", pos, e)
+        if colon > pos and head[pos:colon].lower() == want:
+            return head[colon + 1:e].strip(_OWS)
+        pos = e + 2
+    return None

@@ -52,6 +52,7 @@ FLAGS = tuple(Flag(*f) for f in (
     ("drain_timeout", "--drain-timeout", GLOBAL, "drain_timeout"),
     ("allow_unresolved", "--allow-unresolved", GLOBAL, "allow_unresolved"),
     ("workers", "--workers", GLOBAL, "workers"),
+    ("hooks", "--hooks", GLOBAL, "hooks"),
     ("listen", "--listen", LISTENER, "bind"),
     ("header_timeout", "--header-timeout", LISTENER, "header_timeout"),
     ("keepalive_timeout", "--keepalive-timeout", LISTENER, "keepalive_timeout"),
@@ -118,6 +119,15 @@ def _global_value(f, value, errors):
         problem = validate.access_log_problem(value)
         if problem:
             errors.append(ConfigIssue(problem, path=f.flag))
+    elif f.key == "hooks" and value is not None:
+        # imported now, as the file's [hooks] is (a file relative to the working directory)
+        from fastlb.hooks import configure
+
+        try:
+            return configure(value)
+        except ConfigError as e:
+            errors.append(ConfigIssue(str(e), path=f.flag))
+            return None
     return value
 
 

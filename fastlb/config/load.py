@@ -17,10 +17,15 @@ one entry per key, mapping it to a converter that checks its type and range
 (with ``fastlb.validate``, the same checks as the flags) and returns the
 model's value. ``[pools.NAME.health]`` has one key per field of
 ``fastlb.health.HealthConfig``, checked by ``HealthConfig.check``.
+
+``[hooks] module`` is imported while loading (``fastlb.hooks.configure``), a
+file path relative to the configuration file's directory: a module that
+cannot be imported, or that defines no hook, is an error of the file.
 """
 import concurrent.futures
 import dataclasses
 import difflib
+import os
 import re
 import tomllib
 import typing
@@ -38,7 +43,7 @@ from fastlb.validate import show
 
 __all__ = ["load", "loads", "GLOBAL_KEYS", "LISTENER_KEYS", "ROUTE_KEYS", "POOL_KEYS",
            "BACKEND_KEYS", "HEALTH_KEYS", "DISCOVERY_KEYS", "TLS_KEYS", "CERTIFICATE_KEYS",
-           "BACKEND_TLS_KEYS"]
+           "BACKEND_TLS_KEYS", "HOOKS_KEYS"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 _RESOLVERS = 16         # host names looked up at once, at most
@@ -200,6 +205,7 @@ GLOBAL_KEYS = {
     "allow_unresolved": _boolean,
     "workers": validate.workers,
     "admin": _SPECIAL,
+    "hooks": _SPECIAL,
     "listeners": _SPECIAL,
     "pools": _SPECIAL,
 }
@@ -270,6 +276,9 @@ ADMIN_KEYS = {
     "token_file": _string(),
     "protect_reads": _boolean,
 }
+HOOKS_KEYS = {
+    "module": _string(),
+}
 BACKEND_KEYS = {
     "url": _string(),
     "weight": _checked(validate.weight_problem),
@@ -299,6 +308,7 @@ _SECTIONS = {
     "pool": ("a pool setting ([pools.NAME])", POOL_KEYS),
     "backend": ("a backend setting ({ url = ..., weight = ... })", BACKEND_KEYS),
     "admin": ("an admin listener setting ([admin])", ADMIN_KEYS),
+    "hooks": ("a hooks setting ([hooks])", HOOKS_KEYS),
     "health": ("a health check setting ([pools.NAME.health])", HEALTH_KEYS),
     "discovery": ("a discovery setting (discovery = { ... } of a pool)", DISCOVERY_KEYS),
     "tls": ("a TLS setting of a listener ([listeners.NAME.tls])", TLS_KEYS),
@@ -331,16 +341,18 @@ def load(path, *, resolve=True):
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(errors=[ConfigIssue("not UTF-8 text", file=name, line=line)]) \
             from None
-    return loads(text, name, resolve=resolve)
+    return loads(text, name, resolve=resolve, base=os.path.dirname(os.path.abspath(name)))
 
 
-def loads(text, name="<config>", *, resolve=True):
-    """``load`` for TOML text; ``name`` is the file name used in messages."""
+def loads(text, name="<config>", *, resolve=True, base=None):
+    """``load`` for TOML text; ``name`` is the file name used in messages,
+    ``base`` the directory of a relative ``[hooks] module`` file (None: the
+    working directory)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(errors=[_syntax_issue(e, name, text)]) from None
-    loader = _Loader(name, Locator(text))
+    loader = _Loader(name, Locator(text), base)
     config = loader.config(data, resolve)
     if loader.errors:
         raise ConfigError(errors=loader.errors)
@@ -366,9 +378,10 @@ def _syntax_issue(exc, name, text):
 class _Loader:
     """One file's validation: every problem is collected, none stops it."""
 
-    def __init__(self, name, locator):
+    def __init__(self, name, locator, base=None):
         self.name = name
         self.loc = locator
+        self.base = base        # where a relative hooks file is
         self.issues = []
         self.backends = []      # (path, BackendConfig) of every valid backend
 
@@ -475,9 +488,13 @@ class _Loader:
                     self.error(("admin", "bind"), f"{admin.bind} is already the address of "
                                                   f"listener {name}")
         self._check_addresses(listeners)
+        hooks = self._hooks(data.get("hooks"))
+        if hooks is not None:
+            g["hooks"] = hooks
         used = {p for li in listeners.values() for p in li.pools_used()}
         for name in pools:
-            if listeners and name not in used:
+            if listeners and name not in used and (hooks is None or
+                                                   "route" not in hooks.defined):
                 self.warn(("pools", name), "not used by any listener")
         if resolve:
             self._resolve(g.get("allow_unresolved", False))
@@ -804,6 +821,29 @@ class _Loader:
                 self.error(("admin", "token_file"), problem)
                 return None
         return AdminConfig(**v)
+
+    def _hooks(self, raw):
+        """``[hooks] module = "..."``: imported now, so that a module that
+        cannot be, or defines no hook, is an error of this file."""
+        from fastlb.hooks import configure
+
+        if raw is None:
+            return None
+        table = self._table(raw, ("hooks",), 'the hooks table ([hooks] module = "myhooks")')
+        if table is None:
+            return None
+        v = self._keys(table, ("hooks",), HOOKS_KEYS, "hooks")
+        if len(v) < len(table):
+            return None
+        if "module" not in v:
+            self.error(("hooks",), "missing module (a module name such as myhooks, or a "
+                                   "file such as ./myhooks.py)")
+            return None
+        try:
+            return configure(v["module"], self.base)
+        except ConfigError as e:
+            self.error(("hooks", "module"), str(e))
+            return None
 
     def _health(self, pool_path, raw):
         path = pool_path + ("health",)

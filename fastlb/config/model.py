@@ -24,6 +24,7 @@ builds a new one.
         health: fastlb.health.HealthConfig
         discovery: DiscoveryConfig or None   DNS SRV or etcd: the backends found there
       access_log, via, log_level, drain_timeout, allow_unresolved, workers
+      hooks: HooksConfig or None             a Python module of route/select/request_headers
 
 Defaults are those of the flags (and of ``fastlb.server.Options``). The
 dicts and tuples are not to be modified: the model is shared as it is.
@@ -41,7 +42,7 @@ from fastlb.validate import format_address
 
 __all__ = ["Config", "ListenerConfig", "RouteConfig", "PoolConfig", "BackendConfig",
            "AdminConfig", "DiscoveryConfig", "TLSConfig", "CertificateConfig",
-           "BackendTLSConfig", "DEFAULT_NAME"]
+           "BackendTLSConfig", "HooksConfig", "DEFAULT_NAME"]
 
 DEFAULT_NAME = "default"    # the listener and the pool that the flags describe
 
@@ -274,6 +275,30 @@ class AdminConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HooksConfig:
+    """The Python hooks module (``[hooks] module``, ``--hooks``; see
+    ``fastlb.hooks``), imported and checked when the configuration was loaded.
+
+    ``loaded`` is that module. It is not compared (a reload imports the
+    module again: the data path always runs the new one) and not pickled: a
+    worker gets the configuration without it and imports the module itself.
+    """
+
+    module: str                         # as written: a module name or a file path
+    path: Optional[str] = None          # a file: its absolute path; None: a module name
+    defined: tuple = ()                 # the hooks it defines, of route, select, request_headers
+    loaded: object = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __str__(self):
+        return self.module
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["loaded"] = None
+        return state
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole configuration: global settings, listeners and pools (see the module)."""
 
@@ -287,6 +312,7 @@ class Config:
     allow_unresolved: bool = False      # a backend host that does not resolve: a warning
     workers: int = 1                    # processes serving traffic; 1: no master
     admin: Optional[AdminConfig] = None  # the admin listener; None: off
+    hooks: Optional[HooksConfig] = None  # Python hooks on the request path; None: none
     # where it came from: the file name as given (None: flags), and the
     # warnings found while loading (fastlb.errors.ConfigIssue)
     source: Optional[str] = dataclasses.field(default=None, compare=False)

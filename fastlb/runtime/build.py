@@ -29,7 +29,10 @@ so no request sees half of each:
   and https, other TLS settings) is *replaced*: a new Backend on the same
   row of counters and with its health state, so that no pooled connection
   of the old kind is used again; the old object finishes its requests as a
-  retired one.
+  retired one;
+* the Python hooks (``fastlb.hooks.Hooks``, ``proxy.hooks``) are made again
+  over the new pools, with the module the configuration was loaded with
+  (a worker, whose configuration came without it, imports it here).
 
 The first build is a plan against an empty proxy.
 """
@@ -104,6 +107,7 @@ class Plan:
         self.fronts_remove = []     # Fronts to drain
         self.changes = []           # words for the log line
         self.rows = None            # (backend rows, listener rows) once placed
+        self.hooks = None           # fastlb.hooks.Hooks over the new pools, or None
 
     def summary(self):
         return "; ".join(self.changes) if self.changes else "nothing changed"
@@ -265,7 +269,24 @@ def plan(proxy, config):
         if name not in config.listeners:
             p.fronts_remove.append(front)
             p.changes.append(f"listener {name} on {front.config.bind} removed")
+    _plan_hooks(p, proxy, config.hooks)
     return p
+
+
+def _plan_hooks(p, proxy, hc):
+    running = proxy.hooks
+    if hc is None:
+        if running is not None:
+            p.changes.append("hooks removed")
+        return
+    from fastlb import hooks
+
+    module = hooks.load_module(hc)
+    p.hooks = hooks.Hooks(module, p.pools, hc.module)
+    if proxy.config is None or module is (running.module if running is not None else None):
+        return
+    what = f"hooks {hc.module} ({', '.join(hc.defined)})"
+    p.changes.append(f"{what} imported again" if running is not None else f"{what} added")
 
 
 def _set_front(front, lc, pools, draining=False, certificates=None):
@@ -403,6 +424,7 @@ def apply(proxy, p):
         pool.retired = True
     old_pools = p.retire_pools
     proxy.pools = p.pools
+    proxy.hooks = p.hooks
     _move_in_flight(proxy, p.pools)
     added = []
     for front, lc in p.fronts_keep:

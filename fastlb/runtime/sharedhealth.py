@@ -94,6 +94,22 @@ class WorkerHealth:
     def is_eligible(self, idx):
         return self._eligible[idx]
 
+    def backend_state(self, idx):
+        """What the master's checker says of backend ``idx`` (as
+        ``fastlb.health.state_name``): UP, DOWN, EJECTED, DRAIN or MAINT."""
+        flags = self._tables.read_health(self._rows[idx])[3]
+        if not flags & FLAG_SET:
+            return "UP"     # not written yet: as configured
+        if flags & FLAG_MAINT:
+            return "MAINT"
+        if not flags & FLAG_ADMIN:
+            return "DRAIN"
+        if not flags & FLAG_UP:
+            return "DOWN"
+        if flags & FLAG_EJECTED:
+            return "EJECTED"
+        return "UP"
+
     def retry_after(self):
         """As the checker's: the nearest end of an ejection, else one check
         interval (active checks), else 1 second; at least 1."""
