@@ -136,7 +136,9 @@ import errno
 import logging
 import os
 import resource
+import socket
 import ssl
+import struct
 import time
 
 import httptools
@@ -208,6 +210,9 @@ _find_head_end = core.find_head_end
 _pp_parse = core.parse_proxy_header
 _pp_header = proxyproto.proxy_header
 _clock = time.monotonic    # access log timings (the ticker's clock is too coarse)
+# SO_LINGER on, with a zero timeout: close() resets the connection and the
+# kernel drops what it still holds for the peer (nginx's reset_timedout_connection)
+_LINGER_RESET = struct.pack("ii", 1, 0)
 # the response-time histogram's bounds (fastlb.runtime.shm), in microseconds
 _LAT_US = array.array("q", [round(b * 1e6) for b in LAT_BOUNDS])
 N_LAT = len(LAT_BOUNDS)
@@ -1807,12 +1812,21 @@ class ClientProtocol:
 
     def _abort(self):
         """Drop the connection at once: a client that is gone or stopped
-        reading keeps neither its socket nor its buffers."""
+        reading keeps neither its socket nor its buffers. The close is a
+        reset, so the kernel does not keep the unsent data either (a plain
+        close would leave it in an orphaned socket for minutes)."""
         self._release()
         self.state = R_CLOSED
         self.proxy.clients.discard(self)
         self._drop_upstream()
-        self.transport.abort()
+        transport = self.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        transport.abort()
 
     def _log_cut(self):
         """Log the exchange in flight as cut short (the client left, or it is
