@@ -618,3 +618,20 @@ def test_the_example_module(make_backend):
     c = loads(text + '\n[hooks]\nmodule = "hooks.py"\n', "fastlb.toml", resolve=False,
               base=os.path.join(REPO, "examples"))
     assert c.hooks.defined == hc.defined
+
+
+def test_the_client_of_a_proxy_protocol_connection(tmp_path, make_backend, make_config_lb):
+    """``request.client`` is the client the PROXY protocol header names."""
+    be = make_backend()
+    path = write_hooks(tmp_path, """
+        def request_headers(request):
+            return [("X-Client-Seen", request.client)]
+    """)
+    text = config_text(path, {"app": [be]}, default="app").replace(
+        'bind = "127.0.0.1:0"\n', 'bind = "127.0.0.1:0"\nproxy_protocol = true\n')
+    lb = make_config_lb(text)
+    with raw_connect(lb.port("web")) as s:
+        s.sendall(b"PROXY TCP4 203.0.113.7 198.51.100.1 41234 443\r\n"
+                  b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        doc = Reader(s).read_response().json()
+    assert ["X-Client-Seen", "203.0.113.7"] in doc["headers"]
