@@ -142,7 +142,11 @@ import time
 import httptools
 
 from fastlb import core
+from fastlb.core import find_head_end as _find_head_end
 from fastlb.core import monotonic_us
+from fastlb.core import parse_request_head as _parse_request_head
+from fastlb.core import rewrite_response_head as _rewrite_response_head
+from fastlb.core import write_request_head as _write_request_head
 from fastlb.observe.accesslog import AccessLog
 from fastlb.runtime import shm
 from fastlb.runtime.shm import (
@@ -200,11 +204,7 @@ from fastlb.errors import (
 
 log = logging.getLogger("fastlb")
 
-_parse_request_head = core.parse_request_head
-_write_request_head = core.write_request_head
-_rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
-_find_head_end = core.find_head_end
 _pp_parse = core.parse_proxy_header
 _pp_header = proxyproto.proxy_header
 _clock = time.monotonic    # access log timings (the ticker's clock is too coarse)

@@ -3,7 +3,7 @@
 
 # ---------------------------------------------------------------- framing
 
-def find_head_end(data, Py_ssize_t start=0):
+cpdef Py_ssize_t find_head_end(data, Py_ssize_t start=0) except -2:
     """Index just past the first CRLF CRLF at or after ``start`` in ``data``, or -1.
 
     See ``fastlb._core_py.find_head_end``: this is its compiled twin.

@@ -3,7 +3,7 @@
 
 # ---------------------------------------------------------------- responses
 
-def rewrite_response_head(head, req_flags):
+cpdef tuple rewrite_response_head(head, req_flags):
     """Validate a response head and return ``(out, status, flags, framing, length)``.
 
     See ``fastlb._core_py.rewrite_response_head``: this is its compiled twin.
