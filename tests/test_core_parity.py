@@ -305,6 +305,45 @@ def test_responses(C):
     assert N_CASES // 10 < errs < N_CASES * 9 // 10
 
 
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# bytes that end or break a name or a value, and tchars that are no letter, digit or '-'
+_ODD = [b"\t", b" ", b"\x00", b"\x08", b"\x1f", b"\x7f", b"\x80", b"\xff", b"\r", b"\n", b":",
+        b"_", b".", b"~", b"(", b"@", b"[", b"`", b"{"]
+
+
+def test_field_scans_at_every_offset(C):
+    """A field name or value of each length up to 40 with an odd byte at each
+    offset, as the first, a middle and the last field: the compiled core
+    scans names and values 16 bytes at a time (and CRLF CRLF likewise), the
+    twin byte by byte. Both must agree on every one."""
+    rng = random.Random(4242)
+    alnum = _TCHARS[15:] + b"-"
+    value_bytes = bytes(range(0x20, 0x7f)) + b"\t\x80\xc3\xff"
+    n = 0
+    for length in range(1, 41):
+        for k in range(length):
+            for odd in _ODD:
+                name = bytearray(rng.choice(alnum) for _ in range(length))
+                name[k:k + 1] = odd
+                value = bytearray(rng.choice(value_bytes) for _ in range(length))
+                value[k:k + 1] = odd
+                for field in (bytes(name) + b": v", b"X-Long: " + bytes(value)):
+                    where = rng.randrange(3)
+                    fields = [b"Accept: */*", b"Cache-Control: max-age=0"]
+                    fields.insert(where, field)
+                    tail = b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+                    raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + tail
+                    assert request_outcome(P, raw, 0, b"", b"ip") == \
+                        request_outcome(C, raw, 0, b"", b"ip"), raw
+                    raw = b"HTTP/1.1 200 OK\r\n" + tail
+                    assert outcome(P.rewrite_response_head, raw, 1) == \
+                        outcome(C.rewrite_response_head, raw, 1), raw
+                    for start in (0, rng.randrange(len(raw))):
+                        assert P.find_head_end(raw, start) == C.find_head_end(raw, start), (raw, start)
+                    n += 1
+    assert n == 2 * len(_ODD) * 40 * 41 // 2
+
+
 def test_request_keywords(C):
     raw = b"GET / HTTP/1.0\r\nX: y\r\n\r\n"
     kw = dict(proto=b"https", via=None, backend_authority=b"hd", trusted=True)
