@@ -115,4 +115,5 @@ cpdef Py_ssize_t find_head_end(data, Py_ssize_t start=*) except -2
 cpdef RequestHead parse_request_head(head, int key_kind=*, key_name=*)
 cpdef bytes write_request_head(parsed, client_ip, proto=*, via=*, backend_authority=*,
                                bint trusted=*)
-cpdef tuple rewrite_response_head(head, req_flags)
+cpdef tuple rewrite_response_head(head, req_flags, Py_ssize_t start=*, Py_ssize_t end=*,
+                                  Py_ssize_t tail_max=*)

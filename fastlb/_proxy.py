@@ -493,8 +493,10 @@ class UpstreamProtocol:
                 # The client connection closes after this response: say so.
                 req_flags &= ~REQ_KEEP_ALIVE
             try:
+                # the head is data[pos:end]; a whole small body after it is
+                # written into ``out`` with it (tail_max)
                 out, status, flags, framing, length = _rewrite_response_head(
-                    data[pos:end] if pos or end != len(data) else data, req_flags)
+                    data, req_flags, pos, end, TAIL_COPY)
             except BadGateway as e:
                 self._bad(client, e.reason)
                 return
@@ -535,12 +537,14 @@ class UpstreamProtocol:
             if framing == BODY_LENGTH:
                 if len(data) - end == length:
                     # The common case: the whole response in one read (a
-                    # large body is passed on as a view: uvloop writes it
-                    # from this very buffer)
+                    # small body is already in ``out``; a large one is passed
+                    # on as a view: uvloop writes it from this very buffer)
                     if status < 600:
                         client.front.ctr[L_1XX - 1 + status // 100] += 1
-                    client.write_response2(out, data[end:] if length <= TAIL_COPY
-                                           else memoryview(data)[end:])
+                    if length <= TAIL_COPY:
+                        client.write_response(out)
+                    else:
+                        client.write_response2(out, memoryview(data)[end:])
                     self._finish(client)
                     return
                 self.left = length
