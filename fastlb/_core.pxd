@@ -103,3 +103,17 @@ cdef class RequestHead:
     cdef Py_ssize_t _nseg, _cap
     cdef Seg* _segs
     cdef Seg _inline[INLINE_SEGS]
+
+
+# ---------------------------------------------------------------- head functions
+#
+# The per-request head functions, callable at C level by compiled callers
+# (``from fastlb._core cimport parse_request_head``): no Python call, no boxed
+# arguments or results. Python callers see the same functions as before.
+
+cpdef Py_ssize_t find_head_end(data, Py_ssize_t start=*) except -2
+cpdef RequestHead parse_request_head(head, int key_kind=*, key_name=*)
+cpdef bytes write_request_head(parsed, client_ip, proto=*, via=*, backend_authority=*,
+                               bint trusted=*)
+cpdef tuple rewrite_response_head(head, req_flags, Py_ssize_t start=*, Py_ssize_t end=*,
+                                  Py_ssize_t tail_max=*)

@@ -322,7 +322,8 @@ def write_request_head(
     it sent none). TypeError unless ``parsed`` is a RequestHead of this core.
     """
 
-def rewrite_response_head(head: bytes, req_flags: int) -> "tuple[bytes, int, int, int, int]":
+def rewrite_response_head(head: bytes, req_flags: int, start: int = 0, end: int = -1,
+                          tail_max: int = 0) -> "tuple[bytes, int, int, int, int]":
     """Validate a response head and return ``(out, status, flags, framing, length)``.
 
     ``req_flags`` are the flags of the request answered (``REQ_HEAD``,
@@ -333,6 +334,11 @@ def rewrite_response_head(head: bytes, req_flags: int) -> "tuple[bytes, int, int
     with a non-empty Upgrade field: it gets ``RESP_UPGRADE`` (and no other
     flag), ``BODY_NONE``, and goes out with its Upgrade fields and
     ``Connection: upgrade``. Raises ``fastlb.errors.BadGateway``.
+
+    The head is ``head[start:end]`` (``end`` -1: to the end; ValueError
+    unless ``0 <= start <= end <= len(head)``). With ``tail_max`` > 0, a
+    ``BODY_LENGTH`` response whose whole body is ``head[end:]``, at most
+    ``tail_max`` bytes, gets it appended to ``out``.
     """
 
 def find_head_end(data: bytes, start: int = 0) -> int:

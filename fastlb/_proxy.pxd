@@ -7,6 +7,11 @@ cimport cython
 from fastlb._core cimport Selector   # the selectors' C-level select/release
 from fastlb._core cimport RequestHead  # flags, framing, length, key read as C fields
 from fastlb._core cimport monotonic_us  # the clock of response times: a C call
+# the head functions, called at C level (the .py imports the same names from fastlb.core)
+from fastlb._core cimport find_head_end as _find_head_end
+from fastlb._core cimport parse_request_head as _parse_request_head
+from fastlb._core cimport write_request_head as _write_request_head
+from fastlb._core cimport rewrite_response_head as _rewrite_response_head
 from fastlb.runtime._routing cimport Router, Route   # a listener's compiled routes
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE, U_TUNNEL
@@ -23,8 +28,7 @@ cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef int REQ_HTTP10, REQ_IDEMPOTENT, REQ_KEEP_ALIVE, REQ_UPGRADE
 cdef int RESP_CLIENT_KEEP_ALIVE, RESP_DECHUNK, RESP_INFORMATIONAL, RESP_UPSTREAM_KEEP_ALIVE
 cdef int RESP_UPGRADE
-cdef object _parse_request_head, _write_request_head, _rewrite_response_head, _ChunkedScanner
-cdef object _find_head_end
+cdef object _ChunkedScanner
 cdef object _pp_parse, _pp_header, _ProxyHeaderError   # fastlb.wire.proxyproto
 cdef object _clock
 # indices of the counter rows (fastlb.runtime.shm): ``ctr[B_*] += n`` is one add to memory

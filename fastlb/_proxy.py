@@ -144,7 +144,11 @@ import time
 import httptools
 
 from fastlb import core
+from fastlb.core import find_head_end as _find_head_end
 from fastlb.core import monotonic_us
+from fastlb.core import parse_request_head as _parse_request_head
+from fastlb.core import rewrite_response_head as _rewrite_response_head
+from fastlb.core import write_request_head as _write_request_head
 from fastlb.observe.accesslog import AccessLog
 from fastlb.runtime import shm
 from fastlb.runtime.shm import (
@@ -202,11 +206,7 @@ from fastlb.errors import (
 
 log = logging.getLogger("fastlb")
 
-_parse_request_head = core.parse_request_head
-_write_request_head = core.write_request_head
-_rewrite_response_head = core.rewrite_response_head
 _ChunkedScanner = core.ChunkedScanner
-_find_head_end = core.find_head_end
 _pp_parse = core.parse_proxy_header
 _pp_header = proxyproto.proxy_header
 _clock = time.monotonic    # access log timings (the ticker's clock is too coarse)
@@ -498,8 +498,10 @@ class UpstreamProtocol:
                 # The client connection closes after this response: say so.
                 req_flags &= ~REQ_KEEP_ALIVE
             try:
+                # the head is data[pos:end]; a whole small body after it is
+                # written into ``out`` with it (tail_max)
                 out, status, flags, framing, length = _rewrite_response_head(
-                    data[pos:end] if pos or end != len(data) else data, req_flags)
+                    data, req_flags, pos, end, TAIL_COPY)
             except BadGateway as e:
                 self._bad(client, e.reason)
                 return
@@ -540,12 +542,14 @@ class UpstreamProtocol:
             if framing == BODY_LENGTH:
                 if len(data) - end == length:
                     # The common case: the whole response in one read (a
-                    # large body is passed on as a view: uvloop writes it
-                    # from this very buffer)
+                    # small body is already in ``out``; a large one is passed
+                    # on as a view: uvloop writes it from this very buffer)
                     if status < 600:
                         client.front.ctr[L_1XX - 1 + status // 100] += 1
-                    client.write_response2(out, data[end:] if length <= TAIL_COPY
-                                           else memoryview(data)[end:])
+                    if length <= TAIL_COPY:
+                        client.write_response(out)
+                    else:
+                        client.write_response2(out, memoryview(data)[end:])
                     self._finish(client)
                     return
                 self.left = length

@@ -35,6 +35,22 @@ def test_find_head_end_agrees_with_bytes_find(core):
         assert core.find_head_end(data, start) == (-1 if i < 0 else i + 4), (data, start)
 
 
+def test_find_head_end_agrees_with_bytes_find_in_long_data(core):
+    """Long enough for the compiled core's 16-byte steps, with near misses
+    (LF ? LF, CR LF CR, ...) at every alignment."""
+    rng = random.Random(8)
+    alphabet = b"\r\n\r\nab: "
+    for _ in range(5000):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randrange(18, 90)))
+        start = rng.randrange(0, len(data) + 2)
+        i = data.find(b"\r\n\r\n", start)
+        assert core.find_head_end(data, start) == (-1 if i < 0 else i + 4), (data, start)
+    for n in range(0, 70):
+        data = b"x" * n + b"\r\n\r\n" + b"y" * rng.randrange(40)
+        for start in range(n + 2):
+            assert core.find_head_end(data, start) == (n + 4 if start <= n else -1), (data, start)
+
+
 def test_find_head_end_rejects(core):
     with pytest.raises(TypeError):
         core.find_head_end(bytearray(b"\r\n\r\n"))

@@ -305,6 +305,85 @@ def test_responses(C):
     assert N_CASES // 10 < errs < N_CASES * 9 // 10
 
 
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# bytes that end or break a name or a value, and tchars that are no letter, digit or '-'
+_ODD = [b"\t", b" ", b"\x00", b"\x08", b"\x1f", b"\x7f", b"\x80", b"\xff", b"\r", b"\n", b":",
+        b"_", b".", b"~", b"(", b"@", b"[", b"`", b"{"]
+
+
+def test_field_scans_at_every_offset(C):
+    """A field name or value of each length up to 40 with an odd byte at each
+    offset, as the first, a middle and the last field: the compiled core
+    scans names and values 16 bytes at a time (and CRLF CRLF likewise), the
+    twin byte by byte. Both must agree on every one."""
+    rng = random.Random(4242)
+    alnum = _TCHARS[15:] + b"-"
+    value_bytes = bytes(range(0x20, 0x7f)) + b"\t\x80\xc3\xff"
+    n = 0
+    for length in range(1, 41):
+        for k in range(length):
+            for odd in _ODD:
+                name = bytearray(rng.choice(alnum) for _ in range(length))
+                name[k:k + 1] = odd
+                value = bytearray(rng.choice(value_bytes) for _ in range(length))
+                value[k:k + 1] = odd
+                for field in (bytes(name) + b": v", b"X-Long: " + bytes(value)):
+                    where = rng.randrange(3)
+                    fields = [b"Accept: */*", b"Cache-Control: max-age=0"]
+                    fields.insert(where, field)
+                    tail = b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+                    raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + tail
+                    assert request_outcome(P, raw, 0, b"", b"ip") == \
+                        request_outcome(C, raw, 0, b"", b"ip"), raw
+                    raw = b"HTTP/1.1 200 OK\r\n" + tail
+                    assert outcome(P.rewrite_response_head, raw, 1) == \
+                        outcome(C.rewrite_response_head, raw, 1), raw
+                    for start in (0, rng.randrange(len(raw))):
+                        assert P.find_head_end(raw, start) == C.find_head_end(raw, start), (raw, start)
+                    n += 1
+    assert n == 2 * len(_ODD) * 40 * 41 // 2
+
+
+def test_responses_within_a_read(C):
+    """A head passed inside a bigger read (start, end), with the bytes after
+    it as a body to write with it (tail_max): both cores agree, and the
+    answer is the one for the head alone, with the body appended exactly
+    when it is the whole Content-Length body and fits."""
+    rng = random.Random(778)
+    appended = 0
+    for i in range(N_CASES):
+        raw = rand_response(rng)
+        req_flags = rng.randrange(64)
+        before = rng.choice([b"", b"", b"HTTP/1.1 100 Continue\r\n\r\n", b"xyz"])
+        # Content-Length values of rand_response are 0, 5, 12, 7 (007) or huge
+        body = rng.choice([b"", b"a", b"a" * 5, b"b" * 7, b"c" * 12, b"d" * 16, b"e" * 300])
+        if rng.random() < 0.3:
+            cl = rng.choice([1, 5, 7, 12, 16, 300])
+            raw = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: %d\r\n\r\n" % cl
+            body = b"z" * (cl + rng.choice([0, 0, 0, -1, 1]))
+        data = before + raw + body
+        start, end = len(before), len(before) + len(raw)
+        tail_max = rng.choice([0, 0, 1, 16, 100, 2048])
+        a = outcome(P.rewrite_response_head, data, req_flags, start, end, tail_max)
+        b = outcome(C.rewrite_response_head, data, req_flags, start, end, tail_max)
+        assert a == b, (i, data, req_flags, start, end, tail_max)
+        alone = outcome(P.rewrite_response_head, raw, req_flags)
+        if a[0] != "ok":
+            assert a == alone
+            continue
+        out, status, flags, framing, length = a[1]
+        if body and framing == errors.BODY_LENGTH and length == len(body) <= tail_max:
+            assert a[1] == (alone[1][0] + body,) + alone[1][1:]
+            appended += 1
+        else:
+            assert a == alone
+    assert appended > N_CASES // 50
+    for mod in (P, C):
+        for start, end in ((-1, -1), (5, 4), (0, 1000), (3, 2)):
+            with pytest.raises(ValueError):
+                mod.rewrite_response_head(b"HTTP/1.1 200 OK\r\n\r\n", 0, start, end)
+
+
 def test_request_keywords(C):
     raw = b"GET / HTTP/1.0\r\nX: y\r\n\r\n"
     kw = dict(proto=b"https", via=None, backend_authority=b"hd", trusted=True)

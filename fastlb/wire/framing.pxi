@@ -3,7 +3,42 @@
 
 # ---------------------------------------------------------------- framing
 
-def find_head_end(data, Py_ssize_t start=0):
+# With SSE2 (FASTLB_SSE2, helpers.pxi), 16 candidate positions at a time: an
+# LF at j and at j + 2 (rare but at a head's end), then the CRs at j - 1 and
+# j + 1 checked one by one. Returns j + 3 for the first CRLF CRLF (its first
+# LF at j > start), or -1 with ``*pos`` at the first position not searched
+# (fewer than 18 bytes are left there: the caller's loop goes on).
+cdef extern from *:
+    """
+    #if FASTLB_SSE2
+    static inline Py_ssize_t fastlb_head_end16(const char* p, Py_ssize_t start, Py_ssize_t* pos,
+                                               Py_ssize_t n) {
+        const __m128i lf = _mm_set1_epi8(10);
+        Py_ssize_t i = *pos, j;
+        while (i + 18 <= n) {
+            unsigned m = (unsigned)_mm_movemask_epi8(_mm_and_si128(
+                _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i*)(p + i)), lf),
+                _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i*)(p + i + 2)), lf)));
+            while (m) {
+                j = i + __builtin_ctz(m);
+                if (j > start && p[j - 1] == 13 && p[j + 1] == 13)
+                    return j + 3;
+                m &= m - 1;
+            }
+            i += 16;
+        }
+        *pos = i;
+        return -1;
+    }
+    #else
+    #define fastlb_head_end16(p, start, pos, n) (-1)
+    #endif
+    """
+    Py_ssize_t fastlb_head_end16(const char* p, Py_ssize_t start, Py_ssize_t* pos,
+                                 Py_ssize_t n) noexcept nogil
+
+
+cpdef Py_ssize_t find_head_end(data, Py_ssize_t start=0) except -2:
     """Index just past the first CRLF CRLF at or after ``start`` in ``data``, or -1.
 
     See ``fastlb._core_py.find_head_end``: this is its compiled twin.
@@ -16,6 +51,10 @@ def find_head_end(data, Py_ssize_t start=0):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t i = start, j
     cdef const char* q
+    if FASTLB_SSE2:
+        j = fastlb_head_end16(p, start, &i, n)
+        if j >= 0:
+            return j
     while i < n:
         q = <const char*>memchr(p + i, 10, n - i)
         if q == NULL:

@@ -129,7 +129,7 @@ cdef inline int _add(RequestHead r, int kind, Py_ssize_t a, Py_ssize_t b, Py_ssi
     return 0
 
 
-def parse_request_head(head, int key_kind=0, key_name=b""):
+cpdef RequestHead parse_request_head(head, int key_kind=0, key_name=b""):
     """Validate a request head strictly and return a ``RequestHead``.
 
     See ``fastlb._core_py.parse_request_head``: this is its compiled twin.
@@ -425,8 +425,8 @@ cdef int _request_key(RequestHead r, const unsigned char* p, Fields* fb, int key
     return 0
 
 
-def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b"",
-                       bint trusted=False):
+cpdef bytes write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b"",
+                               bint trusted=False):
     """The head to send upstream for ``parsed`` (a ``RequestHead``), as HTTP/1.1.
 
     See ``fastlb._core_py.write_request_head``: this is its compiled twin.

@@ -3,15 +3,21 @@
 
 # ---------------------------------------------------------------- responses
 
-def rewrite_response_head(head, req_flags):
+cpdef tuple rewrite_response_head(head, req_flags, Py_ssize_t start=0, Py_ssize_t end=-1,
+                                  Py_ssize_t tail_max=0):
     """Validate a response head and return ``(out, status, flags, framing, length)``.
 
     See ``fastlb._core_py.rewrite_response_head``: this is its compiled twin.
     """
     cdef bytes h = _as_bytes(head, "head")
     cdef long rf = req_flags
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(h)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(h)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(h)
+    if end < 0:
+        end = size
+    if start < 0 or start > end or end > size:
+        raise ValueError("start and end must lie within head")
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(h) + start
+    cdef Py_ssize_t n = end - start
     cdef Field stack[STACK_FIELDS]
     cdef Fields fb
     cdef Py_ssize_t eol, i
@@ -45,7 +51,8 @@ def rewrite_response_head(head, req_flags):
         _parse_fields(p, n, eol + 2, &fb, _BadGateway)
         if status == 101:
             return _switch_out(h, p, n, &fb, eol, http10)
-        return _response_out(h, p, n, &fb, eol, status, http10, rf)
+        return _response_out(h, p, n, &fb, eol, status, http10, rf,
+                             size - end if tail_max > 0 else 0, tail_max)
     finally:
         if fb.f != fb.stack:
             free(fb.f)
@@ -121,7 +128,10 @@ cdef tuple _switch_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb
 
 
 cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
-                         Py_ssize_t eol, int status, bint http10, long rf):
+                         Py_ssize_t eol, int status, bint http10, long rf,
+                         Py_ssize_t tail, Py_ssize_t tail_max):
+    # ``tail``: the bytes after the head (p[n:n + tail]), written after it
+    # when they are the whole body and at most ``tail_max`` (see the twin)
     cdef Py_ssize_t k, size
     cdef long long length = -1, v
     cdef bint chunked = False, te_seen = False, dechunk, client_http10, chunked_out
@@ -195,6 +205,9 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
         elif client_http10:
             size += 24
     size += 2
+    if not (0 < tail <= tail_max and framing == BODY_LENGTH and tail == length):
+        tail = 0
+    size += tail
 
     out = PyBytes_FromStringAndSize(NULL, size)
     w = PyBytes_AS_STRING(out)
@@ -212,4 +225,6 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
         elif client_http10:
             w = _put(w, b"Connection: keep-alive\r\n", 24)
     w = _put(w, b"\r\n", 2)
+    if tail:
+        _put(w, p + n, tail)
     return (out, status, flags, framing, length if length > 0 else 0)

@@ -35,7 +35,7 @@ from fastlb.wire.helpers import _connection_tokens, _parse_length, _split_fields
 
 # ---------------------------------------------------------------- responses
 
-def rewrite_response_head(head, req_flags):
+def rewrite_response_head(head, req_flags, start=0, end=-1, tail_max=0):
     """Validate a response head and return ``(out, status, flags, framing, length)``.
 
     ``req_flags`` are the flags of the request this answers (``REQ_HEAD``,
@@ -50,7 +50,21 @@ def rewrite_response_head(head, req_flags):
     after it are the new protocol), and goes to the client with its fields
     but the hop-by-hop ones (Upgrade kept) and ``Trailer``, then
     ``Connection: upgrade``.
+
+    The head is ``head[start:end]`` (``end`` -1: to the end), so that a read
+    holding a head and more is passed as it is. With ``tail_max`` > 0, a
+    response framed by Content-Length (``BODY_LENGTH``) whose whole body is
+    ``head[end:]``, at most ``tail_max`` bytes, is written with it: ``out``
+    is then the head and the body (one copy, where the caller would take a
+    slice and join the two).
     """
+    if end < 0:
+        end = len(head)
+    if not 0 <= start <= end <= len(head):
+        raise ValueError("start and end must lie within head")
+    rest = head[end:] if tail_max > 0 else b""
+    if start or end != len(head):
+        head = head[start:end]
     if len(head) < 4 or head[-4:] != b"\r\n\r\n":
         raise BadGateway("incomplete response head")
     eol = head.find(b"\r\n")
@@ -148,6 +162,8 @@ def rewrite_response_head(head, req_flags):
         elif client_http10:
             out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
+    if 0 < len(rest) <= tail_max and framing == BODY_LENGTH and len(rest) == length:
+        out.append(bytes(rest))
     return b"".join(out), status, flags, framing, (length if length > 0 else 0)
 
 
