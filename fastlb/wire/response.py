@@ -51,6 +51,31 @@ def rewrite_response_head(head, req_flags):
     but the hop-by-hop ones (Upgrade kept) and ``Trailer``, then
     ``Connection: upgrade``.
     """
+    return _rewrite_response(head, req_flags, b"", None, None)
+
+
+def rewrite_response_head_with_id(head, req_flags, request_id_header, request_id):
+    """``rewrite_response_head``, with the request's id on a final response.
+
+    ``request_id_header`` and ``request_id``: bytes (None or b"": no id,
+    as ``rewrite_response_head``). A final response (not a 1xx interim one;
+    a 101 is final) that goes to the client without a field of that name
+    (compared case-insensitively) gets ``NAME: ID`` after its own fields.
+    Both are the caller's (a configured name, an id from
+    ``assign_request_id``) and are written as they are.
+    """
+    if request_id_header is None or request_id is None:
+        return _rewrite_response(head, req_flags, b"", None, None)
+    if type(request_id_header) is not bytes or type(request_id) is not bytes:
+        raise TypeError("request_id_header and request_id must be bytes or None")
+    if not request_id_header or not request_id:
+        return _rewrite_response(head, req_flags, b"", None, None)
+    return _rewrite_response(head, req_flags, request_id_header.lower(), request_id_header,
+                             request_id)
+
+
+def _rewrite_response(head, req_flags, rid, rid_name, rid_value):
+    # rid: the request-id field's lowercase name (b"": none), rid_name as written
     if len(head) < 4 or head[-4:] != b"\r\n\r\n":
         raise BadGateway("incomplete response head")
     eol = head.find(b"\r\n")
@@ -72,7 +97,7 @@ def rewrite_response_head(head, req_flags):
 
     fields = list(_split_fields(head, eol + 2, BadGateway))
     if status == 101:
-        return _switch_out(line, fields)
+        return _switch_out(line, fields, rid, rid_name, rid_value)
     length = -1
     chunked = False
     te_seen = False
@@ -140,6 +165,10 @@ def rewrite_response_head(head, req_flags):
         if drop is not None and lname in drop:
             continue
         out += (name, b": ", value, b"\r\n")
+        if lname == rid:
+            rid = b""   # the backend's goes to the client: no second one
+    if rid and not flags & RESP_INFORMATIONAL:
+        out += (rid_name, b": ", rid_value, b"\r\n")
     if chunked_out:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if not (flags & RESP_INFORMATIONAL):
@@ -151,7 +180,7 @@ def rewrite_response_head(head, req_flags):
     return b"".join(out), status, flags, framing, (length if length > 0 else 0)
 
 
-def _switch_out(line, fields):
+def _switch_out(line, fields, rid, rid_name, rid_value):
     """A 101 to an upgrade request: validated as any response head, then
     written with its Upgrade fields and Connection: upgrade."""
     length = -1
@@ -194,5 +223,9 @@ def _switch_out(line, fields):
                     or kind == _H_TRAILER or (drop is not None and lname in drop):
                 continue
         out += (name, b": ", value, b"\r\n")
+        if lname == rid:
+            rid = b""
+    if rid:
+        out += (rid_name, b": ", rid_value, b"\r\n")
     out.append(b"Connection: upgrade\r\n\r\n")
     return b"".join(out), 101, RESP_UPGRADE, BODY_NONE, 0
