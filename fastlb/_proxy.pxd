@@ -7,6 +7,9 @@ cimport cython
 from fastlb._core cimport Selector   # the selectors' C-level select/release
 from fastlb._core cimport RequestHead  # flags, framing, length, key read as C fields
 from fastlb._core cimport monotonic_us  # the clock of response times: a C call
+# request ids: a new one, a parsed head's, on a response head, on fastlb's answers (C calls)
+from fastlb._core cimport new_request_id, assign_request_id, rewrite_response_head_with_id
+from fastlb._core cimport add_request_id
 from fastlb.runtime._routing cimport Router, Route   # a listener's compiled routes
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE, U_TUNNEL
@@ -81,6 +84,7 @@ cdef class Proxy:
     cdef public bytes via             # None: no Via
     cdef public object log            # AccessLog, or None when off
     cdef public object log_add        # log.buffer.add, bound once (None when off)
+    cdef public object log_add_id     # log.buffer.add_id (request ids), bound once
     cdef public object _ticker
     cdef public set _tasks
     cdef public object hooks          # fastlb.hooks.Hooks, or None: no hooks (one test per request)
@@ -91,6 +95,9 @@ cdef class Proxy:
     cpdef connect(self, Backend backend, ClientProtocol client, long long gen)
     @cython.locals(head=bytes, backend=Backend, now=double, t_resp=double)
     cpdef log_request(self, ClientProtocol client, int status)
+    @cython.locals(rid=bytes)
+    cdef _log_id(self, ClientProtocol client, bytes head, int status, Backend backend,
+                 double now, double t_resp)
     cpdef local_error(self, reason)
     cpdef proxy_header_error(self, ClientProtocol client, reason)
     @cython.locals(c=ClientProtocol)
@@ -137,6 +144,7 @@ cdef class Front:
     cdef public bytes proto           # X-Forwarded-Proto of its requests: b"http" or b"https"
     cdef public bint proxy_protocol   # connections start with a PROXY protocol header ...
     cdef public object pp_from        # ... from peers in these (TrustedProxies); None: all
+    cdef public bytes request_id      # the request-id field's name, or None: no request ids
     cdef public Pool pool             # requests matching no route (None: 404)
     cdef public Router router         # None: no routes
     cdef public int hash_what
@@ -244,6 +252,7 @@ cdef class ClientProtocol:
     cdef public int req_flags
     cdef public bytes req_head        # the rewritten head, kept to retry a bodiless request
     cdef public object view           # Python hooks: their view of the request being routed
+    cdef public bytes rid             # the request id of the exchange in flight, or None
     cdef public UpstreamProtocol up   # serving the request in flight
     cdef public Backend backend
     cdef public list outq             # bytes waiting for the upstream connection
@@ -308,6 +317,8 @@ cdef class ClientProtocol:
     cdef _drain_idle(self)
     cdef _reject(self, int status)
     cdef _fail(self, int status)
+    @cython.locals(rid=bytes)
+    cdef bytes _with_id(self, bytes msg)
     cpdef timed_out(self, double now)
     cdef pause_reading_for(self, int reason)
     cdef resume_reading_for(self, int reason)
