@@ -2,8 +2,8 @@
 stand-in transports, so no socket, no syscall and no other process is measured.
 
     python bench/inmem.py [--algorithm NAME] [--hash-key KEY] [--requests N]
-                          [--access-log PATH [--access-log-format combined|json]]
-                          [--routes N] [--hooks MODULE|FILE]
+                          [--access-log PATH [--access-log-format combined|json|combined_id]]
+                          [--routes N] [--hooks MODULE|FILE] [--request-id [--client-id]]
 
 prints the CPU time per request of fastlb's own user-space work (the core,
 httptools, the data path and CPython). Under valgrind it gives the steadiest
@@ -25,6 +25,9 @@ client that never reuses its connection costs, the per-connection work included.
 reads a PROXY protocol header, sent with each connection's request.
 ``--hooks FILE`` runs the Python hooks of FILE (``bench/hooks/``: an empty
 route hook, one that reads a header, one that adds a field).
+``--request-id`` turns request ids on (each request gets a new one, sent to
+the backend and added to the response); with ``--client-id`` the request
+carries a valid X-Request-Id of its own, which is kept.
 """
 import argparse
 import asyncio
@@ -110,12 +113,16 @@ def with_hooks(opts, spec):
     return dataclasses.replace(rt_build.as_config(opts), hooks=configure(spec))
 
 
+CLIENT_ID = b"X-Request-Id: 8f14e45f-ceea-467f-a0e6-1c2b3d4e5f60\r\n"
+
+
 def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, per_connection=False,
-          proxy_header=b"", hooks=None, **kw):
+          proxy_header=b"", hooks=None, client_id=False, **kw):
     """A Proxy over ``backends`` pooled upstream connections and one client.
     Returns ``run(n)``, which sends n keep-alive requests through it (each
-    on a new client connection if ``per_connection``); ``kw`` are more
-    ``Options`` (``access_log``, ...); ``hooks``: a hooks module or file."""
+    on a new client connection if ``per_connection``; with ``client_id``
+    each with an X-Request-Id); ``kw`` are more ``Options`` (``access_log``,
+    ``request_id``, ...); ``hooks``: a hooks module or file."""
     loop = asyncio.new_event_loop()
     opts = Options(backends=tuple(("127.0.0.1", 9000 + i) for i in range(backends)),
                    algorithm=algorithm, hash_key=hash_key, **kw)
@@ -131,6 +138,8 @@ def build(algorithm="round-robin", hash_key="ip", backends=3, routes=0, per_conn
     client.connection_made(NullTransport())
 
     def run(n, req=REQUEST, resp=RESPONSE):
+        if client_id:
+            req = req[:-2] + CLIENT_ID + b"\r\n"
         for _ in range(n):
             client.data_received(req)
             client.up.data_received(resp)
@@ -166,9 +175,16 @@ def main():
                          "PROXY protocol header of this version")
     ap.add_argument("--hooks", default=None, metavar="MODULE|FILE",
                     help="Python hooks, e.g. bench/hooks/empty_route.py (default none)")
+    ap.add_argument("--request-id", action="store_true",
+                    help="request ids on (default off)")
+    ap.add_argument("--client-id", action="store_true",
+                    help="the request carries an X-Request-Id (kept with --request-id)")
     args = ap.parse_args()
     kw = {"access_log": args.access_log, "routes": args.routes,
-          "per_connection": args.connection_per_request, "hooks": args.hooks}
+          "per_connection": args.connection_per_request, "hooks": args.hooks,
+          "client_id": args.client_id}
+    if args.request_id:
+        kw["request_id"] = True
     if args.proxy_protocol:
         if not args.connection_per_request:
             ap.error("--proxy-protocol needs --connection-per-request")

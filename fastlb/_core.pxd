@@ -38,6 +38,9 @@ from libc.stdint cimport int64_t
 # The monotonic clock in whole microseconds (time.monotonic's clock): a C call.
 cpdef long long monotonic_us() noexcept
 
+# A new request id (36 bytes, UUID-shaped; see wire/requestid.pxi): a C call.
+cpdef bytes new_request_id()
+
 
 cdef class Selector:
     cdef readonly Py_ssize_t n              # number of backends
@@ -73,6 +76,7 @@ cdef enum:
                           # (written only for a trusted proxy)
     SEG_TFIELD = 3        # as SEG_FIELD, written only for a trusted proxy (X-Forwarded-Proto,
                           # X-Forwarded-Host, Forwarded)
+    SEG_RID = 4           # the request's new id: "_rid_name: _rid" (after the client's fields)
     INLINE_SEGS = 8       # segments held without a heap allocation
 
 
@@ -100,6 +104,11 @@ cdef class RequestHead:
     cdef bint _host_field                # a Host field is among the segments
     cdef bint _chunked, _http10
     cdef bint _xfp, _xfh                 # an X-Forwarded-Proto / X-Forwarded-Host field was sent
+    # its request id (assign_request_id): valid while _rid_on (a recycled
+    # head's are stale)
+    cdef bint _rid_on                    # _rid is this parse's (the request_id property)
+    cdef bytes _rid                      # the request's id: the client's, or a new one
+    cdef bytes _rid_name                 # its field's name, as configured
     cdef Py_ssize_t _nseg, _cap
     cdef Seg* _segs
     cdef Seg _inline[INLINE_SEGS]
@@ -117,3 +126,10 @@ cpdef bytes write_request_head(parsed, client_ip, proto=*, via=*, backend_author
                                bint trusted=*)
 cpdef tuple rewrite_response_head(head, req_flags, Py_ssize_t start=*, Py_ssize_t end=*,
                                   Py_ssize_t tail_max=*)
+# Request ids (C calls for the data path; the Python-level twins are in fastlb.core):
+# a parsed head given its id, and the id added to a head fastlb wrote.
+cpdef bytes assign_request_id(parsed, request_id_header)
+cpdef tuple rewrite_response_head_with_id(head, req_flags, request_id_header, request_id,
+                                          Py_ssize_t start=*, Py_ssize_t end=*,
+                                          Py_ssize_t tail_max=*)
+cpdef bytes add_request_id(msg, request_id_header, request_id)

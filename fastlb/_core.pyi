@@ -25,6 +25,12 @@ __all__ = [
     "access_log_line",
     "AccessLogBuffer",
     "monotonic_us",
+    "assign_request_id",
+    "rewrite_response_head_with_id",
+    "add_request_id",
+    "new_request_id",
+    "seed_request_ids",
+    "valid_request_id",
 ]
 
 _Weights = Union[list[int], tuple[int, ...]]
@@ -274,6 +280,8 @@ class RequestHead:
     forwarded_for: bytes
     """The values of the X-Forwarded-For fields, in order, joined by ", " (empty ones left
     out); b"" when none. Built when read."""
+    request_id: Optional[bytes]
+    """The request's id once ``assign_request_id`` gave it one, else None."""
 
 def parse_request_head(head: _Buffer, key_kind: int = 0, key_name: bytes = b"") -> RequestHead:
     """Validate a request head strictly and return a ``RequestHead``.
@@ -290,6 +298,21 @@ def parse_request_head(head: _Buffer, key_kind: int = 0, key_name: bytes = b"") 
     ``fastlb.errors.BadRequest`` (status 400, or 501 for an unsupported
     transfer coding). A compiled-core RequestHead that nobody holds any more
     may be refilled by the next call.
+    """
+
+def assign_request_id(parsed: RequestHead, request_id_header: bytes) -> bytes:
+    """Give a parsed head its request id (``RequestHead.request_id``), and return it.
+
+    The id is the client's when it sent exactly one field named
+    ``request_id_header`` (compared case-insensitively) that goes to the
+    backend (not named in Connection) with a value ``valid_request_id``
+    accepts: that field stays in place. Otherwise it is a new one
+    (``new_request_id``), which ``write_request_head`` writes as ``NAME: ID``
+    after the client's fields, in place of every field of that name the
+    client sent. A head that has an id keeps it. A name the parser handles
+    itself (Host, Connection, ...) is never the client's. Compiled callers
+    that cimport it call it in C. TypeError unless ``parsed`` is a
+    RequestHead of this core and the name non-empty bytes.
     """
 
 def write_request_head(
@@ -311,7 +334,8 @@ def write_request_head(
     for a ``REQ_UPGRADE`` request, ``Transfer-Encoding: chunked`` for a
     chunked body, ``X-Forwarded-For``, ``X-Forwarded-Proto``,
     ``X-Forwarded-Host`` (``parsed.host`` when not empty) and ``Via`` unless
-    ``via`` is None or empty.
+    ``via`` is None or empty. A new request id (``assign_request_id``)
+    follows the client's fields.
 
     ``trusted`` says whether the client at ``client_ip`` is a trusted proxy.
     Not trusted: its X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and
@@ -341,6 +365,37 @@ def rewrite_response_head(head: bytes, req_flags: int, start: int = 0, end: int 
     ``tail_max`` bytes, gets it appended to ``out``.
     """
 
+def rewrite_response_head_with_id(head: bytes, req_flags: int, request_id_header: Optional[bytes],
+                                  request_id: Optional[bytes], start: int = 0, end: int = -1,
+                                  tail_max: int = 0) -> "tuple[bytes, int, int, int, int]":
+    """``rewrite_response_head``, and a final response (not 1xx; a 101 is final) that goes to
+    the client without a field named ``request_id_header`` (case-insensitively) gets
+    ``NAME: ID`` after its own fields. None or b"" for either: no id. Both are written as
+    they are. ``start``, ``end`` and ``tail_max`` as for ``rewrite_response_head``. Compiled
+    callers that cimport it call it in C."""
+
+def add_request_id(msg: bytes, request_id_header: Optional[bytes],
+                   request_id: Optional[bytes]) -> bytes:
+    """``msg`` (a message fastlb wrote: start line, ``Name: value`` lines, CRLF CRLF, maybe a
+    body) with ``NAME: ID`` as the last field of its head, unless the head has a field of
+    that name (case-insensitively). None or b"" for either: ``msg`` as it is. ValueError
+    without CRLF CRLF. Compiled callers that cimport it call it in C."""
+
+def new_request_id() -> bytes:
+    """A new request id: 36 bytes shaped as a version-4 UUID
+    (``xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx``, lowercase). The first three groups are this
+    process's (60 bits from the OS, drawn again in a forked child); the last two a 62-bit
+    counter, started at a random value, through a bijective mixer: no repeat within 2**62
+    ids of a process. Compiled callers that cimport it call it in C."""
+
+def seed_request_ids(process: int, counter: int) -> None:
+    """Set the draws ``new_request_id`` starts from: the process's part (low 64 bits, the
+    version nibble set to 4) and the counter (low 62 bits; the next id uses counter + 1)."""
+
+def valid_request_id(value: bytes) -> bool:
+    """Whether a client's id is kept: 1 to 200 bytes, each a letter, a digit or one of
+    ``-_.:@+/=``."""
+
 def find_head_end(data: bytes, start: int = 0) -> int:
     """Index just past the first CRLF CRLF at or after ``start``, or -1 if there is none yet.
 
@@ -361,8 +416,11 @@ def parse_proxy_header(
     """
 
 def access_log_line(fmt: int, head: Optional[bytes], client: bytes, stamp: bytes, status: int,
-                    sent: int, backend: Optional[bytes], upstream: float, total: float) -> bytes:
-    """One access log line (``fmt`` 0: combined, 1: JSON), as bytes ending in LF.
+                    sent: int, backend: Optional[bytes], upstream: float, total: float,
+                    rid: Optional[bytes] = None) -> bytes:
+    """One access log line (``fmt`` 0: combined, 1: JSON, 2: combined then the request id),
+    as bytes ending in LF. ``rid``: the request's id (None: the head's X-Request-Id, if any;
+    ``combined`` shows none).
 
     ``head``: the request head as received, or the part received (None:
     nothing to show); ``stamp`` is written as given; ``upstream`` (negative:
@@ -383,7 +441,7 @@ def monotonic_us() -> int:
 class AccessLogBuffer:
     """A batch of access log lines, each written straight into the batch (no object per line)."""
 
-    fmt: int        # 0: combined, 1: JSON (read-only)
+    fmt: int        # 0: combined, 1: JSON, 2: combined with the request id (read-only)
     limit: int      # batch size in bytes at which ``add`` returns True (read-only)
     stamp: bytes    # the time field of the next lines, set by the caller
 
@@ -393,5 +451,8 @@ class AccessLogBuffer:
             backend: Optional[bytes], upstream: float, total: float) -> bool:
         """Append ``access_log_line(self.fmt, head, client, self.stamp, ...)``; True once
         the batch holds ``limit`` bytes or more."""
+    def add_id(self, head: Optional[bytes], client: bytes, status: int, sent: int,
+               backend: Optional[bytes], upstream: float, total: float, rid: bytes) -> bool:
+        """``add`` with the request's id ``rid`` (not the head's X-Request-Id) in the line."""
     def take(self) -> bytes:
         """The lines added since the last ``take`` (the batch is emptied)."""

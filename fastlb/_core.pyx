@@ -20,7 +20,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_REFCNT, Py_XDECREF
 from libc.stdlib cimport free, malloc, realloc
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy, memmove
 
 from operator import index as _index
 
@@ -40,14 +40,20 @@ __all__ = [
     "ChunkedScanner",
     "RequestHead",
     "parse_request_head",
+    "assign_request_id",
     "write_request_head",
     "rewrite_response_head",
+    "rewrite_response_head_with_id",
     "find_head_end",
     "parse_proxy_header",
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",
     "monotonic_us",
+    "new_request_id",
+    "add_request_id",
+    "seed_request_ids",
+    "valid_request_id",
 ]
 
 _BadRequest = _errors.BadRequest
@@ -140,6 +146,7 @@ cdef enum:
 include "wire/characters.pxi"   # byte tables: tokens, field values, targets, hex, reg-names, lowercase
 include "wire/helpers.pxi"      # field lines in a C array: validate, classify, Connection, write
 include "wire/authorities.pxi"  # the Host authority: IPv4, IPv6, IPvFuture, reg-name, port
+include "wire/requestid.pxi"    # request ids: new_request_id, a client's id checked
 include "wire/request.pxi"      # RequestHead, parse_request_head, write_request_head
 include "wire/response.pxi"     # rewrite_response_head
 include "wire/chunked.pxi"      # ChunkedScanner: where a chunked body ends; de-chunking

@@ -26,11 +26,18 @@ Everything here is per-request, CPU-only and I/O-free:
 * ``rewrite_response_head``: the same for a backend's response head.
 * ``parse_proxy_header``: the PROXY protocol header (v1 or v2) a connection
   starts with, read strictly (``fastlb.errors.ProxyHeaderError``).
+* ``assign_request_id``: a parsed head's request id
+  (``RequestHead.request_id``: the client's, kept, or a new one written for
+  the backend); ``rewrite_response_head_with_id``: a response head with it;
+  ``add_request_id``: the id added to a head fastlb wrote.
 * ``ChunkedScanner``: finds where a chunked body ends, strictly, and can
   de-chunk it for HTTP/1.0 clients.
 * ``access_log_line``: one access log line (combined or JSON), escaped;
   ``AccessLogBuffer``: a batch of them, the form the data path uses;
   ``monotonic_us``: the monotonic clock in whole microseconds (response times).
+* ``new_request_id``: a request id (UUID-shaped, unique per process by
+  construction); ``valid_request_id``: whether a client's is kept;
+  ``seed_request_ids``: the per-process draws they come from.
 
 Invalid client input raises ``BadRequest`` (``.status`` says 400 or 501);
 invalid backend input raises ``BadGateway``. Both twins raise the same
@@ -56,8 +63,11 @@ from fastlb.observe.logline import AccessLogBuffer, access_log_line, monotonic_u
 from fastlb.wire.chunked import ChunkedScanner
 from fastlb.wire.framing import find_head_end
 from fastlb.wire.proxyproto import parse_proxy_header
-from fastlb.wire.request import RequestHead, parse_request_head, write_request_head
-from fastlb.wire.response import rewrite_response_head
+from fastlb.wire.request import (RequestHead, assign_request_id, parse_request_head,
+                                 write_request_head)
+from fastlb.wire.requestid import (add_request_id, new_request_id, seed_request_ids,
+                                   valid_request_id)
+from fastlb.wire.response import rewrite_response_head, rewrite_response_head_with_id
 
 __all__ = [
     "Selector",
@@ -73,12 +83,18 @@ __all__ = [
     "ChunkedScanner",
     "RequestHead",
     "parse_request_head",
+    "assign_request_id",
     "write_request_head",
     "rewrite_response_head",
+    "rewrite_response_head_with_id",
     "find_head_end",
     "parse_proxy_header",
     "pick_many",
     "access_log_line",
     "AccessLogBuffer",
     "monotonic_us",
+    "new_request_id",
+    "add_request_id",
+    "seed_request_ids",
+    "valid_request_id",
 ]

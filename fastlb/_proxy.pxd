@@ -12,6 +12,9 @@ from fastlb._core cimport find_head_end as _find_head_end
 from fastlb._core cimport parse_request_head as _parse_request_head
 from fastlb._core cimport write_request_head as _write_request_head
 from fastlb._core cimport rewrite_response_head as _rewrite_response_head
+# request ids: a new one, a parsed head's, on a response head, on fastlb's answers (C calls)
+from fastlb._core cimport new_request_id, assign_request_id, rewrite_response_head_with_id
+from fastlb._core cimport add_request_id
 from fastlb.runtime._routing cimport Router, Route   # a listener's compiled routes
 
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE, U_TUNNEL
@@ -85,6 +88,7 @@ cdef class Proxy:
     cdef public bytes via             # None: no Via
     cdef public object log            # AccessLog, or None when off
     cdef public object log_add        # log.buffer.add, bound once (None when off)
+    cdef public object log_add_id     # log.buffer.add_id (request ids), bound once
     cdef public object _ticker
     cdef public set _tasks
     cdef public object hooks          # fastlb.hooks.Hooks, or None: no hooks (one test per request)
@@ -95,6 +99,9 @@ cdef class Proxy:
     cpdef connect(self, Backend backend, ClientProtocol client, long long gen)
     @cython.locals(head=bytes, backend=Backend, now=double, t_resp=double)
     cpdef log_request(self, ClientProtocol client, int status)
+    @cython.locals(rid=bytes)
+    cdef _log_id(self, ClientProtocol client, bytes head, int status, Backend backend,
+                 double now, double t_resp)
     cpdef local_error(self, reason)
     cpdef proxy_header_error(self, ClientProtocol client, reason)
     @cython.locals(c=ClientProtocol)
@@ -141,6 +148,7 @@ cdef class Front:
     cdef public bytes proto           # X-Forwarded-Proto of its requests: b"http" or b"https"
     cdef public bint proxy_protocol   # connections start with a PROXY protocol header ...
     cdef public object pp_from        # ... from peers in these (TrustedProxies); None: all
+    cdef public bytes request_id      # the request-id field's name, or None: no request ids
     cdef public Pool pool             # requests matching no route (None: 404)
     cdef public Router router         # None: no routes
     cdef public int hash_what
@@ -248,6 +256,7 @@ cdef class ClientProtocol:
     cdef public int req_flags
     cdef public bytes req_head        # the rewritten head, kept to retry a bodiless request
     cdef public object view           # Python hooks: their view of the request being routed
+    cdef public bytes rid             # the request id of the exchange in flight, or None
     cdef public UpstreamProtocol up   # serving the request in flight
     cdef public Backend backend
     cdef public list outq             # bytes waiting for the upstream connection
@@ -312,6 +321,8 @@ cdef class ClientProtocol:
     cdef _drain_idle(self)
     cdef _reject(self, int status)
     cdef _fail(self, int status)
+    @cython.locals(rid=bytes)
+    cdef bytes _with_id(self, bytes msg)
     cpdef timed_out(self, double now)
     cdef pause_reading_for(self, int reason)
     cdef resume_reading_for(self, int reason)

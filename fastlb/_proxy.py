@@ -100,6 +100,16 @@ and the client's next request to the same backend reuses it, as HAProxy
 keeps the server connections of ``send-proxy`` private to their session;
 one to another backend closes it. It closes with its client.
 
+Request ids. When the listener's ``request_id`` names a field (else it is
+None and nothing of this runs), the core gives each parsed request its id
+(``assign_request_id``: the client's valid one, or a new one it writes into
+the head for the backend); ``rid`` keeps it for the exchange: the final
+response head gets it unless the backend sent one
+(``rewrite_response_head_with_id``), fastlb's own answers get it
+(``_with_id``, ``add_request_id``; a request refused before its head was
+parsed gets a new one), and so does its access-log line (``_log_id``). It
+is cleared when the next exchange starts (``_next_request``).
+
 Upstream side:
 
 An ``UpstreamProtocol`` is one TCP connection to one backend. It is either
@@ -145,10 +155,11 @@ import httptools
 
 from fastlb import core
 from fastlb.core import find_head_end as _find_head_end
-from fastlb.core import monotonic_us
 from fastlb.core import parse_request_head as _parse_request_head
 from fastlb.core import rewrite_response_head as _rewrite_response_head
 from fastlb.core import write_request_head as _write_request_head
+from fastlb.core import (add_request_id, assign_request_id, monotonic_us, new_request_id,
+                         rewrite_response_head_with_id)
 from fastlb.observe.accesslog import AccessLog
 from fastlb.runtime import shm
 from fastlb.runtime.shm import (
@@ -354,6 +365,7 @@ class Front:
         self.proto = b"http"    # X-Forwarded-Proto of its requests (b"https" with TLS)
         self.proxy_protocol = False  # connections start with a PROXY protocol header ...
         self.pp_from = None     # ... those from these networks (TrustedProxies); None: all
+        self.request_id = None  # the request-id field's name (bytes), or None: no request ids
         self.pool = None        # the pool of requests that match no route (None: 404)
         self.router = None      # fastlb.runtime.routing.Router, or None: no routes
         self.hash_what = 0      # the hash key parse_request_head extracts
@@ -500,8 +512,13 @@ class UpstreamProtocol:
             try:
                 # the head is data[pos:end]; a whole small body after it is
                 # written into ``out`` with it (tail_max)
-                out, status, flags, framing, length = _rewrite_response_head(
-                    data, req_flags, pos, end, TAIL_COPY)
+                if client.rid is None:
+                    out, status, flags, framing, length = _rewrite_response_head(
+                        data, req_flags, pos, end, TAIL_COPY)
+                else:   # request ids: a final response without one gets the request's
+                    out, status, flags, framing, length = rewrite_response_head_with_id(
+                        data, req_flags, client.front.request_id, client.rid, pos, end,
+                        TAIL_COPY)
             except BadGateway as e:
                 self._bad(client, e.reason)
                 return
@@ -866,6 +883,7 @@ class ClientProtocol:
         self.req_flags = 0
         self.req_head = None    # the rewritten head, kept to retry a bodiless request
         self.view = None        # Python hooks: their view of the request being routed
+        self.rid = None         # the request id of the exchange in flight (ids on), or None
         self.up = None          # UpstreamProtocol serving the request in flight
         self.backend = None
         self.outq = None        # bytes waiting for the upstream connection
@@ -1150,6 +1168,8 @@ class ClientProtocol:
         except HTTPError as e:
             self._reject(e.status)
             return
+        if front.request_id is not None:
+            self.rid = assign_request_id(req, front.request_id)
         framing = req.framing
         if framing == BODY_NONE and not self.ll_done:
             self._reject(400)
@@ -1175,6 +1195,8 @@ class ClientProtocol:
             if pool.hash_kind == 2 and (pool.hash_what != front.hash_what
                                         or pool.hash_name != front.hash_name):
                 req = _parse_request_head(head, pool.hash_what, pool.hash_name)
+                if front.request_id is not None:
+                    self.rid = assign_request_id(req, front.request_id)
         elif front.router is None:
             pool = front.pool           # one pool, no routes: nothing to look up
         else:
@@ -1188,6 +1210,8 @@ class ClientProtocol:
                                         or pool.hash_name != front.hash_name):
                 # this pool hashes on another key than the listener's first
                 req = _parse_request_head(head, pool.hash_what, pool.hash_name)
+                if front.request_id is not None:
+                    self.rid = assign_request_id(req, front.request_id)
         if pool is None:
             self._reject(404)
             return
@@ -1653,6 +1677,8 @@ class ClientProtocol:
             return
         self.state = R_HEAD
         self.sent = 0
+        if self.rid is not None:
+            self.rid = None             # the next exchange has its own
         if self.trust is not None:
             self.addr = self.client_ip  # until the next request says otherwise
         self.deadline = self.proxy.now + self.front.keepalive_timeout
@@ -1678,6 +1704,8 @@ class ClientProtocol:
         msg = _ERRORS[(status, False)]
         if status == 503 and self.pool is not None and self.pool.health is not None:
             msg = error_response(503, False, b"Retry-After: %d\r\n" % self.pool.health.retry_after())
+        if self.front.request_id is not None:
+            msg = self._with_id(msg)
         self.sent += len(msg)
         self.front.ctr[L_1XX - 1 + status // 100] += 1
         self.front.ctr[L_BYTES_OUT] += len(msg)
@@ -1690,6 +1718,14 @@ class ClientProtocol:
             self.proxy.log_request(self, status)
         self.transport.write(msg)
         self._linger()
+
+    def _with_id(self, msg):
+        """``msg``, one of fastlb's own answers, with the request's id field
+        (a new id when the request has none: refused before it was parsed)."""
+        rid = self.rid
+        if rid is None:
+            rid = self.rid = new_request_id()
+        return add_request_id(msg, self.front.request_id, rid)
 
     def _linger(self):
         """Close after an answer without losing it, as nginx's lingering close:
@@ -1723,6 +1759,8 @@ class ClientProtocol:
         keep = self.state == R_DONE and not self.eof and self.req_flags & REQ_KEEP_ALIVE
         proxy = self.proxy
         msg = _ERRORS[(status, bool(keep))]
+        if self.front.request_id is not None:
+            msg = self._with_id(msg)
         self.sent += len(msg)
         self.front.ctr[L_1XX - 1 + status // 100] += 1
         self.front.ctr[L_BYTES_OUT] += len(msg)
@@ -1974,6 +2012,7 @@ class Proxy:
         self.log = None if config.access_log == "off" else AccessLog(config.access_log,
                                                                      config.access_log_format)
         self.log_add = self.log.buffer.add if self.log is not None else None
+        self.log_add_id = self.log.buffer.add_id if self.log is not None else None
         self.now = loop.time()
         self.draining = False   # stopping: every response closes its connection
         self.closed = False
@@ -2201,11 +2240,27 @@ class Proxy:
         if t_resp < 0.0:
             t_resp = now        # the response ended in the read that brought its head
         backend = client.backend
+        if client.front.request_id is not None:
+            self._log_id(client, head, status, backend, now, t_resp)
+            return
         if self.log_add(head, client.addr, status, client.sent,
                         backend.authority if backend is not None and client.t_up != 0.0
                         else None,
                         t_resp - client.t_up if t_resp != 0.0 else -1.0, now - client.started):
             self.log.flush()    # a full batch: to the writer thread now
+
+    def _log_id(self, client, head, status, backend, now, t_resp):
+        """``log_request`` with request ids: the line shows the exchange's id (a
+        new one for an exchange cut short before its head was parsed)."""
+        rid = client.rid
+        if rid is None:
+            rid = client.rid = new_request_id()
+        if self.log_add_id(head, client.addr, status, client.sent,
+                           backend.authority if backend is not None and client.t_up != 0.0
+                           else None,
+                           t_resp - client.t_up if t_resp != 0.0 else -1.0, now - client.started,
+                           rid):
+            self.log.flush()
 
     # -------------------------------------------------------- health, shutdown
 
@@ -2270,6 +2325,7 @@ class Proxy:
             self.log.close()
             self.log = None
             self.log_add = None
+            self.log_add_id = None
 
 
 async def _stop_all(checkers):

@@ -272,9 +272,16 @@ def _add_common(p):
                         "soonest is put back on trial)")
     p.add_argument("--access-log", default="off", metavar="-|PATH|off",
                    help="one line per request to stdout (-), a file, or nowhere (off, default)")
-    p.add_argument("--access-log-format", default="combined", choices=["combined", "json"],
+    p.add_argument("--access-log-format", default="combined",
+                   choices=["combined", "json", "combined_id"],
                    help="access log lines: nginx's combined plus backend and times (default), "
-                        "or JSON")
+                        "JSON, or combined_id: combined then the request id")
+    p.add_argument("--request-id", action=argparse.BooleanOptionalAction, default=False,
+                   help="give every request an id: the client's X-Request-Id if it sent a "
+                        "valid one, else a new one (UUID-shaped), sent to the backend, "
+                        "returned to the client and logged (default: off)")
+    p.add_argument("--request-id-header", default="X-Request-Id", metavar="NAME",
+                   help="the request id's field (default X-Request-Id)")
     p.add_argument("--no-via", dest="via", action="store_false",
                    help="do not add a Via header to forwarded requests")
     p.add_argument("--log-level", default="info",
@@ -416,10 +423,18 @@ def options_from_args(args, backends, weights=(), schemes=()):
         proxy_protocol=args.proxy_protocol,
         proxy_protocol_from=_proxy_from(args.proxy_protocol, args.proxy_protocol_from),
         send_proxy_protocol=args.send_proxy_protocol,
+        request_id=args.request_id, request_id_header=_request_id_header(args),
         weights=tuple(weights), algorithm=args.algorithm, hash_key=hash_key,
         hash_balance_factor=args.hash_balance_factor, workers=getattr(args, "workers", 1),
         schemes=tuple(schemes), tls=tls_from_flags(args), backend_tls=backend_tls_from_flags(args),
     )
+
+
+def _request_id_header(args):
+    try:
+        return validate.request_id_header(args.request_id_header)
+    except ConfigError as e:
+        raise ConfigError(f"--request-id-header: {e}") from None
 
 
 def _trusted_networks(values, flag="--trusted-proxy"):

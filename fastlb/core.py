@@ -13,9 +13,10 @@ from fastlb import _core_py
 
 _NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "Random", "Maglev",
           "hash64", "hash_key", "field_value", "ChunkedScanner", "RequestHead",
-          "parse_request_head", "write_request_head", "rewrite_response_head", "find_head_end",
-          "parse_proxy_header", "pick_many",
-          "access_log_line", "AccessLogBuffer", "monotonic_us")
+          "parse_request_head", "assign_request_id", "write_request_head",
+          "rewrite_response_head", "rewrite_response_head_with_id", "find_head_end",
+          "parse_proxy_header", "pick_many", "access_log_line", "AccessLogBuffer", "monotonic_us",
+          "new_request_id", "seed_request_ids", "valid_request_id", "add_request_id")
 
 Selector_Py = _core_py.Selector
 RoundRobin_Py = _core_py.RoundRobin
@@ -38,6 +39,12 @@ pick_many_Py = _core_py.pick_many
 access_log_line_Py = _core_py.access_log_line
 AccessLogBuffer_Py = _core_py.AccessLogBuffer
 monotonic_us_Py = _core_py.monotonic_us
+new_request_id_Py = _core_py.new_request_id
+assign_request_id_Py = _core_py.assign_request_id
+add_request_id_Py = _core_py.add_request_id
+rewrite_response_head_with_id_Py = _core_py.rewrite_response_head_with_id
+seed_request_ids_Py = _core_py.seed_request_ids
+valid_request_id_Py = _core_py.valid_request_id
 
 _c = None
 if os.environ.get("FASTLB_NO_EXTENSIONS") != "1":
@@ -72,6 +79,12 @@ if _c is not None:
     access_log_line_C = _c.access_log_line
     AccessLogBuffer_C = _c.AccessLogBuffer
     monotonic_us_C = _c.monotonic_us
+    new_request_id_C = _c.new_request_id
+    assign_request_id_C = _c.assign_request_id
+    add_request_id_C = _c.add_request_id
+    rewrite_response_head_with_id_C = _c.rewrite_response_head_with_id
+    seed_request_ids_C = _c.seed_request_ids
+    valid_request_id_C = _c.valid_request_id
     Selector = Selector_C
     RoundRobin = RoundRobin_C
     WeightedRoundRobin = WeightedRoundRobin_C
@@ -93,6 +106,12 @@ if _c is not None:
     access_log_line = access_log_line_C
     AccessLogBuffer = AccessLogBuffer_C
     monotonic_us = monotonic_us_C
+    new_request_id = new_request_id_C
+    assign_request_id = assign_request_id_C
+    add_request_id = add_request_id_C
+    rewrite_response_head_with_id = rewrite_response_head_with_id_C
+    seed_request_ids = seed_request_ids_C
+    valid_request_id = valid_request_id_C
     IMPL = "c"
 else:
     RoundRobin_C = ChunkedScanner_C = rewrite_response_head_C = None
@@ -101,6 +120,8 @@ else:
     hash64_C = hash_key_C = field_value_C = find_head_end_C = Selector_C = pick_many_C = None
     parse_proxy_header_C = None
     access_log_line_C = AccessLogBuffer_C = monotonic_us_C = None
+    new_request_id_C = seed_request_ids_C = valid_request_id_C = None
+    assign_request_id_C = add_request_id_C = rewrite_response_head_with_id_C = None
     Selector = Selector_Py
     RoundRobin = RoundRobin_Py
     WeightedRoundRobin = WeightedRoundRobin_Py
@@ -122,6 +143,12 @@ else:
     access_log_line = access_log_line_Py
     AccessLogBuffer = AccessLogBuffer_Py
     monotonic_us = monotonic_us_Py
+    new_request_id = new_request_id_Py
+    assign_request_id = assign_request_id_Py
+    add_request_id = add_request_id_Py
+    rewrite_response_head_with_id = rewrite_response_head_with_id_Py
+    seed_request_ids = seed_request_ids_Py
+    valid_request_id = valid_request_id_Py
     IMPL = "py"
 
 

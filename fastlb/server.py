@@ -67,8 +67,10 @@ class Options:
     proxy_protocol: bool = False         # connections start with a PROXY protocol header...
     proxy_protocol_from: tuple = ()      # ... from these CIDR networks (): from every peer
     send_proxy_protocol: object = None   # "v1" or "v2": a PROXY header to the backends
+    request_id: bool = False             # give requests an id (see README, Observability)
+    request_id_header: str = "X-Request-Id"  # ... in this field
     access_log: str = "off"              # "-", a path, or "off"
-    access_log_format: str = "combined"  # "combined" or "json"
+    access_log_format: str = "combined"  # "combined", "json" or "combined_id"
     via: bool = True
     retries: int = 2                     # more backends tried after a failure (see README)
     retry_timeout: float = 10.0          # no new try this long after the request arrived

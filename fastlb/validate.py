@@ -61,6 +61,27 @@ def number_problem(value, *, integer=False, minimum=0.0, strict=False):
     return None
 
 
+# Names a request id cannot use: the fields fastlb reads or writes itself.
+RESERVED_FIELDS = frozenset([
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive",
+    "proxy-connection", "te", "trailer", "upgrade", "expect", "x-forwarded-for",
+    "x-forwarded-proto", "x-forwarded-host", "forwarded", "via", "content-type",
+    "retry-after"])
+
+
+def request_id_header(value):
+    """The name of the request-id field (``request_id_header``,
+    ``--request-id-header``): a field name (an RFC 9110 token, at most 64
+    characters) that is none of the fields fastlb reads or writes itself."""
+    if not isinstance(value, str) or not _TOKEN.match(value) or len(value) > 64:
+        raise ConfigError(f"expected a header field name such as X-Request-Id (letters, "
+                          f"digits and !#$%&'*+-.^_`|~, at most 64), got {show(value)}")
+    if value.lower() in RESERVED_FIELDS:
+        raise ConfigError(f"{show(value)} is a field fastlb reads or writes itself; "
+                          f"use another name, such as X-Request-Id")
+    return value
+
+
 def trusted_networks(values):
     """The networks of ``trusted_proxies`` / ``--trusted-proxy``: an iterable of
     strings such as ``"10.0.0.0/8"``, ``"127.0.0.1"`` (one address) or

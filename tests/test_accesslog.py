@@ -135,7 +135,7 @@ def test_milliseconds(core, seconds, text):
 
 def test_bad_arguments(core):
     with pytest.raises(ValueError):
-        core.access_log_line(2, None, b"c", STAMP, 200, 0, None, 0.0, 0.0)
+        core.access_log_line(3, None, b"c", STAMP, 200, 0, None, 0.0, 0.0)
     with pytest.raises(TypeError):
         core.access_log_line(0, "GET / HTTP/1.1", b"c", STAMP, 200, 0, None, 0.0, 0.0)
     with pytest.raises(TypeError):

@@ -384,6 +384,42 @@ def test_responses_within_a_read(C):
                 mod.rewrite_response_head(b"HTTP/1.1 200 OK\r\n\r\n", 0, start, end)
 
 
+def test_responses_with_an_id_within_a_read(C):
+    """The request-id variant takes the head inside a read too: both cores
+    agree, and the answer is that for the head alone with the id, the whole
+    small body after it appended as without an id."""
+    rng = random.Random(779)
+    appended = 0
+    for i in range(N_CASES // 2):
+        cl = rng.choice([0, 1, 5, 16, 300])
+        raw = rng.choice([
+            b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: %d\r\n\r\n" % cl,
+            b"HTTP/1.1 200 OK\r\nX-Request-Id: theirs\r\nContent-Length: %d\r\n\r\n" % cl,
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+            rand_response(rng)])
+        before = rng.choice([b"", b"xyz"])
+        body = b"z" * max(0, cl + rng.choice([0, 0, -1, 1]))
+        data = before + raw + body
+        start, end = len(before), len(before) + len(raw)
+        tail_max = rng.choice([0, 16, 2048])
+        req_flags = rng.randrange(64)
+        rid = (b"X-Request-Id", b"%032x" % rng.getrandbits(128))
+        a = outcome(P.rewrite_response_head_with_id, data, req_flags, *rid, start, end, tail_max)
+        b = outcome(C.rewrite_response_head_with_id, data, req_flags, *rid, start, end, tail_max)
+        assert a == b, (i, data, req_flags, start, end, tail_max)
+        alone = outcome(P.rewrite_response_head_with_id, raw, req_flags, *rid)
+        if a[0] != "ok":
+            assert a == alone
+            continue
+        framing, length = a[1][3], a[1][4]
+        if body and framing == errors.BODY_LENGTH and length == len(body) <= tail_max:
+            assert a[1] == (alone[1][0] + body,) + alone[1][1:]
+            appended += 1
+        else:
+            assert a == alone
+    assert appended > N_CASES // 50
+
+
 def test_request_keywords(C):
     raw = b"GET / HTTP/1.0\r\nX: y\r\n\r\n"
     kw = dict(proto=b"https", via=None, backend_authority=b"hd", trusted=True)

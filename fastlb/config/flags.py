@@ -53,6 +53,8 @@ FLAGS = tuple(Flag(*f) for f in (
     ("allow_unresolved", "--allow-unresolved", GLOBAL, "allow_unresolved"),
     ("workers", "--workers", GLOBAL, "workers"),
     ("hooks", "--hooks", GLOBAL, "hooks"),
+    ("request_id", "--request-id", GLOBAL, "request_id"),
+    ("request_id_header", "--request-id-header", GLOBAL, "request_id_header"),
     ("listen", "--listen", LISTENER, "bind"),
     ("header_timeout", "--header-timeout", LISTENER, "header_timeout"),
     ("keepalive_timeout", "--keepalive-timeout", LISTENER, "keepalive_timeout"),
@@ -103,10 +105,13 @@ class Override:
 
     def __str__(self):
         given = "" if isinstance(self.value, bool) else f" {self.value}"
+        flag = self.flag
+        if self.value is False and not flag.startswith("--no-"):
+            flag = "--no-" + flag[2:]       # --request-id given as --no-request-id
         was = f"{self.key} = {validate.show(self.replaced)}"
         if self.line is None:
-            return f"{self.flag}{given} overrides {self.source}'s default {was}"
-        return f"{self.flag}{given} overrides {was} ({self.source}:{self.line})"
+            return f"{flag}{given} overrides {self.source}'s default {was}"
+        return f"{flag}{given} overrides {was} ({self.source}:{self.line})"
 
 
 def _present(args):
@@ -128,6 +133,11 @@ def _global_value(f, value, errors):
         except ConfigError as e:
             errors.append(ConfigIssue(str(e), path=f.flag))
             return None
+    elif f.key == "request_id_header":
+        try:
+            validate.request_id_header(value)
+        except ConfigError as e:
+            errors.append(ConfigIssue(str(e), path=f.flag))
     return value
 
 

@@ -204,6 +204,8 @@ GLOBAL_KEYS = {
     "drain_timeout": _NON_NEGATIVE,
     "allow_unresolved": _boolean,
     "workers": validate.workers,
+    "request_id": _boolean,
+    "request_id_header": _string(validate.request_id_header),
     "admin": _SPECIAL,
     "hooks": _SPECIAL,
     "listeners": _SPECIAL,
@@ -223,6 +225,8 @@ LISTENER_KEYS = {
     "tls": _SPECIAL,
     "proxy_protocol": _boolean,
     "proxy_protocol_from": validate.trusted_networks,
+    "request_id": _boolean,
+    "request_id_header": _string(validate.request_id_header),
     "backlog": _integer(1),
     "routes": _SPECIAL,
 }

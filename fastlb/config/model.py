@@ -15,6 +15,7 @@ builds a new one.
         upgrade and tunnel_timeout (tunnels), trusted_proxies (X-Forwarded-For),
         proxy_protocol and proxy_protocol_from (the PROXY protocol header in)
         tls: TLSConfig or None               TLS termination: certificates (chosen by SNI)
+        request_id and request_id_header (None: the global settings')
         routes: (RouteConfig, ...)           first match wins, in file order
           host / path_prefix / path / headers -> pool (+ strip_prefix)
       pools: {name: PoolConfig}              in file order
@@ -23,7 +24,8 @@ builds a new one.
         tls: BackendTLSConfig                for its https:// backends: verify, CA, SNI name
         health: fastlb.health.HealthConfig
         discovery: DiscoveryConfig or None   DNS SRV or etcd: the backends found there
-      access_log, via, log_level, drain_timeout, allow_unresolved, workers
+      access_log, via, log_level, drain_timeout, allow_unresolved, workers,
+      request_id, request_id_header
       hooks: HooksConfig or None             a Python module of route/select/request_headers
 
 Defaults are those of the flags (and of ``fastlb.server.Options``). The
@@ -197,6 +199,8 @@ class ListenerConfig:
     tls: Optional[TLSConfig] = None     # TLS termination; None: plain HTTP
     proxy_protocol: bool = False        # connections start with a PROXY protocol header...
     proxy_protocol_from: tuple = ()     # ... those from these CIDR networks (): from every peer
+    request_id: Optional[bool] = None   # request ids on this listener (None: the global setting)
+    request_id_header: Optional[str] = None  # their field's name (None: the global setting)
     backlog: int = 1024                 # listen() backlog
     routes: tuple = ()                  # (RouteConfig, ...): first match wins
 
@@ -211,6 +215,15 @@ class ListenerConfig:
         if self.default_pool is not None:
             names.append(self.default_pool)
         return tuple(dict.fromkeys(names))
+
+    def request_id_field(self, config):
+        """The name of this listener's request-id field (its own setting, else
+        ``config``'s), or None when its requests get no ids."""
+        on = config.request_id if self.request_id is None else self.request_id
+        if not on:
+            return None
+        return config.request_id_header if self.request_id_header is None \
+            else self.request_id_header
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +324,8 @@ class Config:
     drain_timeout: float = 30.0         # SIGTERM/SIGINT: in-flight requests get this long
     allow_unresolved: bool = False      # a backend host that does not resolve: a warning
     workers: int = 1                    # processes serving traffic; 1: no master
+    request_id: bool = False            # give requests an id (X-Request-Id): see README
+    request_id_header: str = "X-Request-Id"  # the id's field
     admin: Optional[AdminConfig] = None  # the admin listener; None: off
     hooks: Optional[HooksConfig] = None  # Python hooks on the request path; None: none
     # where it came from: the file name as given (None: flags), and the
@@ -321,7 +336,7 @@ class Config:
 
     # The global settings, in the order of the README's table.
     GLOBAL = ("access_log", "access_log_format", "via", "log_level", "drain_timeout",
-              "allow_unresolved", "workers")
+              "allow_unresolved", "workers", "request_id", "request_id_header")
 
     def where(self, path):
         """``FILE:LINE`` of a dotted path (``"listeners.web.bind"``), for

@@ -1,10 +1,11 @@
 """Access log: one line per exchange, written by a thread so the event loop never blocks on I/O.
 
 The lines are formatted by the core straight into a batch buffer
-(``fastlb.core.AccessLogBuffer``: compiled, escaped, combined or JSON, no
-Python object per line). The data path calls ``buffer.add`` once per
-exchange; the proxy's ticker hands the batch to the writer thread as one
-bytes object a few times a second, and at once when it reaches
+(``fastlb.core.AccessLogBuffer``: compiled, escaped, combined, JSON or
+combined with the request id, no Python object per line). The data path
+calls ``buffer.add`` (``add_id`` with request ids) once per exchange; the
+proxy's ticker hands the batch to the writer thread as one bytes object a
+few times a second, and at once when it reaches
 ``BATCH_BYTES``. With ``--access-log off`` there is no AccessLog object at
 all, and the per-request path tests a single attribute.
 """
@@ -19,7 +20,7 @@ from fastlb.core import AccessLogBuffer
 BATCH_BYTES = 65536
 
 # --access-log-format: its values, as the core's format numbers (``fmt`` of access_log_line)
-FORMATS = {"combined": 0, "json": 1}
+FORMATS = {"combined": 0, "json": 1, "combined_id": 2}
 
 
 class AccessLog:
@@ -44,17 +45,18 @@ class AccessLog:
     def refresh_stamp(self):
         """The time field of the next lines, to the second: nginx's
         $time_local for combined, $time_iso8601 for JSON."""
-        if self.fmt == 0:
+        if self.fmt != 1:
             stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             stamp = stamp[:-2] + ":" + stamp[-2:]
         self.buffer.stamp = stamp.encode("ascii")
 
-    def add(self, head, client, status, sent, backend, upstream, total):
+    def add(self, head, client, status, sent, backend, upstream, total, rid=None):
         """One line (see ``fastlb.core.access_log_line``); the data path calls
         ``buffer.add`` itself and ``flush`` when it returns True."""
-        if self.buffer.add(head, client, status, sent, backend, upstream, total):
+        if (self.buffer.add(head, client, status, sent, backend, upstream, total) if rid is None
+                else self.buffer.add_id(head, client, status, sent, backend, upstream, total, rid)):
             self.flush()
 
     def flush(self):

@@ -16,6 +16,7 @@ cpdef long long monotonic_us() noexcept:
 cdef enum:
     FMT_COMBINED = 0
     FMT_JSON = 1
+    FMT_COMBINED_ID = 2         # combined, then the request id
     LOG_STACK = 2048            # lines up to this size are built on the stack
     LOG_SLACK = 16384           # a new batch has room for limit + this many bytes
 
@@ -64,7 +65,7 @@ cdef inline void _log_value(const unsigned char* p, Py_ssize_t pos, Py_ssize_t l
 cdef Py_ssize_t _log_parts(const unsigned char* p, Py_ssize_t n, bint json, Span* line,
                            Span* ref, Span* ua, Span* rid) noexcept nogil:
     """The request line and Referer, User-Agent (combined) or X-Request-Id (json):
-    see ``_log_parts`` of ``logline.py``."""
+    see ``_log_parts`` of ``logline.py``; combined_id: ``_log_parts_id``."""
     cdef const unsigned char* q = <const unsigned char*>memchr(p, 10, n)
     cdef Py_ssize_t lf, pos, e, le, ln
     cdef unsigned char c
@@ -92,6 +93,41 @@ cdef Py_ssize_t _log_parts(const unsigned char* p, Py_ssize_t n, bint json, Span
         elif c == b'u':
             if ln >= 11 and p[pos + 10] == b':' and _ieq_low(p + pos, b"user-agent", 10):
                 _log_value(p, pos, le, 10, ua)
+        pos = e + 1
+    return 0
+
+
+cdef Py_ssize_t _log_parts_id(const unsigned char* p, Py_ssize_t n, Span* line,
+                              Span* ref, Span* ua, Span* rid) noexcept nogil:
+    """``_log_parts`` for combined_id: the request line, Referer, User-Agent
+    and X-Request-Id."""
+    cdef const unsigned char* q = <const unsigned char*>memchr(p, 10, n)
+    cdef Py_ssize_t lf, pos, e, le, ln
+    cdef unsigned char c
+    line.p = p
+    if q == NULL:
+        line.n = n
+        return 0
+    lf = q - p
+    line.n = lf - 1 if lf > 0 and p[lf - 1] == 13 else lf
+    pos = lf + 1
+    while pos < n:
+        q = <const unsigned char*>memchr(p + pos, 10, n - pos)
+        e = q - p if q != NULL else n
+        le = e - 1 if e > pos and p[e - 1] == 13 else e
+        if le == pos:
+            break
+        ln = le - pos
+        c = _lower[p[pos]]
+        if c == b'r':
+            if ln >= 8 and p[pos + 7] == b':' and _ieq_low(p + pos, b"referer", 7):
+                _log_value(p, pos, le, 7, ref)
+        elif c == b'u':
+            if ln >= 11 and p[pos + 10] == b':' and _ieq_low(p + pos, b"user-agent", 10):
+                _log_value(p, pos, le, 10, ua)
+        elif c == b'x':
+            if ln >= 13 and p[pos + 12] == b':' and _ieq_low(p + pos, b"x-request-id", 12):
+                _log_value(p, pos, le, 12, rid)
         pos = e + 1
     return 0
 
@@ -221,6 +257,7 @@ cdef inline char* _put_ms(char* w, double seconds) noexcept nogil:
 
 cdef struct LogLine:
     bint json
+    bint with_id                # FMT_COMBINED_ID
     bint has_head
     Span line, ref, ua, rid     # from the head (n = -1: absent)
     Span client, stamp, backend # backend.n = -1: None
@@ -236,15 +273,20 @@ cdef Py_ssize_t _log_prepare(LogLine* L, int fmt, bytes head, bytes client, byte
                              long long status, long long sent, bytes backend, double upstream,
                              double total) except -1:
     """Fill ``L``; return the most bytes the line can take (every byte escaped)."""
-    if fmt != FMT_COMBINED and fmt != FMT_JSON:
-        raise ValueError("fmt must be LOG_COMBINED (0) or LOG_JSON (1)")
+    if fmt != FMT_COMBINED and fmt != FMT_JSON and fmt != FMT_COMBINED_ID:
+        raise ValueError("fmt must be LOG_COMBINED (0), LOG_JSON (1) or LOG_COMBINED_ID (2)")
     L.json = fmt == FMT_JSON
+    L.with_id = fmt == FMT_COMBINED_ID
     L.line.n = L.ref.n = L.ua.n = L.rid.n = -1
     L.line.p = L.ref.p = L.ua.p = L.rid.p = NULL
     L.has_head = head is not None
     if L.has_head:
-        _log_parts(<const unsigned char*>PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head),
-                   L.json, &L.line, &L.ref, &L.ua, &L.rid)
+        if L.with_id:
+            _log_parts_id(<const unsigned char*>PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head),
+                          &L.line, &L.ref, &L.ua, &L.rid)
+        else:
+            _log_parts(<const unsigned char*>PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head),
+                       L.json, &L.line, &L.ref, &L.ua, &L.rid)
     L.client.p = <const unsigned char*>PyBytes_AS_STRING(client)
     L.client.n = PyBytes_GET_SIZE(client)
     L.stamp.p = <const unsigned char*>PyBytes_AS_STRING(stamp)
@@ -264,6 +306,14 @@ cdef Py_ssize_t _log_prepare(LogLine* L, int fmt, bytes head, bytes client, byte
     return (300 + L.stamp.n + (L.backend.n if L.backend.n > 0 else 0)
             + _esc_bound(&L.client, per) + _esc_bound(&L.line, per) + _esc_bound(&L.ref, per)
             + _esc_bound(&L.ua, per) + _esc_bound(&L.rid, per))
+
+
+cdef inline Py_ssize_t _log_rid(LogLine* L, bytes rid) noexcept:
+    """The line's request id is ``rid`` (not the head's X-Request-Id); the
+    bytes it may add to the bound."""
+    L.rid.p = <const unsigned char*>PyBytes_AS_STRING(rid)
+    L.rid.n = PyBytes_GET_SIZE(rid)
+    return L.rid.n * 5
 
 
 cdef char* _log_write(char* w, LogLine* L) noexcept nogil:
@@ -303,8 +353,18 @@ cdef char* _log_write(char* w, LogLine* L) noexcept nogil:
         w = _put(w, b"ms ", 3)
         if L.upstream >= 0.0:
             w = _put_ms(w, L.upstream)
-            return _put(w, b"ms\n", 3)
-        return _put(w, b"-\n", 2)
+            if not L.with_id:
+                return _put(w, b"ms\n", 3)
+            w = _put(w, b"ms", 2)
+        else:
+            if not L.with_id:
+                return _put(w, b"-\n", 2)
+            w[0] = b'-'
+            w += 1
+        w[0] = b' '             # combined_id: the request id
+        w = _put_quoted(w + 1, &L.rid)
+        w[0] = b'\n'
+        return w + 1
     method.n = target.n = version.n = -1
     method.p = target.p = version.p = NULL
     if line.n >= 0:
@@ -365,7 +425,7 @@ cdef char* _log_write(char* w, LogLine* L) noexcept nogil:
 
 def access_log_line(int fmt, bytes head, bytes client not None, bytes stamp not None,
                     long long status, long long sent, bytes backend, double upstream,
-                    double total):
+                    double total, bytes rid=None):
     """One access log line, as bytes ending in LF.
 
     See ``fastlb._core_py.access_log_line``: this is its compiled twin (the
@@ -376,6 +436,8 @@ def access_log_line(int fmt, bytes head, bytes client not None, bytes stamp not 
     cdef LogLine L
     cdef Py_ssize_t bound = _log_prepare(&L, fmt, head, client, stamp, status, sent, backend,
                                          upstream, total)
+    if rid is not None:
+        bound += _log_rid(&L, rid)
     cdef char stack[LOG_STACK]
     cdef char* buf = stack
     if bound > LOG_STACK:
@@ -407,8 +469,8 @@ cdef class AccessLogBuffer:
     cdef public bytes stamp
 
     def __cinit__(self, int fmt=FMT_COMBINED, Py_ssize_t limit=65536):
-        if fmt != FMT_COMBINED and fmt != FMT_JSON:
-            raise ValueError("fmt must be LOG_COMBINED (0) or LOG_JSON (1)")
+        if fmt != FMT_COMBINED and fmt != FMT_JSON and fmt != FMT_COMBINED_ID:
+            raise ValueError("fmt must be LOG_COMBINED (0), LOG_JSON (1) or LOG_COMBINED_ID (2)")
         if limit < 0:
             raise ValueError("limit must not be negative")
         self.fmt = fmt
@@ -457,6 +519,21 @@ cdef class AccessLogBuffer:
             raise TypeError("stamp must be bytes")
         cdef Py_ssize_t bound = _log_prepare(&L, self.fmt, head, client, stamp, status, sent,
                                              backend, upstream, total)
+        if self._len + bound > self._cap:
+            self._room(bound)
+        cdef char* w = _log_write(self._buf + self._len, &L)
+        self._len = w - self._buf
+        return self._len >= self.limit
+
+    def add_id(self, bytes head, bytes client not None, long long status, long long sent,
+               bytes backend, double upstream, double total, bytes rid not None):
+        """``add`` with the request's id ``rid`` as the line's request id."""
+        cdef LogLine L
+        cdef bytes stamp = self.stamp
+        if stamp is None:
+            raise TypeError("stamp must be bytes")
+        cdef Py_ssize_t bound = _log_prepare(&L, self.fmt, head, client, stamp, status, sent,
+                                             backend, upstream, total) + _log_rid(&L, rid)
         if self._len + bound > self._cap:
             self._room(bound)
         cdef char* w = _log_write(self._buf + self._len, &L)

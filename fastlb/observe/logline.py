@@ -16,6 +16,7 @@ def monotonic_us():
 
 LOG_COMBINED = 0
 LOG_JSON = 1
+LOG_COMBINED_ID = 2     # combined, then the request id
 _LOG_MAX_SECONDS = 1e9      # longer durations (or NaN, or negative) are clamped
 
 # nginx's escape=default: '"', '\\', control bytes and bytes >= 0x7F as \xHH
@@ -43,6 +44,8 @@ def _ms(seconds):
 # a field line, from the LF before it (a literal first byte: the search skips fast)
 _LOG_COMBINED_FIELDS = _re.compile(rb"\n(referer|user-agent):([^\n]*)", _re.I)
 _LOG_JSON_FIELDS = _re.compile(rb"\n(x-request-id):([^\n]*)", _re.I)
+_LOG_NO_FIELDS = _re.compile(rb"(?!)")      # matches nothing
+_LOG_ALL_FIELDS = _re.compile(rb"\n(referer|user-agent|x-request-id):([^\n]*)", _re.I)
 
 
 def _log_parts(head, fields, found):
@@ -74,16 +77,17 @@ def _log_parts(head, fields, found):
     return line
 
 
-def access_log_line(fmt, head, client, stamp, status, sent, backend, upstream, total):
+def access_log_line(fmt, head, client, stamp, status, sent, backend, upstream, total, rid=None):
     r"""One access log line, as bytes ending in LF.
 
-    ``fmt``: LOG_COMBINED (0) or LOG_JSON (1). ``head``: the request head as
+    ``fmt``: LOG_COMBINED (0), LOG_JSON (1) or LOG_COMBINED_ID (2). ``head``: the request head as
     received (or the part of it received; None: nothing to show). ``client``:
     the client address; ``stamp``: the time, written as given (the caller
     formats it for ``fmt``); ``status``, ``sent`` (bytes sent to the client):
     ints; ``backend``: bytes or None; ``upstream`` (request sent upstream to
     response head; negative: no backend answered) and ``total``: seconds,
-    written as milliseconds with 3 decimals (clamped to 0..1e9 s).
+    written as milliseconds with 3 decimals (clamped to 0..1e9 s); ``rid``:
+    the request's id (bytes), or None: the head's X-Request-Id field if any.
 
     Every field from the client (request line, its parts, Referer,
     User-Agent, X-Request-Id, the address) is escaped as nginx's
@@ -98,20 +102,22 @@ def access_log_line(fmt, head, client, stamp, status, sent, backend, upstream, t
         CLIENT - - [STAMP] "REQUEST LINE" STATUS BYTES "REFERER" "USER-AGENT" BACKEND TOTALms UPSTREAMms
 
     ("-" for a missing request line, Referer, User-Agent, backend or upstream
-    time). JSON, keys always in this order::
+    time). LOG_COMBINED_ID: the same, then a space and the request id in
+    double quotes (``"-"`` when there is none). JSON, keys always in this order::
 
         {"time":..,"client":..,"method":..,"target":..,"version":..,"status":..,
          "bytes_sent":..,"backend":..,"upstream_ms":..,"total_ms":..,"request_id":..}
 
-    (null for a missing part, backend, upstream time or X-Request-Id). The
+    (null for a missing part, backend, upstream time or request id). The
     method is the request line up to its first SP, the version what follows
     its last SP, the target what lies between (no SP: all of it is the
     method; one SP: no version).
     """
-    if fmt != LOG_COMBINED and fmt != LOG_JSON:
-        raise ValueError("fmt must be LOG_COMBINED (0) or LOG_JSON (1)")
+    if fmt != LOG_COMBINED and fmt != LOG_JSON and fmt != LOG_COMBINED_ID:
+        raise ValueError("fmt must be LOG_COMBINED (0), LOG_JSON (1) or LOG_COMBINED_ID (2)")
     for what, v, opt in (("head", head, True), ("client", client, False),
-                         ("stamp", stamp, False), ("backend", backend, True)):
+                         ("stamp", stamp, False), ("backend", backend, True),
+                         ("rid", rid, True)):
         if not (type(v) is bytes or (opt and v is None)):
             raise TypeError(f"{what} must be bytes")
     status = _index(status)
@@ -119,30 +125,38 @@ def access_log_line(fmt, head, client, stamp, status, sent, backend, upstream, t
     upstream = float(upstream)
     total = float(total)
     sub = _LOG_ESC.sub
-    if fmt == LOG_COMBINED:
+    if fmt != LOG_JSON:
         if head is None:
             line = b"-"
             ref = ua = b"-"
         else:
-            found = {b"referer": None, b"user-agent": None}
-            line = sub(_esc, _log_parts(head, _LOG_COMBINED_FIELDS, found))
+            found = {b"referer": None, b"user-agent": None, b"x-request-id": None}
+            fields = _LOG_ALL_FIELDS if fmt == LOG_COMBINED_ID and rid is None \
+                else _LOG_COMBINED_FIELDS
+            line = sub(_esc, _log_parts(head, fields, found))
             ref = found[b"referer"]
             ua = found[b"user-agent"]
             ref = b"-" if ref is None else sub(_esc, ref)
             ua = b"-" if ua is None else sub(_esc, ua)
-        return b'%s - - [%s] "%s" %d %d "%s" "%s" %s %sms %s\n' % (
+            if rid is None:
+                rid = found[b"x-request-id"]
+        out = b'%s - - [%s] "%s" %d %d "%s" "%s" %s %sms %s' % (
             sub(_esc, client), stamp, line, status, sent, ref, ua,
             b"-" if backend is None else backend, _ms(total),
             _ms(upstream) + b"ms" if upstream >= 0.0 else b"-")
+        if fmt == LOG_COMBINED:
+            return out + b"\n"
+        return out + b' "%s"\n' % (b"-" if rid is None else sub(_esc, rid))
 
     def q(v):
         return b"null" if v is None else b'"' + sub(_esc_json, v) + b'"'
 
-    method = target = version = rid = None
+    method = target = version = None
     if head is not None:
         found = {b"x-request-id": None}
-        line = _log_parts(head, _LOG_JSON_FIELDS, found)
-        rid = found[b"x-request-id"]
+        line = _log_parts(head, _LOG_JSON_FIELDS if rid is None else _LOG_NO_FIELDS, found)
+        if rid is None:
+            rid = found[b"x-request-id"]
         sp1 = line.find(b" ")
         if sp1 < 0:
             method = line
@@ -164,7 +178,7 @@ def access_log_line(fmt, head, client, stamp, status, sent, backend, upstream, t
 class AccessLogBuffer:
     """A batch of access log lines (the data path's form of ``access_log_line``).
 
-    ``fmt``: LOG_COMBINED or LOG_JSON; ``stamp``: the time field of the next
+    ``fmt``: LOG_COMBINED, LOG_JSON or LOG_COMBINED_ID; ``stamp``: the time field of the next
     lines (bytes, set by the caller as the clock moves); ``limit``: the batch
     size, in bytes, at which ``add`` says it is time to ``take``.
     """
@@ -172,8 +186,8 @@ class AccessLogBuffer:
     __slots__ = ("fmt", "limit", "stamp", "_buf")
 
     def __init__(self, fmt=LOG_COMBINED, limit=65536):
-        if fmt != LOG_COMBINED and fmt != LOG_JSON:
-            raise ValueError("fmt must be LOG_COMBINED (0) or LOG_JSON (1)")
+        if fmt != LOG_COMBINED and fmt != LOG_JSON and fmt != LOG_COMBINED_ID:
+            raise ValueError("fmt must be LOG_COMBINED (0), LOG_JSON (1) or LOG_COMBINED_ID (2)")
         limit = _index(limit)
         if limit < 0:
             raise ValueError("limit must not be negative")
@@ -191,6 +205,15 @@ class AccessLogBuffer:
         buf = self._buf
         buf += access_log_line(self.fmt, head, client, self.stamp, status, sent, backend,
                                upstream, total)
+        return len(buf) >= self.limit
+
+    def add_id(self, head, client, status, sent, backend, upstream, total, rid):
+        """``add`` with the request's id ``rid`` (bytes) as the line's request id."""
+        if type(rid) is not bytes:
+            raise TypeError("rid must be bytes")
+        buf = self._buf
+        buf += access_log_line(self.fmt, head, client, self.stamp, status, sent, backend,
+                               upstream, total, rid)
         return len(buf) >= self.limit
 
     def take(self):

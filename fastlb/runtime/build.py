@@ -85,7 +85,8 @@ def as_config(opts):
         proxy_protocol_from=opts.proxy_protocol_from, tls=opts.tls, backlog=opts.backlog)
     return Config(listeners={DEFAULT_NAME: listener}, pools={DEFAULT_NAME: pool},
                   access_log=opts.access_log, access_log_format=opts.access_log_format,
-                  via=opts.via, drain_timeout=opts.drain_timeout, workers=opts.workers)
+                  via=opts.via, drain_timeout=opts.drain_timeout, workers=opts.workers,
+                  request_id=opts.request_id, request_id_header=opts.request_id_header)
 
 
 class Plan:
@@ -262,7 +263,7 @@ def plan(proxy, config):
             config.access_log, config.access_log_format):
         p.changes.append("access_log kept as it was (it changes at a restart)")
     if old is not None:
-        for key in ("via", "log_level", "drain_timeout"):
+        for key in ("via", "log_level", "drain_timeout", "request_id", "request_id_header"):
             if getattr(old, key) != getattr(config, key):
                 p.changes.append(f"{key} {getattr(old, key)!r} -> {getattr(config, key)!r}")
     for name, front in proxy.fronts.items():
@@ -289,7 +290,7 @@ def _plan_hooks(p, proxy, hc):
     p.changes.append(f"{what} imported again" if running is not None else f"{what} added")
 
 
-def _set_front(front, lc, pools, draining=False, certificates=None):
+def _set_front(front, lc, pools, config, draining=False, certificates=None):
     front.config = lc
     if lc.tls is None:
         front.tls = None
@@ -306,6 +307,8 @@ def _set_front(front, lc, pools, draining=False, certificates=None):
     front.body_rate_inv = 1.0 / lc.body_min_rate if lc.body_min_rate > 0 else 0.0
     front.upgrade = lc.upgrade
     front.tunnel_timeout = lc.tunnel_timeout
+    rid_name = lc.request_id_field(config)
+    front.request_id = rid_name.encode("ascii") if rid_name is not None else None
     # decided per connection when it opens: a change applies to new connections
     if front.trusted is None or front.trusted.networks != lc.trusted_proxies:
         front.trusted = TrustedProxies(lc.trusted_proxies) if lc.trusted_proxies else None
@@ -428,7 +431,7 @@ def apply(proxy, p):
     _move_in_flight(proxy, p.pools)
     added = []
     for front, lc in p.fronts_keep:
-        _set_front(front, lc, p.pools, certificates=p.certificates.get(front.name))
+        _set_front(front, lc, p.pools, p.config, certificates=p.certificates.get(front.name))
         row = rows_l[front.name]
         if row != front.row:
             _counters(front, tables.listener_counters(slot, row), row)
@@ -437,13 +440,13 @@ def apply(proxy, p):
             del proxy.fronts[front.name]
         # its last requests go to the pools of the same names now (a pool
         # that is gone: its routes are left out), never to a removed backend
-        _set_front(front, front.config, p.pools, draining=True)
+        _set_front(front, front.config, p.pools, p.config, draining=True)
         if front.name not in rows_l:
             _own_counters(front)    # else it moved: the new Front has its row too
         proxy.drain_front(front)
     for lc in p.fronts_add:
         front = Front(lc.name)
-        _set_front(front, lc, p.pools, certificates=p.certificates.get(lc.name))
+        _set_front(front, lc, p.pools, p.config, certificates=p.certificates.get(lc.name))
         row = rows_l[lc.name]
         _counters(front, tables.listener_counters(slot, row), row)
         proxy.fronts[lc.name] = front

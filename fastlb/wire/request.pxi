@@ -46,6 +46,10 @@ cdef class RequestHead:
         return _span(self, self._ps, self._pe)
 
     @property
+    def request_id(self):
+        return self._rid if self._rid_on else None
+
+    @property
     def forwarded_for(self):
         cdef Py_ssize_t k
         cdef Seg* s
@@ -79,6 +83,7 @@ cdef RequestHead _new_head():
         r._size = 0
         r._tsize = 0
         r._xfp = r._xfh = False
+        r._rid_on = False
         return r
     r = RequestHead.__new__(RequestHead)
     _spare = r
@@ -386,6 +391,146 @@ cdef RequestHead _request_head(bytes h, const unsigned char* p, Fields* fb,
     return r
 
 
+# ---------------------------------------------------------------- request ids
+#
+# After the parse, on its plan (see the twin for what is kept): the head's
+# field lines are found again (they are valid: a line is NAME ":" value CRLF),
+# and a client's field of that name is kept if it is the only one, valid, and
+# in the plan (not dropped as named in Connection); otherwise its lines leave
+# the plan and a new id is written after the client's fields (SEG_RID).
+
+cdef Py_ssize_t _plan_seg(RequestHead r, Py_ssize_t s) noexcept:
+    """The segment of the plan that writes the field line starting at ``s``, or -1."""
+    cdef Py_ssize_t k
+    cdef Seg* g
+    for k in range(r._nseg):
+        g = &r._segs[k]
+        if g.kind == SEG_COPY:
+            if g.a <= s < g.b:
+                return k
+        elif g.kind == SEG_FIELD and g.a == s:
+            return k
+    return -1
+
+
+cdef int _plan_drop(RequestHead r, Py_ssize_t s, Py_ssize_t e) except -1:
+    """Leave the field line p[s:e] (CRLF included) out of the plan."""
+    cdef Py_ssize_t k = _plan_seg(r, s)
+    cdef Seg* g
+    if k < 0:
+        return 0
+    g = &r._segs[k]
+    if g.kind == SEG_FIELD:
+        r._size -= (g.b - g.a) + (g.d - g.c) + 4
+    else:
+        r._size -= e - s
+        if g.a < s and e < g.b:     # in the middle of a run: split it in two
+            if r._nseg == r._cap:
+                _grow_segs(r)
+                g = &r._segs[k]
+            memmove(&r._segs[k + 2], &r._segs[k + 1], (r._nseg - k - 1) * sizeof(Seg))
+            r._nseg += 1
+            r._segs[k + 1] = r._segs[k]
+            r._segs[k + 1].a = e
+            g.b = s
+            return 0
+        if g.a < s:
+            g.b = s
+            return 0
+        if e < g.b:
+            g.a = e
+            return 0
+    memmove(&r._segs[k], &r._segs[k + 1], (r._nseg - k - 1) * sizeof(Seg))
+    r._nseg -= 1
+    return 0
+
+
+# the fields _classify gives a kind (the twin's _KINDS)
+_PARSED_FIELDS = frozenset([
+    b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+    b"proxy-connection", b"te", b"trailer", b"upgrade", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"expect"])
+cdef object _plain_name = None     # the last name _plain_field said True of
+
+
+cdef bint _plain_field(bytes name) except -1:
+    """``name`` is a field the parser gives no meaning to (H_OTHER)."""
+    global _plain_name
+    if name is _plain_name:
+        return True
+    if name.lower() in _PARSED_FIELDS:
+        return False
+    _plain_name = name
+    return True
+
+
+cpdef bytes assign_request_id(parsed, request_id_header):
+    """Give a parsed head its request id, and return it.
+
+    See ``fastlb._core_py.assign_request_id``: this is its compiled twin; a
+    C call for the modules that cimport it (``_core.pxd``).
+    """
+    if type(parsed) is not RequestHead:
+        raise TypeError(f"parsed must be a RequestHead, not {type(parsed).__name__}")
+    cdef RequestHead r = <RequestHead>parsed
+    if r._head is None:
+        raise TypeError("parsed must come from parse_request_head")
+    if not PyBytes_CheckExact(request_id_header) or PyBytes_GET_SIZE(request_id_header) == 0:
+        raise TypeError("request_id_header must be a field name (bytes)")
+    if not r._rid_on:
+        _request_id(r, <bytes>request_id_header)
+    return r._rid
+
+
+cdef int _request_id(RequestHead r, bytes rid_name) except -1:
+    """The request's id, on the parsed head ``r`` (see the comment above)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(r._head)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(r._head) - 2     # the final CRLF
+    cdef const unsigned char* nm = <const unsigned char*>PyBytes_AS_STRING(rid_name)
+    cdef Py_ssize_t nl = PyBytes_GET_SIZE(rid_name)
+    cdef Py_ssize_t pos = r._eol + 2, eol, first = -1, count = 0, vs = 0, ve = 0
+    cdef const unsigned char* q
+    cdef Seg* g
+    r._rid_name = rid_name
+    r._rid_on = True
+    if not _plain_field(rid_name):
+        n = 0                       # a field the parser handles itself: never the id
+    while pos < n:
+        q = <const unsigned char*>memchr(p + pos, 0x0D, n - pos)
+        eol = q - p
+        if eol - pos > nl and p[pos + nl] == 0x3A and _ieq2(p + pos, nm, nl):
+            count += 1
+            if first < 0:
+                first = pos
+                vs = pos + nl + 1
+                while _ows(p[vs]):
+                    vs += 1
+                ve = eol
+                while ve > vs and _ows(p[ve - 1]):
+                    ve -= 1
+        pos = eol + 2
+    if count and _plan_seg(r, first) >= 0:
+        if count == 1 and _valid_rid(p + vs, ve - vs):
+            r._rid = PyBytes_FromStringAndSize(<const char*>p + vs, ve - vs)
+            return 0
+        pos = first
+        while pos < n:
+            q = <const unsigned char*>memchr(p + pos, 0x0D, n - pos)
+            eol = q - p
+            if eol - pos > nl and p[pos + nl] == 0x3A and _ieq2(p + pos, nm, nl):
+                _plan_drop(r, pos, eol + 2)
+            pos = eol + 2
+    r._rid = new_request_id()
+    if r._nseg == r._cap:
+        _grow_segs(r)
+    g = &r._segs[r._nseg]
+    r._nseg += 1
+    g.kind = SEG_RID
+    g.a = g.b = g.c = g.d = 0
+    r._size += nl + 2 + RID_LEN + 2
+    return 0
+
+
 cdef int _request_key(RequestHead r, const unsigned char* p, Fields* fb, int key_kind,
                       object key_name) except -1:
     cdef const unsigned char* nm = NULL
@@ -477,6 +622,11 @@ cpdef bytes write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", 
             w = _put(w, p + s.a, s.b - s.a)
             w = _put(w, b": ", 2)
             w = _put(w, p + s.c, s.d - s.c)
+            w = _put(w, b"\r\n", 2)
+        elif s.kind == SEG_RID:
+            w = _put(w, PyBytes_AS_STRING(r._rid_name), PyBytes_GET_SIZE(r._rid_name))
+            w = _put(w, b": ", 2)
+            w = _put(w, PyBytes_AS_STRING(r._rid), RID_LEN)
             w = _put(w, b"\r\n", 2)
     if not r._host_field:
         if r._hs >= 0:

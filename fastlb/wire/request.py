@@ -42,6 +42,7 @@ from fastlb.wire.characters import (
     _TARGET,
 )
 from fastlb.wire.helpers import _connection_tokens, _is_token, _parse_length, _split_fields
+from fastlb.wire.requestid import new_request_id, valid_request_id
 
 # ---------------------------------------------------------------- requests
 
@@ -57,13 +58,14 @@ class RequestHead:
     empty); ``flags`` an OR of ``REQ_*``; ``framing`` ``BODY_NONE``,
     ``BODY_LENGTH`` (``length`` bytes) or ``BODY_CHUNKED``; ``key`` the hash
     key asked for (b"" when absent or none was asked for); ``forwarded_for``
-    the values of its X-Forwarded-For fields, joined by ", " (b"" when none).
+    the values of its X-Forwarded-For fields, joined by ", " (b"" when none);
+    ``request_id`` its id once ``assign_request_id`` gave it one (else None).
     Only ``parse_request_head`` makes them; ``write_request_head`` writes one.
     """
 
     __slots__ = ("method", "target", "version", "host", "path", "flags", "framing", "length",
                  "key", "_line", "_fields", "_tfields", "_xff", "_xfp", "_xfh", "_host_field",
-                 "_chunked", "_http10")
+                 "_chunked", "_http10", "_rid")
 
     def __init__(self):
         raise TypeError("RequestHead objects are made by parse_request_head")
@@ -71,6 +73,10 @@ class RequestHead:
     @property
     def forwarded_for(self):
         return b", ".join(self._xff)
+
+    @property
+    def request_id(self):
+        return self._rid
 
 
 def _path_key(path):
@@ -249,6 +255,7 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
     r._http10 = http10
     r._xff = xff
     r._xfp = r._xfh = False
+    r._rid = None
     # _fields: what every backend gets; _tfields (None: the same) what it gets
     # when the client is a trusted proxy, whose X-Forwarded-Proto,
     # X-Forwarded-Host and Forwarded go on too
@@ -307,6 +314,42 @@ def parse_request_head(head, key_kind=KEY_NONE, key_name=b""):
     return r
 
 
+def assign_request_id(parsed, request_id_header):
+    """Give a parsed head its request id (``RequestHead.request_id``), and return it.
+
+    ``request_id_header`` is the id's field name (bytes, not empty). The id
+    is the client's when it sent exactly one field of that name (compared
+    case-insensitively) that goes to the backend (not named in Connection)
+    and whose value ``valid_request_id`` accepts: that field stays in its
+    place. Otherwise it is a new one (``new_request_id``), which
+    ``write_request_head`` writes as ``NAME: ID`` after the client's fields,
+    in place of every field of that name the client sent. A head that has an
+    id keeps it (a second call returns it). The name is fastlb's
+    configuration, not checked here: a field the parser handles itself
+    (Host, Connection, ...) is never the id.
+    """
+    if type(parsed) is not RequestHead:
+        raise TypeError(f"parsed must be a RequestHead, not {type(parsed).__name__}")
+    if type(request_id_header) is not bytes or not request_id_header:
+        raise TypeError("request_id_header must be a field name (bytes)")
+    if parsed._rid is not None:
+        return parsed._rid
+    want = request_id_header.lower()
+    # the client's fields of that name that go to the backend (those named
+    # in Connection do not); none for a field the parser handles itself
+    sent = [] if want in _KINDS else [v for n, v in parsed._fields if n.lower() == want]
+    if len(sent) == 1 and valid_request_id(sent[0]):
+        parsed._rid = sent[0]
+        return parsed._rid
+    rid = parsed._rid = new_request_id()
+    for fields in (parsed._fields, parsed._tfields):
+        if fields is not None:
+            if sent:
+                fields[:] = [f for f in fields if f[0].lower() != want]
+            fields.append((request_id_header, rid))
+    return rid
+
+
 def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_authority=b"",
                        trusted=False):
     """The head to send upstream for ``parsed`` (a ``RequestHead``), as HTTP/1.1.
@@ -319,7 +362,8 @@ def write_request_head(parsed, client_ip, proto=b"http", via=b"fastlb", backend_
     Upgrade fields are kept in place), ``Transfer-Encoding: chunked`` for a
     chunked body, ``X-Forwarded-For``, ``X-Forwarded-Proto: proto``,
     ``X-Forwarded-Host`` (``parsed.host``, when not empty) and ``Via: 1.1
-    via`` (1.0 for HTTP/1.0 clients; ``None`` or empty: no Via).
+    via`` (1.0 for HTTP/1.0 clients; ``None`` or empty: no Via). A new
+    request id (``assign_request_id``) follows the client's fields.
 
     ``trusted``: whether the client (``client_ip``) is a trusted proxy. If
     not, the X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and

@@ -3,12 +3,46 @@
 
 # ---------------------------------------------------------------- responses
 
+cdef struct RidField:
+    const char* name        # the request-id field: "name: id" (not NUL-terminated)
+    Py_ssize_t nl
+    const char* id
+    Py_ssize_t il
+
+
 cpdef tuple rewrite_response_head(head, req_flags, Py_ssize_t start=0, Py_ssize_t end=-1,
                                   Py_ssize_t tail_max=0):
     """Validate a response head and return ``(out, status, flags, framing, length)``.
 
     See ``fastlb._core_py.rewrite_response_head``: this is its compiled twin.
     """
+    return _rewrite_response(head, req_flags, NULL, start, end, tail_max)
+
+
+cpdef tuple rewrite_response_head_with_id(head, req_flags, request_id_header, request_id,
+                                          Py_ssize_t start=0, Py_ssize_t end=-1,
+                                          Py_ssize_t tail_max=0):
+    """``rewrite_response_head``, with the request's id on a final response.
+
+    See ``fastlb._core_py.rewrite_response_head_with_id``: this is its
+    compiled twin; a C call for the modules that cimport it (``_core.pxd``).
+    """
+    cdef RidField rid
+    if request_id_header is None or request_id is None:
+        return _rewrite_response(head, req_flags, NULL, start, end, tail_max)
+    if not (PyBytes_CheckExact(request_id_header) and PyBytes_CheckExact(request_id)):
+        raise TypeError("request_id_header and request_id must be bytes or None")
+    rid.nl = PyBytes_GET_SIZE(request_id_header)
+    rid.il = PyBytes_GET_SIZE(request_id)
+    if rid.nl == 0 or rid.il == 0:
+        return _rewrite_response(head, req_flags, NULL, start, end, tail_max)
+    rid.name = PyBytes_AS_STRING(request_id_header)
+    rid.id = PyBytes_AS_STRING(request_id)
+    return _rewrite_response(head, req_flags, &rid, start, end, tail_max)
+
+
+cdef inline tuple _rewrite_response(object head, object req_flags, RidField* rid,
+                                    Py_ssize_t start, Py_ssize_t end, Py_ssize_t tail_max):
     cdef bytes h = _as_bytes(head, "head")
     cdef long rf = req_flags
     cdef Py_ssize_t size = PyBytes_GET_SIZE(h)
@@ -50,16 +84,35 @@ cpdef tuple rewrite_response_head(head, req_flags, Py_ssize_t start=0, Py_ssize_
     try:
         _parse_fields(p, n, eol + 2, &fb, _BadGateway)
         if status == 101:
-            return _switch_out(h, p, n, &fb, eol, http10)
-        return _response_out(h, p, n, &fb, eol, status, http10, rf,
+            return _switch_out(h, p, n, &fb, eol, http10, rid)
+        return _response_out(h, p, n, &fb, eol, status, http10, rf, rid,
                              size - end if tail_max > 0 else 0, tail_max)
     finally:
         if fb.f != fb.stack:
             free(fb.f)
 
 
+cdef bint _has_field(const unsigned char* p, Fields* fb, RidField* rid) noexcept:
+    """A field of ``fb`` that goes out (``keep``) is called ``rid.name`` (case-insensitively)."""
+    cdef Py_ssize_t k
+    cdef Field* f
+    for k in range(fb.n):
+        f = &fb.f[k]
+        if f.keep and f.name_len == rid.nl and \
+                _ieq2(p + f.start, <const unsigned char*>rid.name, rid.nl):
+            return True
+    return False
+
+
+cdef inline char* _put_rid(char* w, RidField* rid) noexcept nogil:
+    w = _put(w, rid.name, rid.nl)
+    w = _put(w, b": ", 2)
+    w = _put(w, rid.id, rid.il)
+    return _put(w, b"\r\n", 2)
+
+
 cdef tuple _switch_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
-                       Py_ssize_t eol, bint http10):
+                       Py_ssize_t eol, bint http10, RidField* rid):
     """A 101 to an upgrade request (see the twin): validated as any head, then
     written with its Upgrade fields and Connection: upgrade."""
     cdef Py_ssize_t k, size
@@ -113,6 +166,10 @@ cdef tuple _switch_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb
         if f.keep:
             size += f.name_len + (f.ve - f.vs) + 4
     size += 21 + 2
+    if rid != NULL and _has_field(p, fb, rid):
+        rid = NULL          # the backend's goes to the client: no second one
+    if rid != NULL:
+        size += rid.nl + rid.il + 4
 
     out = PyBytes_FromStringAndSize(NULL, size)
     w = PyBytes_AS_STRING(out)
@@ -122,13 +179,15 @@ cdef tuple _switch_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb
         w = _put_fields(w, p, fb, -1, -1)
     else:
         w = _put_fields(w, p, fb, 0, eol + 2)
+    if rid != NULL:
+        w = _put_rid(w, rid)
     w = _put(w, b"Connection: upgrade\r\n", 21)
     w = _put(w, b"\r\n", 2)
     return (out, 101, RESP_UPGRADE, BODY_NONE, 0)
 
 
 cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* fb,
-                         Py_ssize_t eol, int status, bint http10, long rf,
+                         Py_ssize_t eol, int status, bint http10, long rf, RidField* rid,
                          Py_ssize_t tail, Py_ssize_t tail_max):
     # ``tail``: the bytes after the head (p[n:n + tail]), written after it
     # when they are the whole body and at most ``tail_max`` (see the twin)
@@ -197,6 +256,12 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
                   and (kind != H_TRAILER or chunked_out) and not _dropped(p, f, &cn, drop))
         if f.keep:
             size += f.name_len + (f.ve - f.vs) + 4
+    if rid != NULL:
+        # a final response without the field gets it
+        if (flags & RESP_INFORMATIONAL) or _has_field(p, fb, rid):
+            rid = NULL
+        else:
+            size += rid.nl + rid.il + 4
     if chunked_out:
         size += 28
     if not (flags & RESP_INFORMATIONAL):
@@ -217,6 +282,8 @@ cdef tuple _response_out(bytes h, const unsigned char* p, Py_ssize_t n, Fields* 
         w = _put_fields(w, p, fb, -1, -1)
     else:
         w = _put_fields(w, p, fb, 0, eol + 2)
+    if rid != NULL:
+        w = _put_rid(w, rid)
     if chunked_out:
         w = _put(w, b"Transfer-Encoding: chunked\r\n", 28)
     if not (flags & RESP_INFORMATIONAL):

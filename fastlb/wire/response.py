@@ -58,6 +58,32 @@ def rewrite_response_head(head, req_flags, start=0, end=-1, tail_max=0):
     is then the head and the body (one copy, where the caller would take a
     slice and join the two).
     """
+    return _rewrite_response(head, req_flags, b"", None, None, start, end, tail_max)
+
+
+def rewrite_response_head_with_id(head, req_flags, request_id_header, request_id,
+                                  start=0, end=-1, tail_max=0):
+    """``rewrite_response_head``, with the request's id on a final response.
+
+    ``request_id_header`` and ``request_id``: bytes (None or b"": no id,
+    as ``rewrite_response_head``). A final response (not a 1xx interim one;
+    a 101 is final) that goes to the client without a field of that name
+    (compared case-insensitively) gets ``NAME: ID`` after its own fields.
+    Both are the caller's (a configured name, an id from
+    ``assign_request_id``) and are written as they are.
+    """
+    if request_id_header is None or request_id is None:
+        return _rewrite_response(head, req_flags, b"", None, None, start, end, tail_max)
+    if type(request_id_header) is not bytes or type(request_id) is not bytes:
+        raise TypeError("request_id_header and request_id must be bytes or None")
+    if not request_id_header or not request_id:
+        return _rewrite_response(head, req_flags, b"", None, None, start, end, tail_max)
+    return _rewrite_response(head, req_flags, request_id_header.lower(), request_id_header,
+                             request_id, start, end, tail_max)
+
+
+def _rewrite_response(head, req_flags, rid, rid_name, rid_value, start, end, tail_max):
+    # rid: the request-id field's lowercase name (b"": none), rid_name as written
     if end < 0:
         end = len(head)
     if not 0 <= start <= end <= len(head):
@@ -86,7 +112,7 @@ def rewrite_response_head(head, req_flags, start=0, end=-1, tail_max=0):
 
     fields = list(_split_fields(head, eol + 2, BadGateway))
     if status == 101:
-        return _switch_out(line, fields)
+        return _switch_out(line, fields, rid, rid_name, rid_value)
     length = -1
     chunked = False
     te_seen = False
@@ -154,6 +180,10 @@ def rewrite_response_head(head, req_flags, start=0, end=-1, tail_max=0):
         if drop is not None and lname in drop:
             continue
         out += (name, b": ", value, b"\r\n")
+        if lname == rid:
+            rid = b""   # the backend's goes to the client: no second one
+    if rid and not flags & RESP_INFORMATIONAL:
+        out += (rid_name, b": ", rid_value, b"\r\n")
     if chunked_out:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if not (flags & RESP_INFORMATIONAL):
@@ -167,7 +197,7 @@ def rewrite_response_head(head, req_flags, start=0, end=-1, tail_max=0):
     return b"".join(out), status, flags, framing, (length if length > 0 else 0)
 
 
-def _switch_out(line, fields):
+def _switch_out(line, fields, rid, rid_name, rid_value):
     """A 101 to an upgrade request: validated as any response head, then
     written with its Upgrade fields and Connection: upgrade."""
     length = -1
@@ -210,5 +240,9 @@ def _switch_out(line, fields):
                     or kind == _H_TRAILER or (drop is not None and lname in drop):
                 continue
         out += (name, b": ", value, b"\r\n")
+        if lname == rid:
+            rid = b""
+    if rid:
+        out += (rid_name, b": ", rid_value, b"\r\n")
     out.append(b"Connection: upgrade\r\n\r\n")
     return b"".join(out), 101, RESP_UPGRADE, BODY_NONE, 0
