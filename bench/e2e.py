@@ -356,10 +356,11 @@ def write_lua(workdir):
     return path
 
 
-def run_wrk(port, duration, connections, lua, cpu, threads=1):
-    """One bounded wrk run (``-t threads``), pinned to ``cpu`` (None: not pinned)."""
+def run_wrk(port, duration, connections, lua, cpu, threads=1, scheme="http"):
+    """One bounded wrk run (``-t threads``), pinned to ``cpu`` (None: not pinned),
+    against ``scheme``://127.0.0.1:PORT/."""
     cmd = [find_tool("wrk"), f"-t{threads}", f"-c{connections}",
-           f"-d{duration}s", "--timeout", "5s", "-s", lua, f"http://127.0.0.1:{port}/"]
+           f"-d{duration}s", "--timeout", "5s", "-s", lua, f"{scheme}://127.0.0.1:{port}/"]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
@@ -450,16 +451,23 @@ def run(rounds=None, duration=None, warmup=None, connections=None, targets=None,
                       f"non2xx={s['non2xx']} socket_errors={s['socket_errors']}",
                       file=out, flush=True)
     finally:
-        for s in reversed(list(servers.values())):
-            try:
-                s.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"stopping {s.name}: {e}", file=out)
-        if os.environ.get("FASTLB_BENCH_KEEP") == "1":
-            print(f"kept {workdir}", file=out)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        stop_servers(servers.values(), workdir, out)
     return summarize(results, rounds, duration, connections, notes)
+
+
+def stop_servers(servers, workdir, out):
+    """Stop ``servers`` (last started first; one that fails to stop does not
+    keep the others running) and remove ``workdir``, unless
+    ``FASTLB_BENCH_KEEP=1`` asks to keep it."""
+    for s in reversed(list(servers)):
+        try:
+            s.stop()
+        except Exception as e:  # keep stopping the others
+            print(f"stopping {s.name}: {e}", file=out)
+    if os.environ.get("FASTLB_BENCH_KEEP") == "1":
+        print(f"kept {workdir}", file=out)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def summarize(results, rounds, duration, connections, notes):

@@ -39,7 +39,6 @@ are stopped, by PID.
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -104,23 +103,7 @@ def start_target(name, workdir, backend_port, cpu, python, cert, key):
 
 def run_wrk(port, duration, connections, lua, cpu):
     """``e2e.run_wrk`` against https://127.0.0.1:PORT/."""
-    cmd = [e2e.find_tool("wrk"), "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
-           "-s", lua, f"https://127.0.0.1:{port}/"]
-    if cpu is not None:
-        cmd = ["taskset", "-c", str(cpu)] + cmd
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    stats, non2xx = None, 0
-    for line in r.stdout.splitlines():
-        if line.startswith("FASTLB_BENCH "):
-            stats = json.loads(line[len("FASTLB_BENCH "):])
-        elif line.strip().startswith("Non-2xx or 3xx responses:"):
-            non2xx = int(line.split(":")[1])
-    if r.returncode != 0 or stats is None:
-        raise RuntimeError(f"wrk failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    stats["non2xx"] = non2xx
-    stats["socket_errors"] = stats["connect"] + stats["read"] + stats["write"] + stats["timeout"]
-    stats["rps"] = stats["requests"] / (stats["duration_us"] / 1e6)
-    return stats
+    return e2e.run_wrk(port, duration, connections, lua, cpu, scheme="https")
 
 
 def measure(server, mode, duration, connections, luas, cpu):
@@ -175,12 +158,7 @@ def run(rounds=3, duration=5, connections=64, targets=DEFAULT_TARGETS, key="ec",
                           f"{s['cpu_us']:.1f} µs each  non2xx={s['non2xx']} "
                           f"socket_errors={s['socket_errors']}", file=out, flush=True)
     finally:
-        for s in reversed(list(servers.values())):
-            try:
-                s.stop()
-            except Exception as e:     # keep stopping the others
-                print(f"stopping {s.name}: {e}", file=out)
-        shutil.rmtree(workdir, ignore_errors=True)
+        e2e.stop_servers(servers.values(), workdir, out)
     return summarize(results, targets, rounds, duration, connections, key, notes)
 
 

@@ -36,7 +36,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import shutil
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -264,12 +263,7 @@ def run(sizes=(64, 16384), connections=16, duration=3.0, rounds=2, tunnels=500,
                       f"{m['rss_after_kib']} KiB ({m['kib_per_tunnel']:.1f} KiB each)",
                       file=out, flush=True)
     finally:
-        for s in reversed(list(servers.values())):
-            try:
-                s.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"stopping {s.name}: {e}", file=out)
-        shutil.rmtree(workdir, ignore_errors=True)
+        e2e.stop_servers(servers.values(), workdir, out)
     return summarize(flow, memory, sizes, connections, duration, rounds, notes)
 
 
