@@ -302,6 +302,7 @@ cdef class ClientProtocol:
     cdef _forward(self, Backend backend, bytes out)
     @cython.locals(up=UpstreamProtocol)
     cdef _send_to(self, Backend backend)
+    cdef _send_over(self, UpstreamProtocol up, Backend backend)
     @cython.locals(pool=Pool, new=Pool, idx=Py_ssize_t, balancer=Selector)
     cdef _next_backend(self)
     @cython.locals(old=Pool, moved=set, b=Backend)

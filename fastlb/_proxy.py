@@ -1441,20 +1441,25 @@ class ClientProtocol:
         while idle:
             up = idle.pop()
             if up.state == U_IDLE:
-                outq = self.outq
-                self.outq = None
-                up.bind(self)
-                self.up = up
-                if self.wpaused:
-                    up.pause_reading()
-                if self.proxy.log is not None:
-                    self.t_up = _clock()
-                self.t_sent = monotonic_us()
-                up.transport.writelines(outq)
-                backend.ctr[B_BYTES_OUT] += _total(outq)
-                self.resume_reading_for(P_CONNECTING)
+                self._send_over(up, backend)
                 return
         self.proxy.connect(backend, self, self.gen)
+
+    def _send_over(self, up, backend):
+        """Send the queued request (``outq``) over ``up``, a connection to
+        ``backend`` (pooled or just opened), and wait for its answer."""
+        outq = self.outq
+        self.outq = None
+        up.bind(self)
+        self.up = up
+        if self.wpaused:
+            up.pause_reading()
+        if self.proxy.log is not None:
+            self.t_up = _clock()
+        self.t_sent = monotonic_us()
+        up.transport.writelines(outq)
+        backend.ctr[B_BYTES_OUT] += _total(outq)
+        self.resume_reading_for(P_CONNECTING)
 
     def _next_backend(self):
         """Pick another backend for a failed request: never one it failed on, at most
@@ -1515,18 +1520,7 @@ class ClientProtocol:
             # That request is over (answered, timed out, or the client left).
             self.proxy.release_fresh(up)
             return
-        outq = self.outq
-        self.outq = None
-        up.bind(self)
-        self.up = up
-        if self.wpaused:
-            up.pause_reading()
-        if self.proxy.log is not None:
-            self.t_up = _clock()
-        self.t_sent = monotonic_us()
-        up.transport.writelines(outq)
-        up.backend.ctr[B_BYTES_OUT] += _total(outq)
-        self.resume_reading_for(P_CONNECTING)
+        self._send_over(up, up.backend)
 
     def upstream_local_error(self, reason, gen):
         """fastlb itself could not open a connection (no fds, no buffers): the
