@@ -385,12 +385,14 @@ def new_request_id() -> bytes:
     """A new request id: 36 bytes shaped as a version-4 UUID
     (``xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx``, lowercase). The first three groups are this
     process's (60 bits from the OS, drawn again in a forked child); the last two a 62-bit
-    counter, started at a random value, through a bijective mixer: no repeat within 2**62
-    ids of a process. Compiled callers that cimport it call it in C."""
+    counter, started at a random value, through a keyed permutation (its key drawn from the
+    OS too): no repeat within 2**62 ids of a process, and without the key an id does not
+    give the counter back. Compiled callers that cimport it call it in C."""
 
-def seed_request_ids(process: int, counter: int) -> None:
+def seed_request_ids(process: int, counter: int, key: int) -> None:
     """Set the draws ``new_request_id`` starts from: the process's part (low 64 bits, the
-    version nibble set to 4) and the counter (low 62 bits; the next id uses counter + 1)."""
+    version nibble set to 4), the counter (low 62 bits; the next id uses counter + 1) and
+    the permutation's key (low 256 bits)."""
 
 def valid_request_id(value: bytes) -> bool:
     """Whether a client's id is kept: 1 to 200 bytes, each a letter, a digit or one of

@@ -56,6 +56,7 @@ N_CASES = int(os.environ.get("FASTLB_PARITY_CASES", "3000"))
 UUID4 = re.compile(rb"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 RID = b"X-Request-Id"
 STAMP = b"27/Nov/2026:01:00:00 +0000"
+KEY = 0x0F1E2D3C4B5A69788796A5B4C3D2E1F00123456789ABCDEFFEDCBA9876543210
 
 
 def head(*fields, line=b"GET /a HTTP/1.1"):
@@ -65,10 +66,16 @@ def head(*fields, line=b"GET /a HTTP/1.1"):
 @pytest.fixture
 def seeded(core):
     """``core`` with its ids from a fixed seed; fresh random draws afterwards."""
-    core.seed_request_ids(0x0123456789ABCDEF, 41)
+    core.seed_request_ids(0x0123456789ABCDEF, 41, KEY)
     yield core
+    reseed(core)
+
+
+def reseed(core):
+    """Fresh random draws, as a process starts with."""
     core.seed_request_ids(int.from_bytes(os.urandom(8), "little"),
-                          int.from_bytes(os.urandom(8), "little"))
+                          int.from_bytes(os.urandom(8), "little"),
+                          int.from_bytes(os.urandom(32), "little"))
 
 
 # ---------------------------------------------------------------- the ids, each core
@@ -86,14 +93,15 @@ def test_ids_are_uuid_shaped_and_unique(core):
 
 def test_seeded_golden(seeded):
     assert [seeded.new_request_id() for _ in range(3)] == [
-        b"01234567-89ab-4def-a7d3-9ea2281dafde",
-        b"01234567-89ab-4def-b920-7d46a96540f3",
-        b"01234567-89ab-4def-9ac0-e4da16eb33cf",
+        b"01234567-89ab-4def-a111-0556557f8aee",
+        b"01234567-89ab-4def-94db-407cb14cd65c",
+        b"01234567-89ab-4def-bec3-c7b07b926cbe",
     ]
 
 
 def _unmix62(y):
-    """The inverse of the mixer (fastlb.wire.requestid._mix62), step by step."""
+    """The inverse of the unkeyed mixer ids had before the permutation was
+    keyed: what anyone could apply to an id to get its counter back."""
     m = (1 << 62) - 1
     y ^= y >> 33
     y = (y * pow(0x81DADEF4BC2DD44D, -1, 1 << 62)) & m
@@ -103,24 +111,60 @@ def _unmix62(y):
     return y
 
 
+def _unpermute62(y, key):
+    """The inverse of the keyed permutation (fastlb.wire.requestid._permute62),
+    given its key: the Feistel rounds undone in reverse order."""
+    keys = [(key >> (64 * i)) & ((1 << 64) - 1) for i in range(4)]
+    hi, lo = y >> 31, y & ((1 << 31) - 1)
+    for k in reversed(keys):
+        hi, lo = lo ^ rid_py._round(hi, k), hi
+    return (hi << 31) | lo
+
+
 def test_the_tail_is_the_counter_through_a_bijection(core):
-    """An id's last 62 bits give the counter back: no two counter values share an id."""
+    """With its key, an id's last 62 bits give the counter back: no two counter
+    values share an id."""
     rng = random.Random(3)
     start = rng.getrandbits(62)
-    core.seed_request_ids(rng.getrandbits(64), start)
+    key = rng.getrandbits(256)
+    core.seed_request_ids(rng.getrandbits(64), start, key)
     try:
         for k in range(1, 2001):
             tail = int(core.new_request_id()[19:].replace(b"-", b""), 16)
             assert tail >> 62 == 2                      # the variant bits
-            assert _unmix62(tail & ((1 << 62) - 1)) == (start + k) % (1 << 62)
+            assert _unpermute62(tail & ((1 << 62) - 1), key) == (start + k) % (1 << 62)
         # the counter wraps at 2**62 and the ids go on
-        core.seed_request_ids(1, (1 << 62) - 2)
+        core.seed_request_ids(1, (1 << 62) - 2, key)
         tails = [int(core.new_request_id()[19:].replace(b"-", b""), 16) & ((1 << 62) - 1)
                  for _ in range(3)]
-        assert [_unmix62(t) for t in tails] == [(1 << 62) - 1, 0, 1]
+        assert [_unpermute62(t, key) for t in tails] == [(1 << 62) - 1, 0, 1]
+        # another key, another permutation of the same counters
+        core.seed_request_ids(1, start, key ^ 1)
+        assert _unpermute62(_tail62(core.new_request_id()), key) != start + 1
     finally:
-        core.seed_request_ids(int.from_bytes(os.urandom(8), "little"),
-                              int.from_bytes(os.urandom(8), "little"))
+        reseed(core)
+
+
+def _tail62(rid):
+    """An id's last 62 bits (after its variant bits)."""
+    return int(rid[19:].replace(b"-", b""), 16) & ((1 << 62) - 1)
+
+
+@pytest.mark.usefixtures("active_core")
+def test_ids_do_not_give_the_request_count_away(make_backend, make_lb):
+    """Two ids a client got do not tell how many requests the process served
+    between them: the public code (the mixer's inverse) does not give the
+    counter back. With an unkeyed mixer the difference is exactly the count."""
+    be = make_backend()
+    lb = make_lb([be], request_id=True)
+    for gap in (1, 10, 37):
+        first = get(lb.port, "/a").get("x-request-id").encode()
+        for _ in range(gap - 1):
+            get(lb.port, "/b")
+        last = get(lb.port, "/c").get("x-request-id").encode()
+        assert last[:19] == first[:19]      # the same process
+        seen = (_unmix62(_tail62(last)) - _unmix62(_tail62(first))) % (1 << 62)
+        assert seen != gap, (first, last)
 
 
 def test_a_forked_child_draws_its_own(core):
@@ -170,7 +214,7 @@ def assigned(core, raw, name=RID, trusted=False):
 
 def test_missing_id_is_added_after_the_clients_fields(seeded):
     rid, out = assigned(seeded, head(b"Host: h", b"Accept: */*"))
-    assert rid == b"01234567-89ab-4def-a7d3-9ea2281dafde"
+    assert rid == b"01234567-89ab-4def-a111-0556557f8aee"
     assert out == (b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nX-Request-Id: " + rid
                    + b"\r\nX-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\n"
                    b"X-Forwarded-Host: h\r\nVia: 1.1 fastlb\r\n\r\n")
@@ -185,7 +229,7 @@ def test_valid_client_id_is_kept_in_place(seeded):
                               + value + b"\r\nAccept: */*\r\nX-Forwarded-For: ")
         assert out.count(value) == 1
     # nothing was drawn for them
-    assert seeded.new_request_id() == b"01234567-89ab-4def-a7d3-9ea2281dafde"
+    assert seeded.new_request_id() == b"01234567-89ab-4def-a111-0556557f8aee"
 
 
 @pytest.mark.parametrize("fields", [
@@ -199,16 +243,16 @@ def test_valid_client_id_is_kept_in_place(seeded):
 def test_invalid_or_repeated_client_ids_are_replaced(seeded, fields):
     raw = head(b"Host: h", *fields[:1], b"Accept: */*", *fields[1:])
     for trusted in (False, True):
-        seeded.seed_request_ids(0x0123456789ABCDEF, 41)
+        seeded.seed_request_ids(0x0123456789ABCDEF, 41, KEY)
         rid, out = assigned(seeded, raw, trusted=trusted)
-        assert rid == b"01234567-89ab-4def-a7d3-9ea2281dafde"
+        assert rid == b"01234567-89ab-4def-a111-0556557f8aee"
         assert out.lower().count(b"x-request-id") == 1
         assert b"\r\nAccept: */*\r\nX-Request-Id: " + rid + b"\r\nX-Forwarded-For: " in out
 
 
 def test_an_id_named_in_connection_is_hop_by_hop(seeded):
     rid, out = assigned(seeded, head(b"Host: h", b"Connection: x-request-id", b"X-Request-Id: abc"))
-    assert rid == b"01234567-89ab-4def-a7d3-9ea2281dafde"
+    assert rid == b"01234567-89ab-4def-a111-0556557f8aee"
     assert b"abc" not in out and out.count(b"X-Request-Id: " + rid) == 1
 
 
@@ -304,7 +348,7 @@ def test_assign_parity(C):
     for i in range(N_CASES):
         raw = with_id_fields(rng, rand_request(rng))
         name = rng.choice(RID_NAMES)
-        seed = (rng.getrandbits(64), rng.getrandbits(62))
+        seed = (rng.getrandbits(64), rng.getrandbits(62), rng.getrandbits(256))
         want = run(P, raw, name, seed)
         assert run(C, raw, name, seed) == want, (i, raw, name)
         checked += want[0] == "ok"

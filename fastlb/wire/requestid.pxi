@@ -13,6 +13,7 @@ cdef uint64_t M62 = (<uint64_t>1 << 62) - 1
 cdef unsigned char _rid_ok[256]     # the bytes a client's id may have
 cdef char _rid_prefix[19]           # "xxxxxxxx-xxxx-4xxx-": this process's part
 cdef uint64_t _rid_ctr = 0
+cdef uint64_t _rid_keys[4]          # the Feistel network's round keys
 cdef const char* _HEXL = b"0123456789abcdef"
 cdef char _hex2[512]                # byte -> its two hex digits
 
@@ -30,14 +31,26 @@ cdef void _init_rid_table() noexcept:
 _init_rid_table()
 
 
-cdef inline uint64_t _mix62(uint64_t x) noexcept nogil:
-    # a bijection of 62-bit integers: see the twin
-    x ^= x >> 31
-    x = (x * <uint64_t>0x7FB5D329728EA185) & M62
-    x ^= x >> 27
-    x = (x * <uint64_t>0x81DADEF4BC2DD44D) & M62
+cdef inline uint64_t _round(uint64_t x, uint64_t k) noexcept nogil:
+    # a Feistel round's function: see the twin
+    x ^= k
     x ^= x >> 33
-    return x
+    x *= <uint64_t>0xFF51AFD7ED558CCD
+    x ^= x >> 33
+    x *= <uint64_t>0xC4CEB9FE1A85EC53
+    x ^= x >> 33
+    return x & 0x7FFFFFFF
+
+
+cdef inline uint64_t _permute62(uint64_t c) noexcept nogil:
+    # the keyed bijection of 62-bit integers: see the twin
+    cdef uint64_t hi = c >> 31, lo = c & 0x7FFFFFFF, t
+    cdef int i
+    for i in range(4):
+        t = lo
+        lo = hi ^ _round(lo, _rid_keys[i])
+        hi = t
+    return (hi << 31) | lo
 
 
 cdef inline void _hex(char* w, uint64_t v, int digits) noexcept nogil:
@@ -48,12 +61,13 @@ cdef inline void _hex(char* w, uint64_t v, int digits) noexcept nogil:
         v >>= 4
 
 
-def seed_request_ids(process, counter):
-    """Set the process's part of the ids and the counter.
+def seed_request_ids(process, counter, key):
+    """Set the process's part of the ids, the counter and the permutation's key.
 
     See ``fastlb._core_py.seed_request_ids``: this is its compiled twin.
     """
     global _rid_ctr
+    cdef int i
     cdef uint64_t hi = (<uint64_t>(_index(process) & 0xFFFFFFFFFFFFFFFF) & <uint64_t>0xFFFFFFFFFFFF0FFF) | 0x4000
     _hex(_rid_prefix, hi >> 32, 8)
     _rid_prefix[8] = b'-'
@@ -62,6 +76,9 @@ def seed_request_ids(process, counter):
     _hex(_rid_prefix + 14, hi & 0xFFFF, 4)
     _rid_prefix[18] = b'-'
     _rid_ctr = <uint64_t>(_index(counter) & 0xFFFFFFFFFFFFFFFF) & M62
+    k = _index(key)
+    for i in range(4):
+        _rid_keys[i] = <uint64_t>((k >> (64 * i)) & 0xFFFFFFFFFFFFFFFF)
 
 
 cpdef bytes new_request_id():
@@ -76,7 +93,7 @@ cpdef bytes new_request_id():
     cdef uint64_t t
     cdef int i
     _rid_ctr = (_rid_ctr + 1) & M62
-    t = _mix62(_rid_ctr) | (<uint64_t>2 << 62)
+    t = _permute62(_rid_ctr) | (<uint64_t>2 << 62)
     memcpy(w, _rid_prefix, 19)
     memcpy(w + 19, &_hex2[2 * (t >> 56)], 2)
     memcpy(w + 21, &_hex2[2 * ((t >> 48) & 0xFF)], 2)
@@ -148,7 +165,8 @@ cpdef bytes add_request_id(msg, request_id_header, request_id):
 
 def _reseed():
     seed_request_ids(int.from_bytes(_os.urandom(8), "little"),
-                     int.from_bytes(_os.urandom(8), "little"))
+                     int.from_bytes(_os.urandom(8), "little"),
+                     int.from_bytes(_os.urandom(32), "little"))
 
 
 _reseed()
