@@ -121,6 +121,9 @@ cdef class RequestHead:
 # arguments or results. Python callers see the same functions as before.
 
 cpdef Py_ssize_t find_head_end(data, Py_ssize_t start=*) except -2
+# read buffers (the data path's BufferedProtocol): a new one, not cleared; bytes out of one
+cpdef bytearray read_buffer(Py_ssize_t n)
+cpdef bytes buffer_bytes(buf, Py_ssize_t start, Py_ssize_t end)
 cpdef RequestHead parse_request_head(head, int key_kind=*, key_name=*)
 cpdef bytes write_request_head(parsed, client_ip, proto=*, via=*, backend_authority=*,
                                bint trusted=*)

@@ -20,6 +20,8 @@ __all__ = [
     "write_request_head",
     "rewrite_response_head",
     "find_head_end",
+    "read_buffer",
+    "buffer_bytes",
     "parse_proxy_header",
     "pick_many",
     "access_log_line",
@@ -403,6 +405,14 @@ def find_head_end(data: bytes, start: int = 0) -> int:
 
     Raises TypeError unless ``data`` is bytes, ValueError for a negative ``start``.
     """
+
+def read_buffer(n: int) -> bytearray:
+    """A new writable buffer of ``n`` bytes for a transport to read into; its
+    bytes are unspecified (the compiled core does not clear them)."""
+
+def buffer_bytes(buf: bytearray, start: int, end: int) -> bytes:
+    """``bytes(buf[start:end])`` in one copy. Raises TypeError unless ``buf``
+    is a bytearray, ValueError unless ``0 <= start <= end <= len(buf)``."""
 
 def parse_proxy_header(
         data: bytes) -> Optional[tuple[int, Optional[tuple[str, int, str, int]]]]:

@@ -15,6 +15,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytes cimport _PyBytes_Resize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_GET_SIZE
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_REFCNT, Py_XDECREF
@@ -45,6 +46,8 @@ __all__ = [
     "rewrite_response_head",
     "rewrite_response_head_with_id",
     "find_head_end",
+    "read_buffer",
+    "buffer_bytes",
     "parse_proxy_header",
     "pick_many",
     "access_log_line",
@@ -150,7 +153,7 @@ include "wire/requestid.pxi"    # request ids: new_request_id, a client's id che
 include "wire/request.pxi"      # RequestHead, parse_request_head, write_request_head
 include "wire/response.pxi"     # rewrite_response_head
 include "wire/chunked.pxi"      # ChunkedScanner: where a chunked body ends; de-chunking
-include "wire/framing.pxi"      # find_head_end
+include "wire/framing.pxi"      # find_head_end, read_buffer, buffer_bytes
 include "wire/proxyproto.pxi"   # parse_proxy_header: the PROXY protocol header a connection starts with
 
 # balance/: choosing a backend

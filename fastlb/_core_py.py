@@ -61,7 +61,7 @@ from fastlb.balance.selectors import (
 )
 from fastlb.observe.logline import AccessLogBuffer, access_log_line, monotonic_us
 from fastlb.wire.chunked import ChunkedScanner
-from fastlb.wire.framing import find_head_end
+from fastlb.wire.framing import buffer_bytes, find_head_end, read_buffer
 from fastlb.wire.proxyproto import parse_proxy_header
 from fastlb.wire.request import (RequestHead, assign_request_id, parse_request_head,
                                  write_request_head)
@@ -88,6 +88,8 @@ __all__ = [
     "rewrite_response_head",
     "rewrite_response_head_with_id",
     "find_head_end",
+    "read_buffer",
+    "buffer_bytes",
     "parse_proxy_header",
     "pick_many",
     "access_log_line",

@@ -9,6 +9,7 @@ from fastlb._core cimport RequestHead  # flags, framing, length, key read as C f
 from fastlb._core cimport monotonic_us  # the clock of response times: a C call
 # the head functions, called at C level (the .py imports the same names from fastlb.core)
 from fastlb._core cimport find_head_end as _find_head_end
+from fastlb._core cimport read_buffer as _read_buffer, buffer_bytes as _buffer_bytes
 from fastlb._core cimport parse_request_head as _parse_request_head
 from fastlb._core cimport write_request_head as _write_request_head
 from fastlb._core cimport rewrite_response_head as _rewrite_response_head
@@ -20,8 +21,9 @@ from fastlb.runtime._routing cimport Router, Route   # a listener's compiled rou
 cdef int U_IDLE, U_HEAD, U_BODY, U_DONE, U_TUNNEL
 cdef int R_HEAD, R_BODY, R_DONE, R_CLOSED, R_TUNNEL, R_PROXY
 cdef int P_UPSTREAM, P_PIPELINE, P_CONNECTING
-cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT, TAIL_COPY
+cdef Py_ssize_t PIPELINE_LIMIT, CONNECT_QUEUE_LIMIT, TAIL_COPY, READ_SIZE, HEAD_PROBE
 cdef object _tail(bytes data, Py_ssize_t start)
+cdef object _from(object data, Py_ssize_t start)
 @cython.locals(n=Py_ssize_t)
 cdef Py_ssize_t _total(list pieces)
 cdef double LINGER, STALL, LOCAL_LOG_EVERY, DRAIN_FIRST_WAIT
@@ -80,6 +82,9 @@ cdef class Proxy:
     cdef public double _pp_logged
     cdef public long long _pp_quiet
     cdef public set flushing          # upstreams of ended tunnels still sending
+    cdef public bytearray rbuf        # backends' reads go into it (None: a new one next)
+    cdef public object rview          # a memoryview of rbuf
+    cdef public long long read_buffers  # read buffers taken so far
     cdef public object listener       # the first Front's fastlb.server.Listener
     cdef public Py_ssize_t fd_base, fd_budget
     cdef public double _local_logged
@@ -200,19 +205,30 @@ cdef class UpstreamProtocol:
     cdef public double flush_by        # an ended tunnel's: aborted if still sending then
     cdef public bint private           # began with a client's PROXY header: never shared
     cdef public ClientProtocol owner   # idle and private: the client it is kept for
+    cdef public bint backed_up         # the client's transport kept a view of the read buffer
 
-    @cython.locals(client=ClientProtocol, proxy=Proxy, pos=Py_ssize_t, end=Py_ssize_t,
+    @cython.locals(proxy=Proxy, buf=bytearray)
+    cpdef get_buffer(self, Py_ssize_t sizehint)
+    @cython.locals(client=ClientProtocol, proxy=Proxy)
+    cpdef buffer_updated(self, Py_ssize_t nbytes)
+    @cython.locals(proxy=Proxy, pos=Py_ssize_t, end=Py_ssize_t, tail_max=Py_ssize_t,
                    req_flags=int, flags=int, framing=int, status=int, length="long long",
                    us="long long", k=Py_ssize_t)
-    cpdef data_received(self, data)
+    cdef _heads(self, bytes data, Py_ssize_t total, ClientProtocol client)
+    @cython.locals(proxy=Proxy)
+    cdef _rest(self, ClientProtocol client, Py_ssize_t start, Py_ssize_t total)
+    cdef _view(self, ClientProtocol client, view)
+    @cython.locals(proxy=Proxy)
+    cdef _sent(self, ClientProtocol client)
     @cython.locals(us="long long", k=Py_ssize_t)
-    cdef _switch(self, ClientProtocol client, bytes head, bytes data, Py_ssize_t end)
+    cdef _switch(self, ClientProtocol client, bytes head, bytes data, Py_ssize_t end,
+                 Py_ssize_t total)
     @cython.locals(proxy=Proxy)
     cpdef close_tunnel(self)
     cpdef half_close(self)
     @cython.locals(n=Py_ssize_t, left="long long", avail=Py_ssize_t, end=Py_ssize_t,
-                   done=bint, framing=int)
-    cdef _body(self, bytes data, Py_ssize_t start, ClientProtocol client, bytes head)
+                   done=bint, view=bint, framing=int)
+    cdef _body(self, data, Py_ssize_t start, ClientProtocol client, bytes head)
     @cython.locals(backend=Backend, flags=int, idle=list)
     cdef _finish(self, ClientProtocol client)
     cdef _bad(self, ClientProtocol client, reason)

@@ -121,6 +121,21 @@ response ends (Content-Length counted, chunked scanned, or the backend
 closing). When the response ends the connection goes back to the pool if
 both sides allow it, else it is closed.
 
+Reading. ``UpstreamProtocol`` is a buffered protocol (``get_buffer`` /
+``buffer_updated``): uvloop reads a backend's bytes straight into the
+proxy's read buffer (``Proxy.rbuf``, READ_SIZE bytes, one for all
+connections: a read is used up before the next one starts), TLS backends'
+too (uvloop's TLS transport decrypts into it). Body bytes and tunnel bytes
+go to the client as views of that buffer, never copied. A view the client's
+transport did not send at once stays in that transport (its write buffer is
+not empty after the write, ``_sent``): the buffer is that transport's then,
+and the next read goes into a new one (not cleared: ``read_buffer``), so no
+byte a client has yet to receive is ever overwritten. A head is read from
+bytes (the core parses bytes): a read of at most HEAD_PROBE bytes is copied
+whole, as uvloop's own reading did; of a longer one only its first
+HEAD_PROBE bytes (the whole read when the head goes on past them), and the
+body after the head stays in the buffer.
+
 Counters: each Backend and each Front has a row of traffic counters in the
 proxy's shared-memory table (``fastlb.runtime.shm``; ``ctr``, a view of this
 process's slot), bumped in place with plain C increments where the traffic
@@ -154,7 +169,9 @@ import time
 import httptools
 
 from fastlb import core
+from fastlb.core import buffer_bytes as _buffer_bytes
 from fastlb.core import find_head_end as _find_head_end
+from fastlb.core import read_buffer as _read_buffer
 from fastlb.core import parse_request_head as _parse_request_head
 from fastlb.core import rewrite_response_head as _rewrite_response_head
 from fastlb.core import write_request_head as _write_request_head
@@ -407,6 +424,7 @@ class UpstreamProtocol:
         self.private = False    # began with a client's PROXY header: that client's alone
         self.owner = None       # idle and private: the ClientProtocol that keeps it
         self.write = None       # transport.write, bound once
+        self.backed_up = False  # the client's transport kept a view of the read buffer
 
     # -------------------------------------------------------- asyncio callbacks
 
@@ -471,8 +489,19 @@ class UpstreamProtocol:
         if client is not None:
             client.resume_reading_for(P_UPSTREAM)
 
-    def data_received(self, data):
-        self.backend.ctr[B_BYTES_IN] += len(data)
+    def get_buffer(self, sizehint):
+        """The buffer the next read goes into: the proxy's (see ``Proxy.rbuf``)."""
+        proxy = self.proxy
+        buf = proxy.rbuf
+        if buf is None:
+            buf = proxy.rbuf = _read_buffer(READ_SIZE)
+            proxy.rview = memoryview(buf)
+            proxy.read_buffers += 1
+        return buf
+
+    def buffer_updated(self, nbytes):
+        """``nbytes`` bytes were read into ``proxy.rbuf``."""
+        self.backend.ctr[B_BYTES_IN] += nbytes
         client = self.client
         if client is None:
             # Idle connections must stay silent: bytes now are a protocol
@@ -480,22 +509,58 @@ class UpstreamProtocol:
             self.drop_idle()
             return
         self.got_bytes = True
+        proxy = self.proxy
         if self.state == U_BODY:
-            client.deadline = self.proxy.now + client.pool.response_timeout
-            self._body(data, 0, client, None)
+            client.deadline = proxy.now + client.pool.response_timeout
+            self._body(proxy.rview[:nbytes], 0, client, None)
             return
         if self.state == U_TUNNEL:
-            client.deadline = self.proxy.now + client.front.tunnel_timeout
-            client.front.ctr[L_TUNNEL_BYTES_OUT] += len(data)
-            client.write_response(data)
+            client.deadline = proxy.now + client.front.tunnel_timeout
+            client.front.ctr[L_TUNNEL_BYTES_OUT] += nbytes
+            piece = self._view(client, proxy.rview[:nbytes])
+            client.write_response(piece)
+            if type(piece) is not bytes:
+                self._sent(client)
             return
+        # A head: the core reads it from bytes. A read that brings more than
+        # HEAD_PROBE bytes gives only its first HEAD_PROBE as bytes (the head
+        # is in them as a rule): the body after the head goes on from the
+        # buffer, uncopied.
         if self.buf:
-            data = self.buf + data
+            data = self.buf + _buffer_bytes(proxy.rbuf, 0, nbytes)
             self.buf = b""
+            self._heads(data, len(data), client)
+        elif nbytes <= HEAD_PROBE:
+            self._heads(_buffer_bytes(proxy.rbuf, 0, nbytes), nbytes, client)
+        else:
+            self._heads(_buffer_bytes(proxy.rbuf, 0, HEAD_PROBE), nbytes, client)
+
+    def data_received(self, data):
+        """Bytes from a transport that does not read into buffers (a stand-in
+        transport in tests and benchmarks): through ``buffer_updated``, a
+        buffer at a time."""
+        view = memoryview(data)
+        n = len(view)
+        i = 0
+        while i < n and self.state != U_DONE:
+            buf = self.get_buffer(n - i)
+            k = min(len(buf), n - i)
+            buf[:k] = view[i:i + k]
+            i += k
+            self.buffer_updated(k)
+
+    def _heads(self, data, total, client):
+        """The read (``total`` bytes, all of them in ``data`` or only its
+        first HEAD_PROBE, the rest in ``proxy.rbuf``) starts with a head."""
+        proxy = self.proxy
         pos = 0
         while True:
             end = _find_head_end(data, pos)
             if end < 0:
+                if len(data) < total:
+                    # past the probe: the whole read as bytes, then again
+                    data = _buffer_bytes(proxy.rbuf, 0, total)
+                    continue
                 if len(data) - pos > client.front.max_header_size:
                     self._bad(client, "response head too large")
                     return
@@ -506,19 +571,20 @@ class UpstreamProtocol:
                 return
             req_flags = client.req_flags
             if client.state != R_DONE or (client.eof and not client.pending) \
-                    or self.proxy.draining or client.front.draining:
+                    or proxy.draining or client.front.draining:
                 # The client connection closes after this response: say so.
                 req_flags &= ~REQ_KEEP_ALIVE
+            # the head is data[pos:end]; a whole small body after it is
+            # written into ``out`` with it (tail_max), when the read is all in data
+            tail_max = TAIL_COPY if len(data) == total else 0
             try:
-                # the head is data[pos:end]; a whole small body after it is
-                # written into ``out`` with it (tail_max)
                 if client.rid is None:
                     out, status, flags, framing, length = _rewrite_response_head(
-                        data, req_flags, pos, end, TAIL_COPY)
+                        data, req_flags, pos, end, tail_max)
                 else:   # request ids: a final response without one gets the request's
                     out, status, flags, framing, length = rewrite_response_head_with_id(
                         data, req_flags, client.front.request_id, client.rid, pos, end,
-                        TAIL_COPY)
+                        tail_max)
             except BadGateway as e:
                 self._bad(client, e.reason)
                 return
@@ -526,7 +592,7 @@ class UpstreamProtocol:
                 self.backend.ctr[B_1XX - 1 + status // 100] += 1
             if flags & (RESP_INFORMATIONAL | RESP_UPGRADE):
                 if flags & RESP_UPGRADE:
-                    self._switch(client, out, data, end)
+                    self._switch(client, out, data, end, total)
                     return
                 # 1xx: relay (never to HTTP/1.0 clients, RFC 9110 15.2),
                 # then wait for the final response. The response timeout
@@ -553,20 +619,25 @@ class UpstreamProtocol:
             self.resp_flags = flags
             self.framing = framing
             self.state = U_BODY
-            if self.proxy.log is not None:
+            if proxy.log is not None:
                 client.t_resp = -1.0    # the head is here: timed by the end if that is in this read
-            client.deadline = self.proxy.now + client.pool.response_timeout
+            client.deadline = proxy.now + client.pool.response_timeout
             if framing == BODY_LENGTH:
-                if len(data) - end == length:
+                if total - end == length:
                     # The common case: the whole response in one read (a
                     # small body is already in ``out``; a large one is passed
                     # on as a view: uvloop writes it from this very buffer)
                     if status < 600:
                         client.front.ctr[L_1XX - 1 + status // 100] += 1
-                    if length <= TAIL_COPY:
+                    if tail_max and length <= TAIL_COPY:
                         client.write_response(out)
-                    else:
+                    elif len(data) == total:
                         client.write_response2(out, memoryview(data)[end:])
+                    else:
+                        rest = self._rest(client, end, total)
+                        client.write_response2(out, rest)
+                        if type(rest) is not bytes:
+                            self._sent(client)
                     self._finish(client)
                     return
                 self.left = length
@@ -574,7 +645,7 @@ class UpstreamProtocol:
                 self.scanner = _ChunkedScanner(bool(flags & RESP_DECHUNK), BadGateway)
             elif framing != BODY_CLOSE:
                 # no body: the message ends with its head
-                if end != len(data):
+                if end != total:
                     self._bad(client, "data after a response without body")
                     return
                 if status < 600:
@@ -584,10 +655,45 @@ class UpstreamProtocol:
                 return
             if client.t_resp < 0.0:
                 client.t_resp = _clock()
-            self._body(data, end, client, out)
+            if len(data) == total:
+                self._body(data, end, client, out)
+            else:
+                self._body(proxy.rview[:total], end, client, out)
             return
 
-    def _switch(self, client, head, data, end):
+    def _rest(self, client, start, total):
+        """The read's bytes from ``start`` to ``total`` (in ``proxy.rbuf``):
+        bytes when small, else a view of the buffer (``_view``)."""
+        proxy = self.proxy
+        if total - start <= TAIL_COPY:
+            return _buffer_bytes(proxy.rbuf, start, total)
+        return self._view(client, proxy.rview[start:total])
+
+    def _view(self, client, view):
+        """``view`` (of ``proxy.rbuf``) as it goes to the client: as it is,
+        or copied when the client's transport is backed up and it is smaller
+        than half the buffer. The transport keeps what it cannot send, and a
+        view keeps the whole buffer: small reads to a client that does not
+        read would each hold a buffer of READ_SIZE bytes."""
+        if self.backed_up:
+            if client.transport.get_write_buffer_size():
+                if len(view) < READ_SIZE // 2:
+                    return bytes(view)
+                return view
+            self.backed_up = False
+        return view
+
+    def _sent(self, client):
+        """A view of ``proxy.rbuf`` went to the client's transport: if that
+        did not send it all, it holds the view, and the next read goes into
+        a new buffer (this one is freed when the transport lets it go)."""
+        if client.transport.get_write_buffer_size():
+            self.backed_up = True
+            proxy = self.proxy
+            proxy.rbuf = None
+            proxy.rview = None
+
+    def _switch(self, client, head, data, end, total):
         """A 101 answers the upgrade request: relay it, and from now on both
         connections are a tunnel (the bytes after the 101 are the new protocol).
         The 101 is the final response: it is timed and counted as one."""
@@ -604,10 +710,15 @@ class UpstreamProtocol:
         client.front.ctr[L_1XX] += 1
         client.write_response(head)
         client.start_tunnel(self)
-        if end != len(data) and client.state == R_TUNNEL:
-            rest = _tail(data, end)
+        if end != total and client.state == R_TUNNEL:
+            if len(data) == total:
+                rest = _tail(data, end)
+            else:
+                rest = self._rest(client, end, total)
             client.front.ctr[L_TUNNEL_BYTES_OUT] += len(rest)
             client.write_response(rest)
+            if len(data) != total and type(rest) is not bytes:
+                self._sent(client)
 
     def close_tunnel(self):
         """The tunnel is over on the client side: close once what is buffered
@@ -636,6 +747,8 @@ class UpstreamProtocol:
     # -------------------------------------------------------- body relay
 
     def _body(self, data, start, client, head):
+        """Body bytes: ``data[start:]``, of a read given as bytes or as a view
+        of ``proxy.rbuf`` (``data`` is then that view, cut to the read)."""
         framing = self.framing
         n = len(data)
         if framing == BODY_LENGTH:
@@ -643,13 +756,13 @@ class UpstreamProtocol:
             avail = n - start
             if avail < left:
                 self.left = left - avail
-                piece = data if start == 0 else _tail(data, start)
+                piece = data if start == 0 else _from(data, start)
                 done = False
             else:
                 if avail > left:
                     self._bad(client, "response longer than its Content-Length")
                     return
-                piece = data if start == 0 else _tail(data, start)
+                piece = data if start == 0 else _from(data, start)
                 self.left = 0
                 done = True
         elif framing == BODY_CHUNKED:
@@ -667,10 +780,14 @@ class UpstreamProtocol:
                 piece = b"".join(scanner.payload)
                 scanner.payload.clear()
             else:
-                piece = data if start == 0 else _tail(data, start)
+                piece = data if start == 0 else _from(data, start)
         else:  # BODY_CLOSE: everything until EOF
-            piece = data if start == 0 else _tail(data, start)
+            piece = data if start == 0 else _from(data, start)
             done = False
+        view = type(data) is not bytes and type(piece) is not bytes   # of proxy.rbuf
+        if view:
+            piece = self._view(client, piece)
+            view = type(piece) is not bytes
         if head is not None:
             # the final head goes to the client now (nothing was wrong before it)
             if self.status < 600:
@@ -681,6 +798,8 @@ class UpstreamProtocol:
                 client.write_response(head)
         elif piece:
             client.write_response(piece)
+        if view:
+            self._sent(client)
         if done:
             self._finish(client)
 
@@ -724,6 +843,7 @@ class UpstreamProtocol:
 
     def bind(self, client):
         self.client = client
+        self.backed_up = False
         self.state = U_HEAD
         self.got_bytes = False
         self.interim = 0
@@ -819,6 +939,8 @@ _REASONS = {
 
 
 TAIL_COPY = 2048    # body bytes copied into a new object at most; larger: a memoryview
+READ_SIZE = 65536   # bytes of a backend's a read takes at most (the read buffer's size)
+HEAD_PROBE = 2048   # a longer read: only its first bytes as bytes, for the head in them
 
 
 def _total(pieces):
@@ -835,6 +957,14 @@ def _tail(data, start):
     if len(data) - start <= TAIL_COPY:
         return data[start:]
     return memoryview(data)[start:]
+
+
+def _from(data, start):
+    """``data[start:]`` of bytes (``_tail``) or of a view of the read buffer
+    (a view of it again)."""
+    if type(data) is bytes:
+        return _tail(data, start)
+    return data[start:]
 
 
 def error_response(status, keep_alive=False, extra=b""):
@@ -1612,8 +1742,8 @@ class ClientProtocol:
         m = len(head) + n
         self.sent += m
         self.front.ctr[L_BYTES_OUT] += m
-        if n <= TAIL_COPY:
-            small = body        # bytes: _tail copies what is this small
+        if n <= TAIL_COPY and type(body) is bytes:
+            small = body        # _tail copies what is this small
             self.write(head + small)
         else:
             # uvloop sends the two at the end of this loop turn in one writev,
@@ -2021,6 +2151,13 @@ class Proxy:
         self._pp_logged = -LOCAL_LOG_EVERY
         self._pp_quiet = 0      # of them not logged since the last line
         self.flushing = set()   # upstreams of ended tunnels still sending (UpstreamProtocol)
+        # Backends' responses are read into this buffer (UpstreamProtocol.get_buffer),
+        # one for all: a read is used up before the next (one loop). A view of it
+        # that a client's transport keeps (not all sent yet) makes it that
+        # transport's: the next read takes a new one (rview: a memoryview of it).
+        self.rbuf = None
+        self.rview = None
+        self.read_buffers = 0   # buffers taken so far (a new one each time one is kept)
         self.listener = None    # the first Front's fastlb.server.Listener
         self.fd_base = 0        # fds open besides connections (set by start)
         self.fd_budget = 1 << 30  # connections (client + upstream) before pausing accepts

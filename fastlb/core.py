@@ -15,6 +15,7 @@ _NAMES = ("Selector", "RoundRobin", "WeightedRoundRobin", "LeastConn", "P2C", "R
           "hash64", "hash_key", "field_value", "ChunkedScanner", "RequestHead",
           "parse_request_head", "assign_request_id", "write_request_head",
           "rewrite_response_head", "rewrite_response_head_with_id", "find_head_end",
+          "read_buffer", "buffer_bytes",
           "parse_proxy_header", "pick_many", "access_log_line", "AccessLogBuffer", "monotonic_us",
           "new_request_id", "seed_request_ids", "valid_request_id", "add_request_id")
 
@@ -34,6 +35,8 @@ parse_request_head_Py = _core_py.parse_request_head
 write_request_head_Py = _core_py.write_request_head
 rewrite_response_head_Py = _core_py.rewrite_response_head
 find_head_end_Py = _core_py.find_head_end
+read_buffer_Py = _core_py.read_buffer
+buffer_bytes_Py = _core_py.buffer_bytes
 parse_proxy_header_Py = _core_py.parse_proxy_header
 pick_many_Py = _core_py.pick_many
 access_log_line_Py = _core_py.access_log_line
@@ -74,6 +77,8 @@ if _c is not None:
     write_request_head_C = _c.write_request_head
     rewrite_response_head_C = _c.rewrite_response_head
     find_head_end_C = _c.find_head_end
+    read_buffer_C = _c.read_buffer
+    buffer_bytes_C = _c.buffer_bytes
     parse_proxy_header_C = _c.parse_proxy_header
     pick_many_C = _c.pick_many
     access_log_line_C = _c.access_log_line
@@ -101,6 +106,8 @@ if _c is not None:
     write_request_head = write_request_head_C
     rewrite_response_head = rewrite_response_head_C
     find_head_end = find_head_end_C
+    read_buffer = read_buffer_C
+    buffer_bytes = buffer_bytes_C
     parse_proxy_header = parse_proxy_header_C
     pick_many = pick_many_C
     access_log_line = access_log_line_C
@@ -118,7 +125,7 @@ else:
     RequestHead_C = parse_request_head_C = write_request_head_C = None
     WeightedRoundRobin_C = LeastConn_C = P2C_C = Random_C = Maglev_C = None
     hash64_C = hash_key_C = field_value_C = find_head_end_C = Selector_C = pick_many_C = None
-    parse_proxy_header_C = None
+    parse_proxy_header_C = read_buffer_C = buffer_bytes_C = None
     access_log_line_C = AccessLogBuffer_C = monotonic_us_C = None
     new_request_id_C = seed_request_ids_C = valid_request_id_C = None
     assign_request_id_C = add_request_id_C = rewrite_response_head_with_id_C = None
@@ -138,6 +145,8 @@ else:
     write_request_head = write_request_head_Py
     rewrite_response_head = rewrite_response_head_Py
     find_head_end = find_head_end_Py
+    read_buffer = read_buffer_Py
+    buffer_bytes = buffer_bytes_Py
     parse_proxy_header = parse_proxy_header_Py
     pick_many = pick_many_Py
     access_log_line = access_log_line_Py

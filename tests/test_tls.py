@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,6 +44,7 @@ from helpers import (HANG, HOST, FastlbProcess, Reader, access_log_lines, echo_r
 from helpers import (active_core, backend_loop, make_backend, make_config_lb,  # noqa: F401
                      make_lb)
 from test_tunnels import SWITCHED, UPGRADE, TunnelBackend, tunnel_backend  # noqa: F401
+from test_body_relay import SlowReader, chunked, pattern, slow_socket
 from test_tunnels import ws_backend  # noqa: F401  (fixtures, used by name)
 
 pytestmark = [pytest.mark.usefixtures("active_core"),
@@ -605,6 +607,40 @@ def test_https_backend_verified_with_the_ca_file(pki, https_backend, make_config
     assert be.handshakes == [None]      # an IP address: no SNI (RFC 6066 3)
     b = lb.proxy.pools["app"].backends[0]
     assert b.url == f"https://{HOST}:{be.port}"
+
+
+@pytest.mark.parametrize("tls_listener_too", [False, True], ids=["http-listener", "tls-listener"])
+def test_https_backend_big_bodies_to_a_slow_client_arrive_exact(pki, https_backend, make_config_lb,
+                                                                 tls_listener_too):
+    """A TLS backend's reads go into the proxy's read buffer too (uvloop's
+    TLS transport decrypts into it): 4 MiB bodies of a known pattern, length
+    framed and chunked, reach a client that reads slowly byte for byte, over
+    a plain or a TLS listener (whose transport keeps views of the buffer)."""
+    big = pattern(61, 4 << 20)
+
+    def handler(be, req):
+        if req.target == "/chunked":
+            return [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    chunked(big, random.Random(2))]
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big), big]
+
+    be = https_backend(handler=handler)
+    listener = (tls_listener(pki, pki.a) if tls_listener_too
+                else '[listeners.web]\nbind = "127.0.0.1:0"\ndefault_pool = "app"\n')
+    lb = make_config_lb(listener + pool("app", f"https://{HOST}:{be.port}",
+                                        extra=f'[pools.app.tls]\nca_file = "{pki.ca}"'))
+    port = lb.port("web")
+    if tls_listener_too:
+        raw = slow_socket(port)
+        s = client_context(pki).wrap_socket(raw, server_hostname="a.test")
+    else:
+        s = slow_socket(port)
+    with s:
+        s.sendall(b"GET /cl HTTP/1.1\r\nHost: t\r\n\r\nGET /chunked HTTP/1.1\r\nHost: t\r\n\r\n")
+        rd = SlowReader(s)
+        for _ in range(2):
+            r = rd.read_response()
+            assert r.status == 200 and r.body == big
 
 
 def test_https_backend_without_the_ca_is_a_502_said_in_the_log(pki, https_backend,

@@ -66,3 +66,21 @@ cpdef Py_ssize_t find_head_end(data, Py_ssize_t start=0) except -2:
             return j + 3
         i = j + 1
     return -1
+
+
+# ---------------------------------------------------------------- read buffers
+
+cpdef bytearray read_buffer(Py_ssize_t n):
+    """A new writable buffer of ``n`` bytes, not cleared (see the twin)."""
+    if n < 0:
+        raise ValueError("n must not be negative")
+    return PyByteArray_FromStringAndSize(NULL, n)
+
+
+cpdef bytes buffer_bytes(buf, Py_ssize_t start, Py_ssize_t end):
+    """``bytes(buf[start:end])`` of a ``bytearray``: one copy (see the twin)."""
+    if type(buf) is not bytearray:
+        raise TypeError("buf must be a bytearray")
+    if start < 0 or start > end or end > PyByteArray_GET_SIZE(buf):
+        raise ValueError("start and end must lie within buf")
+    return PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf) + start, end - start)
