@@ -41,7 +41,7 @@ Upgrade field. Any answer but 101 is relayed as a response and the
 connection stays HTTP (the bytes the client sent after the request are its
 next request). A 101 is relayed, and from then on the two connections are a
 byte tunnel (R_TUNNEL on the client, U_TUNNEL on the upstream): what one
-side's ``data_received`` gets is written to the other, with the same
+side reads is written to the other, with the same
 backpressure as bodies (the client's reading pauses for P_UPSTREAM while the
 upstream's write buffer is full; the upstream's while the client's is); an
 EOF from one side is passed on as ``write_eof`` on the other, which keeps

@@ -56,3 +56,34 @@ def test_find_head_end_rejects(core):
         core.find_head_end(bytearray(b"\r\n\r\n"))
     with pytest.raises(ValueError):
         core.find_head_end(b"\r\n\r\n", -1)
+
+
+def test_read_buffer_is_a_writable_bytearray_of_its_size(core):
+    for n in (0, 1, 2048, 65536):
+        buf = core.read_buffer(n)
+        assert type(buf) is bytearray and len(buf) == n
+        memoryview(buf)[:n] = b"\x5a" * n       # written through a view, as a transport does
+        assert buf == b"\x5a" * n
+    with pytest.raises(ValueError):
+        core.read_buffer(-1)
+
+
+def test_buffer_bytes_copies_a_range(core):
+    rng = random.Random(11)
+    buf = bytearray(rng.randbytes(5000))
+    for start, end in ((0, 0), (0, 5000), (17, 2065), (4999, 5000), (5000, 5000)):
+        out = core.buffer_bytes(buf, start, end)
+        assert type(out) is bytes and out == bytes(buf[start:end])
+    out = core.buffer_bytes(buf, 0, 10)
+    buf[0:10] = b"0123456789"
+    assert out != b"0123456789"                 # a copy: the buffer may be read into again
+
+
+def test_buffer_bytes_rejects(core):
+    buf = bytearray(b"abcdef")
+    for start, end in ((-1, 2), (3, 2), (0, 7)):
+        with pytest.raises(ValueError):
+            core.buffer_bytes(buf, start, end)
+    for bad in (b"abcdef", memoryview(buf), "abcdef"):
+        with pytest.raises(TypeError):
+            core.buffer_bytes(bad, 0, 1)
