@@ -129,6 +129,9 @@ def test_connect_queue_pause_does_not_outlive_a_failed_request():
     run(go)
 
 
+R_DONE = 2  # fastlb._proxy's R_DONE (a C constant of the compiled data path)
+
+
 def test_upload_backpressure_pause_ends_with_the_exchange():
     """The backend answers before reading an upload (its buffer full): the next
     request on the client connection must still be read."""
@@ -141,7 +144,14 @@ def test_upload_backpressure_pause_ends_with_the_exchange():
                     n = int(low.split(b"content-length: ")[1].split(b"\r\n")[0]) \
                         if b"content-length: " in low else 0
                     if n:
-                        await asyncio.sleep(0.3)
+                        # answer once fastlb has read the whole upload (it
+                        # sits in its write buffers and the kernel's, unread
+                        # here): how long that takes depends on the machine
+                        for _ in range(400):
+                            if proxy.clients and all(c.state == R_DONE for c in proxy.clients):
+                                break
+                            await asyncio.sleep(0.025)
+                        await asyncio.sleep(0.05)
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     await writer.drain()
                     if n:
