@@ -65,25 +65,30 @@ def hash_key(head, kind, name=b""):
     if kind == "query":
         return _query_value(target, name)
     want = b"cookie" if kind == "cookie" else name.lower()
+    for value in _field_values(head, eol + 2, want):
+        if kind == "header":
+            return value
+        v = _cookie_value(value, name)
+        if v is not None:
+            return v
+    return b""
+
+
+def _field_values(head, pos, want):
+    """The OWS-trimmed values of the fields called ``want`` (lowercase), in
+    order, in the field lines of ``head`` from ``pos`` up to the blank line;
+    a line without a colon is passed over."""
     n = len(head)
-    pos = eol + 2
     while pos < n:
         e = head.find(b"\r\n", pos)
         if e < 0:
             e = n
         if e == pos:
-            break
-        line = head[pos:e]
-        colon = line.find(b":")
-        if colon > 0 and line[:colon].lower() == want:
-            value = line[colon + 1:].strip(_OWS)
-            if kind == "header":
-                return value
-            v = _cookie_value(value, name)
-            if v is not None:
-                return v
+            return
+        colon = head.find(b":", pos, e)
+        if colon > pos and head[pos:colon].lower() == want:
+            yield head[colon + 1:e].strip(_OWS)
         pos = e + 2
-    return b""
 
 
 def field_value(head, name):
@@ -104,11 +109,10 @@ def field_value(head, name):
         raise TypeError("name must be bytes or str")
     if not name:
         return None
-    want = name.lower()
-    n = len(head)
     eol = head.find(b"\r\n")
     if eol < 0:
         return None
+    return next(_field_values(head, eol + 2, name.lower()), None)
     pos = eol + 2
     while pos < n:
         e = head.find(b"\r\n", pos)
