@@ -1,6 +1,7 @@
 """``fastlb demo``: three small backends on free local ports, the balancer in front,
 a burst of requests through it, and a report of how they were spread."""
 import asyncio
+import signal
 import time
 
 from fastlb import server as _server
@@ -148,11 +149,20 @@ async def _demo(args):
         print(f"  {name}: {counts[name]} ({100.0 * counts[name] / max(done, 1):.1f}%)")
     print(f"latency ms: p50 {_pct(lat, 0.5):.2f}  p90 {_pct(lat, 0.9):.2f}  "
           f"p99 {_pct(lat, 0.99):.2f}  max {_pct(lat, 1.0):.2f}")
+    stop = asyncio.Event()
+    signals = () if args.exit_after else (signal.SIGINT, signal.SIGTERM)
     try:
         if not args.exit_after:
+            # Ctrl-C or SIGTERM ends the wait inside the loop, so the balancer
+            # and the backends are closed while it still runs
+            for sig in signals:
+                loop.add_signal_handler(sig, stop.set)
             print(f"serving on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-            await asyncio.Event().wait()
+            await stop.wait()
+            print("stopped", flush=True)
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         lb.close()
         proxy.close()
         await proxy.wait_closed()

@@ -241,6 +241,31 @@ def test_demo_exit():
     assert "60 responses, 0 errors" in p.stdout
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_stops_cleanly_on_ctrl_c(sig):
+    """README's first command serves until Ctrl-C: that ends it with exit
+    code 0 and no traceback."""
+    p = subprocess.Popen(fastlb_cmd("demo", "--requests", "30"), cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "serving on" not in line and time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line and p.poll() is not None:
+                break
+        assert "serving on" in line, p.stderr.read() if p.poll() is not None else line
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "stopped" in out
+
+
 def test_no_command_prints_help():
     p = run_fastlb()
     assert p.returncode != 0
